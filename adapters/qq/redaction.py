@@ -1,0 +1,139 @@
+"""Keys out of every log line nonebot writes.
+
+nonebot logs each incoming message (`Message 42 from 1@[群:2] '/token sk-...'`) through
+loguru, and its config loader traces unparsable `.env` values verbatim. A loguru *patcher*
+sees every record before any sink formats it, whatever sink a user or test adds later, so
+that is where keys are removed: the shared patterns of `bot.logs.redact`, the QQ spellings of
+`/token` it does not know, and the literal secret values from our settings.
+
+`nonebot.init` replaces the core patcher with its own, so `install` runs before it (for the
+records nonebot writes while loading its config) and again after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from bot.config import Settings
+from bot.logs import redact
+
+if TYPE_CHECKING:
+    from loguru import Message, Record
+
+# "／令牌 key", "/令牌key", "/token@bot key": the command name, then the rest of that line
+# up to a quote or CQ-code bracket (log lines show messages quoted or as CQ codes).
+_TOKEN_COMMAND = re.compile(r"([/／]\s*(?:token|令牌)(?:@\w+)?)[^\n\"'\]]+", re.IGNORECASE)
+_MASK = "***"
+# Short values would blank out ordinary words; real keys and tokens are long.
+_MIN_SECRET_LENGTH = 8
+
+
+def secrets_of(settings: Settings) -> set[str]:
+    """Every secret value in the settings that could end up in a log line verbatim."""
+    values = {
+        settings.api_key,
+        settings.secret_key,
+        settings.onebot_access_token,
+        settings.telegram_bot_token,
+        settings.telegram_webhook_secret,
+        settings.discord_bot_token,
+    }
+    values.update(provider.api_key for provider in settings.providers())
+    return {v for v in values if len(v) >= _MIN_SECRET_LENGTH}
+
+
+class Redactor:
+    """Removes keys from text; also a loguru patcher (`redactor(record)`)."""
+
+    def __init__(self) -> None:
+        self._secrets: tuple[str, ...] = ()
+        self._lock = threading.Lock()
+
+    def add_secrets(self, values: Iterable[str]) -> None:
+        """Also mask these literal values from now on."""
+        with self._lock:
+            merged = set(self._secrets) | {v for v in values if len(v) >= _MIN_SECRET_LENGTH}
+            # Longest first, so a secret containing another is masked whole.
+            self._secrets = tuple(sorted(merged, key=len, reverse=True))
+
+    def redact(self, text: str) -> str:
+        """`text` with keys, tokens and `/token` arguments replaced."""
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, _MASK)
+        text = _TOKEN_COMMAND.sub(rf"\1 {_MASK}", text)
+        return redact(text)
+
+    def __call__(self, record: Record) -> None:
+        record["message"] = self.redact(record["message"])
+        exception = record["exception"]
+        if exception is not None and exception.value is not None:
+            text = str(exception.value)
+            if self.redact(text) != text:
+                # Tracebacks print the exception's text: drop a value that carries a key.
+                record["exception"] = type(exception)(exception.type, None, exception.traceback)
+
+
+REDACTOR = Redactor()
+"""The process-wide redactor: loguru has one core patcher per process."""
+
+
+def install(secrets: Iterable[str] = ()) -> None:
+    """Make every loguru record pass through `REDACTOR` (after nonebot's own patcher)."""
+    REDACTOR.add_secrets(secrets)
+    nonebot_patcher = _nonebot_patcher()
+
+    def patch(record: Record) -> None:
+        if nonebot_patcher is not None:
+            nonebot_patcher(record)
+        REDACTOR(record)
+
+    logger.configure(patcher=patch)
+
+
+def forward_to_stdlib() -> None:
+    """Send nonebot's loguru records through `logging`, so the process has one log stream.
+
+    Removes nonebot's default stdout sink; `bot.logs` decides format, level and redaction.
+    Safe to call twice.
+    """
+    global _forwarding_sink
+    with _FORWARD_LOCK:
+        if _forwarding_sink is not None:
+            return
+        from nonebot.log import logger_id
+
+        try:
+            logger.remove(logger_id)
+        except ValueError:
+            pass  # already removed by someone who configured loguru themselves
+        _forwarding_sink = logger.add(_emit_to_stdlib, level=0, format="{message}", diagnose=False)
+
+
+_FORWARD_LOCK = threading.Lock()
+_forwarding_sink: int | None = None
+
+
+def _emit_to_stdlib(message: Message) -> None:
+    record = message.record
+    target = logging.getLogger(record["name"] or "nonebot")
+    level = record["level"].no
+    if not target.isEnabledFor(level):
+        return
+    exc_info: Any = None
+    if record["exception"] is not None:
+        exc_info = (record["exception"].type, record["exception"].value, record["exception"].traceback)
+    target.log(level, "%s", record["message"], exc_info=exc_info)
+
+
+def _nonebot_patcher() -> Any:
+    # nonebot's patcher only shortens module names to plugin ids; keep it when it exists.
+    import nonebot
+
+    return getattr(nonebot, "_log_patcher", None)

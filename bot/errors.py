@@ -1,0 +1,308 @@
+"""Every error a user can meet, in one hierarchy.
+
+Each class carries `kind` (stored on the job row), `key` (the i18n message key, rendered
+with the error's `params`), `retryable` (whether trying again later can help) and `refund`
+(whether credits reserved for the job go back). Messages for logs use `str(error)`, which
+never contains an API key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class DrawbridgeError(Exception):
+    """Base of all user-facing errors."""
+
+    kind: ClassVar[str] = "internal"
+    key: ClassVar[str] = "error.internal"
+    retryable: ClassVar[bool] = False
+    refund: ClassVar[bool] = True
+
+    def __init__(self, detail: str = "", **params: Any) -> None:
+        super().__init__(detail or self.kind)
+        self.detail = detail
+        self.params: dict[str, Any] = params
+
+
+# --- input the user gave (checked before anything is charged) ---
+
+
+class InputError(DrawbridgeError):
+    """The request itself is wrong; nothing was sent upstream."""
+
+    kind = "bad_input"
+    key = "error.bad_input"
+
+
+class BadOptionError(InputError):
+    kind = "bad_option"
+    key = "error.bad_option"
+
+
+class UnknownOptionError(BadOptionError):
+    kind = "unknown_option"
+    key = "error.unknown_option"
+
+
+class InvalidSizeError(InputError):
+    """A size the model does not accept; `params` carry `size` and `suggestion`."""
+
+    kind = "invalid_size"
+    key = "error.invalid_size"
+
+
+class EmptyPromptError(InputError):
+    kind = "empty_prompt"
+    key = "error.empty_prompt"
+
+
+class PromptTooLongError(InputError):
+    kind = "prompt_too_long"
+    key = "error.prompt_too_long"
+
+
+class NoReferenceImageError(InputError):
+    kind = "no_reference"
+    key = "error.no_reference"
+
+
+class TooManyReferencesError(InputError):
+    kind = "too_many_references"
+    key = "error.too_many_references"
+
+
+class ImageError(InputError):
+    """A reference image could not be used."""
+
+    kind = "bad_image"
+    key = "error.bad_image"
+
+
+class UnsupportedImageError(ImageError):
+    kind = "unsupported_image"
+    key = "error.unsupported_image"
+
+
+class ImageTooLargeError(ImageError):
+    """Too many bytes or too many pixels (a decompression bomb)."""
+
+    kind = "image_too_large"
+    key = "error.image_too_large"
+
+
+class ImageFetchError(ImageError):
+    """A reference image could not be downloaded (expired, unreachable, too slow)."""
+
+    kind = "image_fetch_failed"
+    key = "error.image_fetch_failed"
+    retryable = True
+
+
+class ForbiddenURLError(ImageError):
+    """An image URL on a host or address that is not allowed (SSRF guard)."""
+
+    kind = "forbidden_url"
+    key = "error.forbidden_url"
+
+
+# --- access, credits and limits ---
+
+
+class AccessError(DrawbridgeError):
+    kind = "access_denied"
+    key = "error.access_denied"
+
+
+class JobNotFoundError(AccessError):
+    """No such job, or not one this chat may see."""
+
+    kind = "job_not_found"
+    key = "result.not_found"
+
+
+class BannedError(AccessError):
+    kind = "banned"
+    key = "error.banned"
+
+
+class NotAdminError(AccessError):
+    kind = "not_admin"
+    key = "error.not_admin"
+
+
+class InsufficientCreditsError(DrawbridgeError):
+    kind = "insufficient_credits"
+    key = "error.insufficient_credits"
+
+
+class GroupCapReachedError(DrawbridgeError):
+    kind = "group_cap"
+    key = "error.group_cap"
+
+
+class BusyError(DrawbridgeError):
+    kind = "busy"
+    key = "error.busy"
+    retryable = True
+
+
+class TooManyJobsError(DrawbridgeError):
+    kind = "too_many_jobs"
+    key = "error.too_many_jobs"
+    retryable = True
+
+
+class NotConfiguredError(DrawbridgeError):
+    """No shared key and no own key: nobody to pay the upstream."""
+
+    kind = "not_configured"
+    key = "error.not_configured"
+
+
+class ShuttingDownError(DrawbridgeError):
+    kind = "shutdown"
+    key = "error.shutdown"
+    retryable = True
+
+
+class CancelledJobError(DrawbridgeError):
+    kind = "cancelled"
+    key = "error.cancelled"
+
+
+class DeliveryError(DrawbridgeError):
+    """The image was made but could not be sent to the chat."""
+
+    kind = "delivery_failed"
+    key = "error.delivery_failed"
+    retryable = True
+
+
+# --- the upstream answered with a failure (or did not answer) ---
+
+
+class UpstreamError(DrawbridgeError):
+    """Base of failures reported by, or on the way to, the image API."""
+
+    kind = "upstream_error"
+    key = "error.upstream"
+    # Whether another configured provider may succeed where this one failed.
+    try_next_provider: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+        **params: Any,
+    ) -> None:
+        super().__init__(detail, **params)
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+
+
+class InvalidKeyError(UpstreamError):
+    kind = "invalid_key"
+    key = "error.invalid_key"
+
+
+class UpstreamQuotaError(UpstreamError):
+    """The reseller account behind the key has no balance left."""
+
+    kind = "upstream_quota"
+    key = "error.upstream_quota"
+    try_next_provider = True
+
+
+class NoChannelError(UpstreamError):
+    """The key's group has no channel serving this model."""
+
+    kind = "no_channel"
+    key = "error.no_channel"
+    retryable = True
+    try_next_provider = True
+
+
+class GroupDeniedError(UpstreamError):
+    kind = "group_denied"
+    key = "error.group_denied"
+    try_next_provider = True
+
+
+class ModerationError(UpstreamError):
+    kind = "moderation"
+    key = "error.moderation"
+
+
+class UpstreamSizeError(UpstreamError):
+    kind = "upstream_invalid_size"
+    key = "error.upstream_invalid_size"
+
+
+class UnknownParameterError(UpstreamError):
+    kind = "unknown_parameter"
+    key = "error.unknown_parameter"
+    try_next_provider = True
+
+
+class RateLimitedError(UpstreamError):
+    kind = "rate_limited"
+    key = "error.rate_limited"
+    retryable = True
+    try_next_provider = True
+
+
+class RequestTooLargeError(UpstreamError):
+    kind = "request_too_large"
+    key = "error.request_too_large"
+
+
+class UpstreamUnavailableError(UpstreamError):
+    """5xx, an overloaded or banned upstream account, or no connection at all."""
+
+    kind = "upstream_unavailable"
+    key = "error.upstream_unavailable"
+    retryable = True
+    try_next_provider = True
+
+
+class NotSupportedError(UpstreamError):
+    """The relay does not implement this endpoint (one-api without edits)."""
+
+    kind = "not_supported"
+    key = "error.not_supported"
+    try_next_provider = True
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """No answer in time. The request may still run (and be billed): never retried."""
+
+    kind = "timeout"
+    key = "error.timeout"
+    retryable = True
+
+
+class MalformedResponseError(UpstreamError):
+    kind = "malformed_response"
+    key = "error.malformed_response"
+    retryable = True
+
+
+class ResultDownloadError(UpstreamError):
+    """The result `url` could not be downloaded (expired, too large, too slow)."""
+
+    kind = "result_download_failed"
+    key = "error.result_download_failed"
+    retryable = True
+
+
+ALL_ERRORS: tuple[type[DrawbridgeError], ...] = tuple(
+    cls
+    for cls in list(globals().values())
+    if isinstance(cls, type) and issubclass(cls, DrawbridgeError)
+)
+"""Every error class, so tests can check each has a message in every language."""

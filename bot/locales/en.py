@@ -1,0 +1,141 @@
+"""English messages."""
+
+MESSAGES: dict[str, str] = {
+    # --- commands (help text and menus) ---
+    "help.draw": "Draw an image from a prompt",
+    "help.edit": "Edit images: reply to an image or attach some",
+    "help.reroll": "Reply to a result to draw it again",
+    "help.token": "Bind your own API key (private chat only), show or clear it",
+    "help.quota": "Your credits today and your balance",
+    "help.help": "How to use this bot",
+    "help.cancel": "Cancel your queued job",
+    "help.lang": "Choose the language: zh, en or auto",
+    "help.grant": "Admin: give a user credits",
+    "help.ban": "Admin: ban a user",
+    "help.unban": "Admin: unban a user",
+    "help.stats": "Admin: usage today",
+    "help.header": "drawbridge makes and edits images with {model}.",
+    "help.line": "/{name}{aliases} {args}: {text}",
+    "help.options": (
+        "Options: --size 16:9 | 9:16 | 1:1 | 4:3 | 3:2 | 2k | 4k | 16:9@4k | 1536x1024, "
+        "--n 1-{max_n}, --quality low|medium|high, --format png|jpeg|webp"
+    ),
+    "help.footer": "Each image costs credits from your daily allowance ({daily} a day) "
+    "unless you bind your own key with /token in a private chat.",
+    "help.examples": "Example: /draw a red fox in the snow --size 16:9",
+    "opt.size": "Size: a ratio like 16:9, a tier 1k/2k/4k, or WxH",
+    "opt.quality": "Quality: low, medium, high or auto",
+    "opt.n": "How many images",
+    "opt.format": "File format: png, jpeg or webp",
+    "opt.lang": "Language",
+    "opt.user": "User id (or platform:id)",
+    "opt.credits": "Credits to add (negative to take away)",
+    "opt.prompt": "What to draw",
+    "opt.image": "Reference image",
+    "arg.prompt": "<prompt>",
+    "arg.key": "[key|clear]",
+    "arg.user": "<user>",
+    "arg.lang": "zh|en|auto",
+    # --- job progress ---
+    "status.queued": "Queued #{position} (job {job}). I'll start soon.",
+    "status.started": "Drawing... (job {job})",
+    "status.drawing": "Drawing... {elapsed} (job {job})",
+    "status.uploading": "Uploading the result... (job {job})",
+    "status.refunded": "Nothing was charged.",
+    "result.caption": "{prompt}\n{size} · {seconds}s",
+    "result.caption_fallback": "{prompt}\n{size} (4K was refused, drew {fallback}) · {seconds}s",
+    "result.gone": "That result is no longer kept. Draw it again with /draw.",
+    "result.not_found": "I can't find that job.",
+    "reroll.need_reply": "Reply to one of my results with /reroll to draw it again.",
+    "edit.hint": "Reply to this message with what to change, e.g. \"make it night time\".",
+    # --- account ---
+    "token.bound": "Your key {masked} is bound. Your images now use your key and cost no credits.",
+    "token.status": "Your key: {masked}. Images use your key and cost no credits.",
+    "token.none": "You have no key bound; images use the shared key and your credits. "
+    "Bind yours with /token <key> in a private chat.",
+    "token.cleared": "Your key was removed. Images use the shared key and your credits again.",
+    "token.not_set": "You have no key bound.",
+    "token.bad_format": "That does not look like an API key. Send /token sk-... in a private chat.",
+    "token.group_deleted": "{user}, I deleted your message: never post an API key in a group. "
+    "Send /token <key> to me in a private chat. Anyone may have seen it: consider replacing it.",
+    "token.group_not_deleted": "{user}, never post an API key in a group! I could not delete "
+    "it: delete it now and replace the key at your provider. Bind keys in a private chat only.",
+    "quota.text": "Credits today: {daily_left}/{daily_total} (resets at midnight {tz})\n"
+    "Balance: {balance}\nKey: {key_status}\nJobs running or queued: {active}",
+    "quota.own_key": "your own ({masked}), no credits needed",
+    "quota.shared_key": "the shared key",
+    "cancel.done": "Cancelled job {job}. Nothing was charged.",
+    "cancel.none": "You have no queued job to cancel (running jobs cannot be cancelled).",
+    "lang.set": "Language set to English.",
+    "lang.auto": "Language follows your app's setting again.",
+    "lang.bad": "Choose zh, en or auto.",
+    # --- admin ---
+    "admin.granted": "Gave {credits} credits to {user}; their balance is {balance}.",
+    "admin.banned": "{user} is banned.",
+    "admin.unbanned": "{user} is no longer banned.",
+    "admin.user_not_found": "No user {user}. Use their id, or platform:id.",
+    "admin.usage_grant": "Usage: /grant <user> <credits>",
+    "admin.stats": "Today: {jobs} jobs ({succeeded} ok, {failed} failed), {images} images, "
+    "{credits} credits spent, {running} running now. Users: {users}.",
+    # --- errors (each names what happened and what to do) ---
+    "error.internal": "Something went wrong on my side. Nothing was charged; please try again.",
+    "error.bad_input": "I couldn't understand that request.",
+    "error.bad_option": "Invalid value for --{option}: {value}. See /help.",
+    "error.unknown_option": "Unknown option {option}. Options are --size, --n, --quality, --format.",
+    "error.invalid_size": "Size {size} is not allowed for this model. Try {suggestion}.",
+    "error.empty_prompt": "Tell me what to draw, e.g. /draw a red fox in the snow.",
+    "error.prompt_too_long": "Your prompt has {length} characters; the limit is {limit}. Please shorten it.",
+    "error.no_reference": "/edit needs an image: reply to an image with /edit <prompt>, or attach one.",
+    "error.too_many_references": "You sent {count} images; this provider takes at most {limit}.",
+    "error.bad_image": "One of the images is damaged or unreadable. Please send another one.",
+    "error.unsupported_image": "That file is not a supported image. Send PNG, JPEG, WebP or GIF.",
+    "error.image_too_large": "That image is too large ({size_mb} MB or too many pixels). "
+    "The limit is {limit_mb} MB; please send a smaller one.",
+    "error.image_fetch_failed": "I couldn't download the image (it may have expired). "
+    "Please send it again.",
+    "error.forbidden_url": "I can't download images from that address.",
+    "error.access_denied": "You are not allowed to do that.",
+    "error.banned": "You are banned from using this bot.",
+    "error.not_admin": "Only admins can do that.",
+    "error.insufficient_credits": "Not enough credits: this needs {needed}, you have {left}. "
+    "Your daily credits reset at midnight, or bind your own key with /token in a private chat.",
+    "error.group_cap": "This group has used its {cap} credits for today. Try again tomorrow.",
+    "error.busy": "I'm very busy right now. Please try again in a few minutes; nothing was charged.",
+    "error.too_many_jobs": "You already have {limit} jobs running or queued. Wait for them to finish.",
+    "error.not_configured": "No API key is configured for this bot. "
+    "Bind your own with /token in a private chat, or ask the admin.",
+    "error.shutdown": "The bot is restarting; your job was stopped and nothing was charged. "
+    "Please try again in a minute.",
+    "error.cancelled": "Job {job} was cancelled. Nothing was charged.",
+    "error.delivery_failed": "The image was made but I couldn't send it here. "
+    "Nothing was charged; please try again.",
+    "error.interrupted": "This job was interrupted by a restart and refunded. Nothing was charged.",
+    "error.upstream": "The image service failed. Nothing was charged; please try again.",
+    "error.invalid_key": "The API key was refused (invalid, expired or used up). "
+    "If it is your own key, bind a new one with /token in a private chat; otherwise tell the admin. Nothing was charged.",
+    "error.upstream_quota": "The API account has no balance left. If it is your key, top it up "
+    "at your provider; otherwise tell the admin. Nothing was charged.",
+    "error.no_channel": "The key's group has no channel for this model right now "
+    "(the key's group lacks this model). Try later, or use a key from another group. Nothing was charged.",
+    "error.group_denied": "The key is not allowed to use its group. Check the key's group at "
+    "your provider. Nothing was charged.",
+    "error.moderation": "The image service refused this prompt (content policy). "
+    "Please rephrase it; nothing was charged.",
+    "error.upstream_invalid_size": "The image service refused this size. "
+    "Try a common size such as 1024x1024 or 16:9. Nothing was charged.",
+    "error.unknown_parameter": "The image service does not accept a parameter we sent "
+    "({param}). Tell the admin; nothing was charged.",
+    "error.rate_limited": "The image service is rate limiting us. Please try again in a minute; "
+    "nothing was charged.",
+    "error.request_too_large": "The request was too large for the image service. "
+    "Use fewer or smaller images. Nothing was charged.",
+    "error.upstream_unavailable": "The image service is down or overloaded. "
+    "Please try again later; nothing was charged.",
+    "error.not_supported": "This image service does not support editing images. Nothing was charged.",
+    "error.timeout": "The image service took too long to answer. Nothing was charged; "
+    "please try again (maybe a smaller size or lower quality).",
+    "error.malformed_response": "The image service sent back a broken answer. "
+    "Nothing was charged; please try again.",
+    "error.result_download_failed": "I couldn't download the finished image (its link expired "
+    "or failed). Nothing was charged; please try again.",
+}

@@ -1,0 +1,19 @@
+"""The port each chat platform implements so `drawbridge run` can start and stop it."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Platform(Protocol):
+    """A connected chat platform inside `drawbridge run`'s event loop."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Connect and begin serving; return once ready to receive commands (or raise)."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop taking commands and close connections; safe to call twice."""
+        ...

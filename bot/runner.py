@@ -1,0 +1,92 @@
+"""`drawbridge run`: one event loop serving every configured chat platform."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
+
+from bot.config import Settings
+from bot.platform import Platform
+from bot.services import Services
+
+log = logging.getLogger("drawbridge")
+
+PlatformFactory = Callable[[Settings, Services], Platform]
+
+SETTING_HINTS = {
+    "telegram": "TELEGRAM_BOT_TOKEN=<token from @BotFather>",
+    "qq": "QQ_ENABLED=true  (then point NapCat/LLOneBot at ws://HOST:PORT/onebot/v11/ws)",
+    "discord": "DISCORD_BOT_TOKEN=<bot token from the Discord developer portal>",
+}
+
+
+def platform_factories() -> dict[str, PlatformFactory]:
+    """Platforms installed with the package (the `drawbridge.platforms` entry points)."""
+    return {ep.name: ep.load for ep in entry_points(group="drawbridge.platforms")}  # type: ignore[misc]
+
+
+def missing_platforms_message() -> str:
+    """What to set when no platform is configured."""
+    lines = ["No chat platform is configured. Set at least one of these (in .env or the environment):"]
+    lines += [f"  {hint}" for hint in SETTING_HINTS.values()]
+    lines.append("See .env.example for every setting.")
+    return "\n".join(lines)
+
+
+async def run(settings: Settings) -> int:
+    """Start every configured platform, serve until SIGINT/SIGTERM, then shut down cleanly."""
+    names = settings.enabled_platforms()
+    if not names:
+        print(missing_platforms_message(), file=sys.stderr)
+        return 2
+    if not settings.providers() or not any(p.api_key for p in settings.providers()):
+        log.warning(
+            "no shared upstream key (DRAWBRIDGE_API_BASE/DRAWBRIDGE_API_KEY): only users who "
+            "bind their own key with /token can draw"
+        )
+    loaders = platform_factories()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    services = await Services.create(settings)
+    started: list[Platform] = []
+    code = 0
+    try:
+        for name in names:
+            loader = loaders.get(name)
+            if loader is None:
+                log.error("platform %s is not installed with this package", name)
+                code = 1
+                break
+            factory: PlatformFactory = loader()  # type: ignore[assignment]
+            platform = factory(settings, services)
+            await platform.start()
+            started.append(platform)
+            log.info("%s ready", name)
+        else:
+            log.info("drawbridge ready: %s", ", ".join(names))
+            await stop.wait()
+            log.info("stopping: no new jobs; running jobs get %.0fs", settings.shutdown_grace)
+    except Exception:
+        log.exception("failed to start")
+        code = 1
+    finally:
+        # Stop intake first, then let the job runner finish or refund, then disconnect.
+        services.jobs.stop_intake()
+        await services.jobs.shutdown(settings.shutdown_grace)
+        for platform in reversed(started):
+            try:
+                await asyncio.wait_for(platform.stop(), timeout=15)
+            except Exception:
+                log.warning("%s did not stop cleanly", platform.name, exc_info=True)
+        await services.close(grace=0)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        log.info("stopped")
+    return code

@@ -1,0 +1,79 @@
+"""Everything a command needs, built once per process: settings, store, upstream, jobs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+
+from bot.config import Settings
+from bot.i18n import normalize_lang, t
+from bot.jobs import JobRunner
+from bot.secrets import KeyBox
+from bot.store import Store
+from bot.upstream import build_clients
+
+log = logging.getLogger(__name__)
+
+
+class Services:
+    """The composition of bot services shared by plugins and adapters."""
+
+    def __init__(
+        self, settings: Settings, store: Store, jobs: JobRunner, http: httpx.AsyncClient
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.jobs = jobs
+        self.http = http
+        self._closed = False
+
+    @classmethod
+    async def create(cls, settings: Settings) -> Services:
+        """Open the store (refunding jobs a crash left behind) and connect the upstream."""
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        keybox = KeyBox.load(settings.data_dir, settings.secret_key)
+        store = await Store.open(
+            settings.data_dir / "drawbridge.sqlite3", keybox=keybox, admins=settings.admin_ids()
+        )
+        recovered = await store.recover()
+        if recovered:
+            log.warning("refunded %d job(s) interrupted by the last stop", len(recovered))
+        http = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=50),
+            headers={"User-Agent": "drawbridge/0.1"},
+        )
+        jobs = JobRunner(settings, store, build_clients(settings.providers(), http=http))
+        jobs.prune_files()
+        return cls(settings, store, jobs, http)
+
+    async def close(self, grace: float | None = None) -> None:
+        """Stop intake, let running jobs finish for the grace period, refund the rest, close."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.jobs.shutdown(self.settings.shutdown_grace if grace is None else grace)
+        await self.http.aclose()
+        await self.store.close()
+
+    async def user_lang(self, platform: str, user_id: str, locale: str | None) -> str:
+        """The user's language: their `/lang` choice, else the platform locale, else default."""
+        user = await self.store.user(platform, user_id)
+        if user.lang:
+            return user.lang
+        return normalize_lang(locale, self.settings.default_lang)
+
+    def t(self, lang: str, key: str, **params: Any) -> str:
+        """A translated message (see `bot.i18n.t`)."""
+        return t(lang, key, **params)
+
+    async def remember_result(
+        self, platform: str, chat_id: str, message_id: str, job_id: int
+    ) -> None:
+        """Record that a sent message shows a job's result (for replies and buttons)."""
+        await self.store.remember_message(platform, chat_id, message_id, job_id)
+
+    async def job_for_message(self, platform: str, chat_id: str, message_id: str) -> int | None:
+        """The job whose result a message shows, if it is one of ours."""
+        return await self.store.message_job(platform, chat_id, message_id)

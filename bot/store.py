@@ -1,0 +1,988 @@
+"""Users, personal keys, credits, the ledger and jobs, in one SQLite file.
+
+Every platform shares this file, and many asyncio tasks write to it at once, so:
+
+- one aiosqlite connection does all the work, behind an `asyncio.Lock` (aiosqlite runs a
+  connection on one thread; statements from two tasks must never interleave inside one
+  transaction);
+- every read-then-write runs in `BEGIN IMMEDIATE ... COMMIT`: a DEFERRED transaction that
+  reads and then writes fails with SQLITE_BUSY at once, ignoring `busy_timeout`, when another
+  process holds the write lock;
+- WAL, so readers in other processes (backups, `sqlite3` at a shell) never block the bot.
+
+Credits are moved only by guarded statements (`... WHERE granted >= ?`, `... WHERE state =
+'reserved'`) whose row counts are checked, and every movement appends a row to `ledger`, which
+triggers make append-only. A job has at most one reservation; it is committed or refunded
+exactly once. The invariants, for every user:
+
+    users.granted == sum(grant) - sum(reserve.balance_amount) + sum(refund.balance_amount)
+    daily_usage.used(day) == sum(reserve.daily_amount) - sum(refund.daily_amount) for that day
+
+Days are `datetime.date`s the caller computes in the configured timezone (stored as ISO
+strings); instants are unix seconds (floats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Set
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+from cryptography.fernet import InvalidToken
+
+from bot.errors import GroupCapReachedError, InsufficientCreditsError
+from bot.secrets import KeyBox
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+ROLES = frozenset({"user", "admin", "banned"})
+JOB_KINDS = frozenset({"draw", "edit"})
+ACTIVE_STATUSES = ("queued", "running")
+FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+INTERRUPTED = "interrupted"
+
+
+class StoreError(Exception):
+    """A caller broke the store's contract (a bug, not something a user did)."""
+
+
+class NotFoundError(StoreError, LookupError):
+    """No such user or job."""
+
+
+class ReservationError(StoreError):
+    """The job already has a reservation, or is not waiting to run."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A person on one platform. `role` is effective: config admins read as "admin"."""
+
+    id: int
+    platform: str
+    platform_user_id: str
+    name: str
+    role: str  # "user" | "admin" | "banned"
+    lang: str | None
+    granted: int  # granted balance, spent after the daily allowance
+    has_key: bool
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    @property
+    def is_banned(self) -> bool:
+        return self.role == "banned"
+
+
+@dataclass(frozen=True, slots=True)
+class Credits:
+    """What a user may still spend: today's free allowance first, then the granted balance."""
+
+    daily_allowance: int
+    daily_used: int
+    balance: int
+
+    @property
+    def daily_left(self) -> int:
+        return max(0, self.daily_allowance - self.daily_used)
+
+    @property
+    def total_left(self) -> int:
+        return self.daily_left + self.balance
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One /draw or /edit request and its outcome.
+
+    `cost` is what its reservation took (0 without one); `ledger_state` is that reservation's
+    state: None (never reserved), "reserved", "committed" or "refunded".
+    """
+
+    id: int
+    user_id: int
+    platform: str
+    chat_id: str
+    group_key: str | None
+    kind: str  # "draw" | "edit"
+    prompt: str
+    options: dict[str, Any]
+    ref_count: int
+    provider: str | None
+    own_key: bool
+    status: str  # queued | running | succeeded | failed | cancelled
+    error_kind: str | None
+    error_detail: str | None
+    cost: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    usage: dict[str, Any] | None
+    revised_prompt: str | None
+    outputs: list[dict[str, Any]]  # [{"width", "height", "bytes", "mime"}]
+    ledger_state: str | None
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
+
+
+# --- schema -------------------------------------------------------------------------------
+
+# Applied in order, each once, recorded in PRAGMA user_version. Append; never edit a shipped one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE users (
+        id               INTEGER PRIMARY KEY,
+        platform         TEXT    NOT NULL,
+        platform_user_id TEXT    NOT NULL,
+        name             TEXT    NOT NULL DEFAULT '',
+        role             TEXT    NOT NULL DEFAULT 'user'
+                                 CHECK (role IN ('user', 'admin', 'banned')),
+        lang             TEXT,
+        api_key_enc      BLOB,
+        granted          INTEGER NOT NULL DEFAULT 0 CHECK (granted >= 0),
+        created_at       REAL    NOT NULL,
+        UNIQUE (platform, platform_user_id)
+    );
+
+    CREATE TABLE daily_usage (
+        user_id INTEGER NOT NULL REFERENCES users (id),
+        day     TEXT    NOT NULL,
+        used    INTEGER NOT NULL CHECK (used >= 0),
+        PRIMARY KEY (user_id, day)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE group_usage (
+        group_key TEXT    NOT NULL,
+        day       TEXT    NOT NULL,
+        used      INTEGER NOT NULL CHECK (used >= 0),
+        PRIMARY KEY (group_key, day)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE jobs (
+        id             INTEGER PRIMARY KEY,
+        user_id        INTEGER NOT NULL REFERENCES users (id),
+        platform       TEXT    NOT NULL,
+        chat_id        TEXT    NOT NULL,
+        group_key      TEXT,
+        kind           TEXT    NOT NULL CHECK (kind IN ('draw', 'edit')),
+        prompt         TEXT    NOT NULL,
+        options        TEXT    NOT NULL DEFAULT '{}',
+        ref_count      INTEGER NOT NULL DEFAULT 0,
+        provider       TEXT,
+        own_key        INTEGER NOT NULL DEFAULT 0,
+        status         TEXT    NOT NULL DEFAULT 'queued'
+                               CHECK (status IN ('queued', 'running', 'succeeded', 'failed',
+                                                 'cancelled')),
+        error_kind     TEXT,
+        error_detail   TEXT,
+        created_at     REAL    NOT NULL,
+        started_at     REAL,
+        finished_at    REAL,
+        usage          TEXT,
+        revised_prompt TEXT,
+        outputs        TEXT    NOT NULL DEFAULT '[]'
+    );
+    CREATE INDEX jobs_active ON jobs (status) WHERE status IN ('queued', 'running');
+    CREATE INDEX jobs_user ON jobs (user_id, status);
+
+    CREATE TABLE reservations (
+        job_id         INTEGER PRIMARY KEY REFERENCES jobs (id),
+        user_id        INTEGER NOT NULL REFERENCES users (id),
+        daily_amount   INTEGER NOT NULL CHECK (daily_amount >= 0),
+        balance_amount INTEGER NOT NULL CHECK (balance_amount >= 0),
+        day            TEXT    NOT NULL,
+        group_key      TEXT,
+        state          TEXT    NOT NULL CHECK (state IN ('reserved', 'committed', 'refunded'))
+    );
+    CREATE INDEX reservations_day ON reservations (day);
+    CREATE INDEX reservations_open ON reservations (state) WHERE state = 'reserved';
+
+    -- A settled reservation is final: a refunded job can never be committed, nor the reverse.
+    CREATE TRIGGER reservations_settled_is_final
+    BEFORE UPDATE OF state ON reservations WHEN OLD.state <> 'reserved'
+    BEGIN
+        SELECT RAISE(ABORT, 'reservation already settled');
+    END;
+
+    CREATE TABLE ledger (
+        id             INTEGER PRIMARY KEY,
+        job_id         INTEGER REFERENCES jobs (id),
+        user_id        INTEGER NOT NULL REFERENCES users (id),
+        kind           TEXT    NOT NULL CHECK (kind IN ('reserve', 'commit', 'refund', 'grant')),
+        daily_amount   INTEGER NOT NULL DEFAULT 0,
+        balance_amount INTEGER NOT NULL DEFAULT 0,
+        day            TEXT,
+        created_at     REAL    NOT NULL,
+        note           TEXT    NOT NULL DEFAULT '',
+        by_user_id     INTEGER REFERENCES users (id),
+        CHECK ((job_id IS NULL) = (kind = 'grant'))
+    );
+    CREATE UNIQUE INDEX ledger_one_per_job_and_kind ON ledger (job_id, kind)
+        WHERE job_id IS NOT NULL;
+    CREATE INDEX ledger_user ON ledger (user_id);
+    CREATE INDEX ledger_day ON ledger (day);
+
+    CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger
+    BEGIN
+        SELECT RAISE(ABORT, 'ledger is append-only');
+    END;
+    CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger
+    BEGIN
+        SELECT RAISE(ABORT, 'ledger is append-only');
+    END;
+    """,
+)
+
+PRAGMAS = (
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA busy_timeout = 5000",
+    "PRAGMA foreign_keys = ON",
+    "PRAGMA synchronous = NORMAL",
+)
+
+# --- statements shared with bench/ledger.py (its raw-sqlite3 ceiling runs these same ones) ---
+
+SQL_INSERT_JOB = """
+    INSERT INTO jobs (user_id, platform, chat_id, group_key, kind, prompt, options, ref_count,
+                      own_key, created_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+# params: user_id, day, group_key, day, user_id, job_id
+SQL_RESERVE_READ = """
+    SELECT j.user_id, j.status, r.state,
+           COALESCE((SELECT used FROM daily_usage WHERE user_id = ? AND day = ?), 0),
+           u.granted,
+           COALESCE((SELECT used FROM group_usage WHERE group_key = ? AND day = ?), 0)
+    FROM jobs AS j
+    JOIN users AS u ON u.id = ?
+    LEFT JOIN reservations AS r ON r.job_id = j.id
+    WHERE j.id = ?
+"""
+# params: amount, user_id, amount
+SQL_TAKE_BALANCE = "UPDATE users SET granted = granted - ? WHERE id = ? AND granted >= ?"
+# params: user_id, day, amount, allowance
+SQL_TAKE_DAILY = """
+    INSERT INTO daily_usage (user_id, day, used) VALUES (?, ?, ?)
+    ON CONFLICT (user_id, day) DO UPDATE SET used = used + excluded.used
+    WHERE used + excluded.used <= ?
+"""
+# params: group_key, day, amount, cap (0 = no cap)
+SQL_TAKE_GROUP = """
+    INSERT INTO group_usage (group_key, day, used) VALUES (?, ?, ?)
+    ON CONFLICT (group_key, day) DO UPDATE SET used = used + excluded.used
+    WHERE ?4 <= 0 OR used + excluded.used <= ?4
+"""
+SQL_INSERT_RESERVATION = """
+    INSERT INTO reservations (job_id, user_id, daily_amount, balance_amount, day, group_key, state)
+    VALUES (?, ?, ?, ?, ?, ?, 'reserved')
+"""
+SQL_INSERT_LEDGER = """
+    INSERT INTO ledger (job_id, user_id, kind, daily_amount, balance_amount, day, created_at,
+                        note, by_user_id)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+# params: new state, job_id
+SQL_SETTLE = """
+    UPDATE reservations SET state = ? WHERE job_id = ? AND state = 'reserved'
+    RETURNING user_id, daily_amount, balance_amount, day, group_key
+"""
+
+_JOB_SELECT = """
+    SELECT j.*, r.state AS ledger_state,
+           COALESCE(r.daily_amount + r.balance_amount, 0) AS cost
+    FROM jobs AS j
+    LEFT JOIN reservations AS r ON r.job_id = j.id
+"""
+
+
+class Store:
+    """Async access to drawbridge's SQLite file (see the module docstring for the rules)."""
+
+    def __init__(
+        self, db: aiosqlite.Connection, keybox: KeyBox, admins: Set[tuple[str, str]]
+    ) -> None:
+        self._db = db
+        self._keybox = keybox
+        self._admins = frozenset((platform.lower(), uid) for platform, uid in admins)
+        self._lock = asyncio.Lock()
+        self._writes: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # --- lifecycle ---
+
+    @classmethod
+    async def open(
+        cls, path: Path, *, keybox: KeyBox, admins: Set[tuple[str, str]] = frozenset()
+    ) -> Store:
+        """Open (creating if needed) the database at `path` and bring its schema up to date."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: the sqlite3 module must not open transactions behind our back;
+        # every transaction here is an explicit BEGIN IMMEDIATE.
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            db.row_factory = aiosqlite.Row
+            for pragma in PRAGMAS:
+                await db.execute_fetchall(pragma)
+            await _migrate(db)
+        except BaseException:
+            await db.close()
+            raise
+        return cls(db, keybox, admins)
+
+    async def close(self) -> None:
+        """Let transactions in flight finish, then close the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+        async with self._lock:
+            await self._db.close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # --- users ---
+
+    async def user(self, platform: str, platform_user_id: str, name: str = "") -> User:
+        """Get or create the user; refresh the stored display name when `name` differs."""
+        rows = await self._read(
+            "SELECT * FROM users WHERE platform = ? AND platform_user_id = ?",
+            (platform, platform_user_id),
+        )
+        if rows and (not name or rows[0]["name"] == name):
+            return self._user(rows[0])
+
+        async def upsert(db: aiosqlite.Connection) -> sqlite3.Row:
+            rows = await db.execute_fetchall(
+                """
+                INSERT INTO users (platform, platform_user_id, name, created_at)
+                VALUES (?, ?, ?, ?)
+                ON CONFLICT (platform, platform_user_id) DO UPDATE
+                SET name = excluded.name WHERE excluded.name <> ''
+                RETURNING *
+                """,
+                (platform, platform_user_id, name, time.time()),
+            )
+            rows = list(rows)
+            if rows:
+                return rows[0]
+            # The conflict update was skipped (empty name): the row exists unchanged.
+            rows = await db.execute_fetchall(
+                "SELECT * FROM users WHERE platform = ? AND platform_user_id = ?",
+                (platform, platform_user_id),
+            )
+            return next(iter(rows))
+
+        return self._user(await self._write(upsert))
+
+    async def find_user(self, platform: str, ref: str) -> User | None:
+        """Find a user by `ref`: an id on `platform`, `"platform:id"`, or the internal `"#id"`."""
+        ref = ref.strip()
+        if ref.startswith("#") and ref[1:].isdigit():
+            rows = await self._read("SELECT * FROM users WHERE id = ?", (int(ref[1:]),))
+            return self._user(rows[0]) if rows else None
+        other, sep, uid = ref.partition(":")
+        candidates = [(platform, ref)]
+        if sep and other and uid:
+            candidates.insert(0, (other.strip().lower(), uid.strip()))
+        for candidate in candidates:
+            rows = await self._read(
+                "SELECT * FROM users WHERE platform = ? AND platform_user_id = ?", candidate
+            )
+            if rows:
+                return self._user(rows[0])
+        return None
+
+    async def set_role(self, user_id: int, role: str) -> None:
+        """Store "user", "admin" or "banned". Config admins stay admin unless banned."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}")
+        await self._update_user(user_id, "UPDATE users SET role = ? WHERE id = ?", (role, user_id))
+
+    async def set_lang(self, user_id: int, lang: str | None) -> None:
+        """Remember the user's language; None goes back to the default."""
+        await self._update_user(user_id, "UPDATE users SET lang = ? WHERE id = ?", (lang, user_id))
+
+    # --- personal keys ---
+
+    async def set_api_key(self, user_id: int, api_key: str) -> None:
+        """Store the user's own API key, encrypted."""
+        token = self._keybox.encrypt(api_key)
+        await self._update_user(
+            user_id, "UPDATE users SET api_key_enc = ? WHERE id = ?", (token, user_id)
+        )
+
+    async def get_api_key(self, user_id: int) -> str | None:
+        """The user's own API key, or None (none set, or not readable with this secret)."""
+        rows = await self._read("SELECT api_key_enc FROM users WHERE id = ?", (user_id,))
+        if not rows or rows[0][0] is None:
+            return None
+        try:
+            return self._keybox.decrypt(rows[0][0])
+        except InvalidToken:
+            log.warning(
+                "user #%d has a stored API key this secret cannot decrypt "
+                "(DRAWBRIDGE_SECRET_KEY or secret.key changed?)",
+                user_id,
+            )
+            return None
+
+    async def clear_api_key(self, user_id: int) -> bool:
+        """Forget the user's own key; False if there was none."""
+
+        async def clear(db: aiosqlite.Connection) -> bool:
+            cursor = await db.execute(
+                "UPDATE users SET api_key_enc = NULL WHERE id = ? AND api_key_enc IS NOT NULL",
+                (user_id,),
+            )
+            return cursor.rowcount == 1
+
+        return await self._write(clear)
+
+    # --- credits ---
+
+    async def credits(self, user_id: int, day: date, daily_allowance: int) -> Credits:
+        """The user's allowance used on `day` and granted balance."""
+        rows = await self._read(
+            """
+            SELECT u.granted,
+                   COALESCE((SELECT used FROM daily_usage WHERE user_id = u.id AND day = ?), 0)
+            FROM users AS u WHERE u.id = ?
+            """,
+            (day.isoformat(), user_id),
+        )
+        if not rows:
+            raise NotFoundError(f"no user #{user_id}")
+        return Credits(
+            daily_allowance=max(0, daily_allowance), daily_used=rows[0][1], balance=rows[0][0]
+        )
+
+    async def grant(
+        self, user_id: int, amount: int, *, by_user_id: int | None = None, note: str = ""
+    ) -> int:
+        """Add `amount` (may be negative) to the granted balance; returns the new balance.
+
+        The balance never goes below 0: a larger negative grant is clamped, and the ledger
+        records the amount actually taken.
+        """
+
+        async def apply(db: aiosqlite.Connection) -> int:
+            rows = list(
+                await db.execute_fetchall("SELECT granted FROM users WHERE id = ?", (user_id,))
+            )
+            if not rows:
+                raise NotFoundError(f"no user #{user_id}")
+            before: int = rows[0][0]
+            after = max(0, before + amount)
+            await db.execute("UPDATE users SET granted = ? WHERE id = ?", (after, user_id))
+            await db.execute(
+                SQL_INSERT_LEDGER,
+                (None, user_id, "grant", 0, after - before, None, time.time(), note, by_user_id),
+            )
+            return after
+
+        return await self._write(apply)
+
+    # --- jobs and the ledger ---
+
+    async def create_job(
+        self,
+        *,
+        user_id: int,
+        platform: str,
+        chat_id: str,
+        group_key: str | None,
+        kind: str,
+        prompt: str,
+        options: dict[str, Any],
+        ref_count: int,
+        own_key: bool,
+    ) -> int:
+        """Record a new queued job; returns its id."""
+        if kind not in JOB_KINDS:
+            raise ValueError(f"unknown job kind {kind!r}")
+        params = (
+            user_id,
+            platform,
+            chat_id,
+            group_key,
+            kind,
+            prompt,
+            _dumps(options),
+            ref_count,
+            int(own_key),
+            time.time(),
+        )
+
+        async def insert(db: aiosqlite.Connection) -> int:
+            cursor = await db.execute(SQL_INSERT_JOB, params)
+            job_id = cursor.lastrowid
+            assert job_id is not None
+            return job_id
+
+        return await self._write(insert)
+
+    async def reserve(
+        self,
+        job_id: int,
+        *,
+        user_id: int,
+        cost: int,
+        day: date,
+        daily_allowance: int,
+        group_key: str | None = None,
+        group_cap: int = 0,
+    ) -> None:
+        """Take `cost` credits for the job: today's free allowance first, then the balance.
+
+        All or nothing, in one transaction. With `group_key`, `cost` also counts against the
+        group's usage for `day`, and `group_cap > 0` refuses beyond it. Raises
+        `GroupCapReachedError` or `InsufficientCreditsError` (charging nothing), and
+        `ReservationError` if the job was already reserved (charging nothing again). A cost of
+        0 (the user's own key) still records a reservation, so the job settles like any other.
+        """
+        if cost < 0:
+            raise ValueError("cost must not be negative")
+        iso_day = day.isoformat()
+        allowance = max(0, daily_allowance)
+
+        async def take(db: aiosqlite.Connection) -> None:
+            rows = list(
+                await db.execute_fetchall(
+                    SQL_RESERVE_READ, (user_id, iso_day, group_key, iso_day, user_id, job_id)
+                )
+            )
+            if not rows:
+                raise NotFoundError(f"no job #{job_id} or no user #{user_id}")
+            owner, status, state, daily_used, balance, group_used = rows[0]
+            if owner != user_id:
+                raise ReservationError(f"job #{job_id} belongs to user #{owner}")
+            if state is not None:
+                raise ReservationError(f"job #{job_id} is already reserved ({state})")
+            if status != "queued":
+                raise ReservationError(f"job #{job_id} is {status}, not queued")
+            if group_key and group_cap > 0 and group_used + cost > group_cap:
+                raise GroupCapReachedError(cap=group_cap)
+
+            credits = Credits(allowance, daily_used, balance)
+            if cost > credits.total_left:
+                raise InsufficientCreditsError(needed=cost, left=credits.total_left)
+            daily_part = min(cost, credits.daily_left)
+            balance_part = cost - daily_part
+
+            # The guards repeat the checks above inside the statements themselves, so the
+            # charge is safe even if something else ever wrote between the read and here.
+            if balance_part:
+                cursor = await db.execute(SQL_TAKE_BALANCE, (balance_part, user_id, balance_part))
+                if cursor.rowcount != 1:
+                    raise InsufficientCreditsError(needed=cost, left=credits.total_left)
+            if daily_part:
+                cursor = await db.execute(SQL_TAKE_DAILY, (user_id, iso_day, daily_part, allowance))
+                if cursor.rowcount != 1:
+                    raise InsufficientCreditsError(needed=cost, left=credits.total_left)
+            if group_key and cost:
+                cursor = await db.execute(SQL_TAKE_GROUP, (group_key, iso_day, cost, group_cap))
+                if cursor.rowcount != 1:
+                    raise GroupCapReachedError(cap=group_cap)
+            await db.execute(
+                SQL_INSERT_RESERVATION,
+                (job_id, user_id, daily_part, balance_part, iso_day, group_key),
+            )
+            await db.execute(
+                SQL_INSERT_LEDGER,
+                (
+                    job_id,
+                    user_id,
+                    "reserve",
+                    daily_part,
+                    balance_part,
+                    iso_day,
+                    time.time(),
+                    "",
+                    None,
+                ),
+            )
+
+        await self._write(take)
+
+    async def commit(self, job_id: int) -> bool:
+        """Make the job's reservation final (spent); False if it is not reserved."""
+
+        async def settle(db: aiosqlite.Connection) -> bool:
+            return await _commit(db, job_id, "")
+
+        return await self._write(settle)
+
+    async def refund(self, job_id: int, reason: str) -> bool:
+        """Give back everything the job's reservation took; False if it is not reserved.
+
+        The daily part goes back to the reservation's day (so it only helps the user if that
+        day is still today), the balance part to the granted balance, and the group usage to
+        the group. Never twice: a refunded or committed reservation is final.
+        """
+
+        async def settle(db: aiosqlite.Connection) -> bool:
+            return await _refund(db, job_id, reason)
+
+        return await self._write(settle)
+
+    async def mark_running(self, job_id: int, provider: str) -> None:
+        """The job was handed to `provider` (again, when falling back to another one)."""
+        await self._write_one(
+            """
+            UPDATE jobs SET status = 'running', provider = ?,
+                            started_at = COALESCE(started_at, ?)
+            WHERE id = ? AND status IN ('queued', 'running')
+            """,
+            (provider, time.time(), job_id),
+        )
+
+    async def finish_job(
+        self,
+        job_id: int,
+        *,
+        status: str,
+        error_kind: str | None = None,
+        error_detail: str | None = None,
+        usage: dict[str, Any] | None = None,
+        revised_prompt: str | None = None,
+        outputs: list[dict[str, Any]] | None = None,
+        provider: str | None = None,
+    ) -> None:
+        """Record the job's outcome; does nothing unless it is still queued or running."""
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"{status!r} is not a final job status")
+        await self._write_one(
+            """
+            UPDATE jobs SET status = ?, error_kind = ?, error_detail = ?, usage = ?,
+                            revised_prompt = ?, outputs = ?, provider = COALESCE(?, provider),
+                            finished_at = ?
+            WHERE id = ? AND status IN ('queued', 'running')
+            """,
+            (
+                status,
+                error_kind,
+                error_detail,
+                None if usage is None else _dumps(usage),
+                revised_prompt,
+                _dumps(outputs or []),
+                provider,
+                time.time(),
+                job_id,
+            ),
+        )
+
+    async def job(self, job_id: int) -> Job | None:
+        """The job, or None."""
+        rows = await self._read(_JOB_SELECT + " WHERE j.id = ?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    async def active_jobs(self, user_id: int) -> list[Job]:
+        """The user's queued and running jobs, oldest first."""
+        rows = await self._read(
+            _JOB_SELECT + " WHERE j.user_id = ? AND j.status IN ('queued', 'running')"
+            " ORDER BY j.id",
+            (user_id,),
+        )
+        return [_job(row) for row in rows]
+
+    async def recover(self) -> list[int]:
+        """Settle what a crash left behind; returns the ids of the interrupted jobs.
+
+        Every queued or running job becomes failed ("interrupted") and its reservation is
+        refunded. A finished job whose reservation was never settled is settled by its
+        outcome: committed if it succeeded, refunded otherwise.
+        """
+
+        async def settle(db: aiosqlite.Connection) -> list[int]:
+            rows = await db.execute_fetchall(
+                """
+                UPDATE jobs SET status = 'failed', error_kind = ?, finished_at = ?
+                WHERE status IN ('queued', 'running') RETURNING id
+                """,
+                (INTERRUPTED, time.time()),
+            )
+            interrupted = sorted(row[0] for row in rows)
+            open_rows = await db.execute_fetchall(
+                """
+                SELECT r.job_id, j.status FROM reservations AS r JOIN jobs AS j ON j.id = r.job_id
+                WHERE r.state = 'reserved' ORDER BY r.job_id
+                """
+            )
+            for job_id, status in list(open_rows):
+                if status == "succeeded":
+                    await _commit(db, job_id, "recovered")
+                else:
+                    await _refund(db, job_id, INTERRUPTED)
+            return interrupted
+
+        interrupted = await self._write(settle)
+        if interrupted:
+            log.info("recovered %d interrupted job(s)", len(interrupted))
+        return interrupted
+
+    async def stats(self, day: date) -> dict[str, Any]:
+        """Numbers for the admin: users, `day`'s jobs by status, images, credits, running jobs.
+
+        A job belongs to the day of its reservation (the caller's timezone); jobs refused
+        before a reservation are not counted.
+        """
+        iso_day = day.isoformat()
+        rows = await self._read(
+            """
+            SELECT j.status, COUNT(*),
+                   SUM(CASE WHEN j.status = 'succeeded' THEN json_array_length(j.outputs)
+                       ELSE 0 END)
+            FROM reservations AS r JOIN jobs AS j ON j.id = r.job_id
+            WHERE r.day = ? GROUP BY j.status
+            """,
+            (iso_day,),
+        )
+        by_status = {row[0]: row[1] for row in rows}
+        images = sum(row[2] or 0 for row in rows)
+        credit_rows = await self._read(
+            """
+            SELECT state, COALESCE(SUM(daily_amount + balance_amount), 0)
+            FROM reservations WHERE day = ? GROUP BY state
+            """,
+            (iso_day,),
+        )
+        by_state = {row[0]: row[1] for row in credit_rows}
+        counts = await self._read(
+            """
+            SELECT (SELECT COUNT(*) FROM users),
+                   (SELECT COUNT(*) FROM jobs WHERE status = 'running'),
+                   (SELECT COUNT(*) FROM jobs WHERE status = 'queued')
+            """,
+            (),
+        )
+        users, running, queued = counts[0]
+        return {
+            "day": iso_day,
+            "users": users,
+            "jobs_today": by_status,
+            "images_today": images,
+            "credits_spent_today": by_state.get("committed", 0),
+            "credits_reserved_today": by_state.get("reserved", 0),
+            "jobs_running": running,
+            "jobs_queued": queued,
+        }
+
+    async def ledger_sum(self, user_id: int) -> int:
+        """Net credits the user's jobs hold: reserved minus refunded (committed or in flight)."""
+        rows = await self._read(
+            """
+            SELECT COALESCE(SUM(CASE kind WHEN 'reserve' THEN daily_amount + balance_amount
+                                          WHEN 'refund' THEN -(daily_amount + balance_amount)
+                                          ELSE 0 END), 0)
+            FROM ledger WHERE user_id = ?
+            """,
+            (user_id,),
+        )
+        return int(rows[0][0])
+
+    # --- internals ---
+
+    def _user(self, row: sqlite3.Row) -> User:
+        role = row["role"]
+        # Config admins are admins without a stored role, so removing them from the config
+        # takes the power away; an explicit ban still wins.
+        if role != "banned" and (row["platform"].lower(), row["platform_user_id"]) in self._admins:
+            role = "admin"
+        return User(
+            id=row["id"],
+            platform=row["platform"],
+            platform_user_id=row["platform_user_id"],
+            name=row["name"],
+            role=role,
+            lang=row["lang"],
+            granted=row["granted"],
+            has_key=row["api_key_enc"] is not None,
+        )
+
+    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
+        # One statement, in autocommit mode: consistent by itself, no transaction needed. The
+        # lock keeps it from running inside another task's open transaction.
+        async with self._lock:
+            return list(await self._db.execute_fetchall(sql, params))
+
+    async def _write_one(self, sql: str, params: tuple[Any, ...]) -> int:
+        async def run(db: aiosqlite.Connection) -> int:
+            cursor = await db.execute(sql, params)
+            return cursor.rowcount
+
+        return await self._write(run)
+
+    async def _update_user(self, user_id: int, sql: str, params: tuple[Any, ...]) -> None:
+        if await self._write_one(sql, params) != 1:
+            raise NotFoundError(f"no user #{user_id}")
+
+    async def _write(self, body: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        """Run `body` in one BEGIN IMMEDIATE transaction on the writer connection.
+
+        Shielded: a caller cancelled half-way (shutdown, a timeout) must not leave the
+        connection inside an open transaction, nor a half-settled ledger; the transaction
+        always runs to COMMIT or ROLLBACK.
+        """
+        if self._closed:
+            raise StoreError("store is closed")
+        task = asyncio.ensure_future(self._transaction(body))
+        self._writes.add(task)
+        task.add_done_callback(_forget_write(self._writes))
+        return await asyncio.shield(task)
+
+    async def _transaction(self, body: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        async with self._lock:
+            db = self._db
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                result = await body(db)
+                await db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    await db.execute("ROLLBACK")
+                raise
+            return result
+
+
+def _forget_write(writes: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    def done(task: asyncio.Task[Any]) -> None:
+        writes.discard(task)
+        # Retrieve the outcome: if the caller was cancelled, nobody else will, and asyncio
+        # would log "exception was never retrieved".
+        if not task.cancelled():
+            task.exception()
+
+    return done
+
+
+async def _settle(db: aiosqlite.Connection, job_id: int, state: str) -> sqlite3.Row | None:
+    rows = list(await db.execute_fetchall(SQL_SETTLE, (state, job_id)))
+    return rows[0] if rows else None
+
+
+async def _commit(db: aiosqlite.Connection, job_id: int, note: str) -> bool:
+    row = await _settle(db, job_id, "committed")
+    if row is None:
+        return False
+    user_id, daily, balance, day, _group_key = row
+    # The commit row repeats the amounts for reading the ledger alone; the invariants count
+    # only reserve, refund and grant rows.
+    await db.execute(
+        SQL_INSERT_LEDGER,
+        (job_id, user_id, "commit", daily, balance, day, time.time(), note, None),
+    )
+    return True
+
+
+async def _refund(db: aiosqlite.Connection, job_id: int, reason: str) -> bool:
+    row = await _settle(db, job_id, "refunded")
+    if row is None:
+        return False
+    user_id, daily, balance, day, group_key = row
+    if balance:
+        await db.execute("UPDATE users SET granted = granted + ? WHERE id = ?", (balance, user_id))
+    if daily:
+        await db.execute(
+            "UPDATE daily_usage SET used = used - ? WHERE user_id = ? AND day = ?",
+            (daily, user_id, day),
+        )
+    if group_key and daily + balance:
+        await db.execute(
+            "UPDATE group_usage SET used = used - ? WHERE group_key = ? AND day = ?",
+            (daily + balance, group_key, day),
+        )
+    await db.execute(
+        SQL_INSERT_LEDGER,
+        (job_id, user_id, "refund", daily, balance, day, time.time(), reason, None),
+    )
+    return True
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        user_id=row["user_id"],
+        platform=row["platform"],
+        chat_id=row["chat_id"],
+        group_key=row["group_key"],
+        kind=row["kind"],
+        prompt=row["prompt"],
+        options=json.loads(row["options"]),
+        ref_count=row["ref_count"],
+        provider=row["provider"],
+        own_key=bool(row["own_key"]),
+        status=row["status"],
+        error_kind=row["error_kind"],
+        error_detail=row["error_detail"],
+        cost=row["cost"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        usage=None if row["usage"] is None else json.loads(row["usage"]),
+        revised_prompt=row["revised_prompt"],
+        outputs=json.loads(row["outputs"]),
+        ledger_state=row["ledger_state"],
+    )
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into statements (trigger bodies keep their inner `;`)."""
+    statements: list[str] = []
+    current = ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        raise ValueError(f"incomplete SQL statement in migration: {current.strip()[:60]!r}")
+    return statements
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    # One transaction for all pending migrations, version check included: two processes
+    # starting at once cannot both apply the same script, and a failing script leaves the
+    # file exactly as it was (DDL and user_version are transactional in SQLite).
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        rows = list(await db.execute_fetchall("PRAGMA user_version"))
+        version: int = rows[0][0]
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"database schema version {version} is newer than this drawbridge "
+                f"({len(MIGRATIONS)}); upgrade drawbridge"
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            for statement in _statements(script):
+                await db.execute(statement)
+            await db.execute(f"PRAGMA user_version = {number:d}")
+            log.info("applied database migration %d", number)
+        await db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            await db.execute("ROLLBACK")
+        raise

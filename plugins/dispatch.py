@@ -1,0 +1,64 @@
+"""The one entry point adapters call: route an Invocation to its command handler."""
+
+from __future__ import annotations
+
+import logging
+
+from bot import errors
+from bot.chat import Chat, Invocation
+from bot.jobs import render_error
+from bot.services import Services
+from plugins import account, admin, image
+from plugins.context import Context, Handler
+from plugins.registry import find_command
+
+log = logging.getLogger(__name__)
+
+HANDLERS: dict[str, Handler] = {
+    "draw": image.draw,
+    "edit": image.edit,
+    "reroll": image.reroll,
+    "original": image.original,
+    "edit_hint": image.edit_hint,
+    "token": account.token,
+    "quota": account.quota,
+    "help": account.help_,
+    "cancel": account.cancel,
+    "lang": account.lang,
+    "grant": admin.grant,
+    "ban": admin.ban,
+    "unban": admin.unban,
+    "stats": admin.stats,
+}
+"""Command name -> handler; result actions ("original", "edit_hint") have no menu entry."""
+
+
+async def dispatch(inv: Invocation, chat: Chat, services: Services) -> None:
+    """Run one command and answer through `chat`. User errors become translated messages."""
+    handler = HANDLERS.get(inv.command)
+    if handler is None:
+        log.debug("unknown command %r", inv.command)
+        return
+    user = await services.store.user(inv.platform, inv.user_id, inv.user_name)
+    lang = user.lang or await services.user_lang(inv.platform, inv.user_id, inv.locale)
+    ctx = Context(inv, chat, services, user, lang)
+    spec = find_command(inv.command)
+    try:
+        if user.role == "banned":
+            raise errors.BannedError()
+        if spec is not None and spec.admin and user.role != "admin":
+            raise errors.NotAdminError()
+        await handler(ctx)
+    except errors.DrawbridgeError as exc:
+        log.info("%s /%s refused: %s", inv.platform, inv.command, exc.kind)
+        private = isinstance(exc, errors.AccessError)
+        try:
+            await chat.send_text(render_error(lang, exc), ephemeral=private)
+        except Exception:
+            log.warning("could not send an error message", exc_info=True)
+    except Exception:
+        log.exception("/%s crashed", inv.command)
+        try:
+            await chat.send_text(services.t(lang, "error.internal"))
+        except Exception:
+            log.warning("could not send an error message", exc_info=True)

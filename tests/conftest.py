@@ -1,0 +1,61 @@
+"""Shared fixtures: the mock upstream over HTTP, settings in a temp dir, and live services."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.config import Settings
+from bot.mock_upstream import MockOptions, MockUpstream
+
+SHARED_KEY = "sk-test-shared-0000"
+
+
+@pytest.fixture
+async def mock_upstream() -> AsyncIterator[MockUpstream]:
+    """A started mock image API on 127.0.0.1 (b64 mode, streaming, no latency)."""
+    mock = MockUpstream(MockOptions())
+    await mock.start()
+    try:
+        yield mock
+    finally:
+        await mock.stop()
+
+
+@pytest.fixture
+def settings_factory(
+    tmp_path: Path, mock_upstream: MockUpstream, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Settings]:
+    """Build Settings pointing at the mock upstream, in a temp data dir, ignoring any `.env`."""
+    # A developer's own .env must not leak into tests.
+    monkeypatch.chdir(tmp_path)
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "api_base": mock_upstream.base_url,
+            "api_key": SHARED_KEY,
+            "data_dir": tmp_path / "data",
+            "daily_credits": 5,
+            "stream": True,
+            "shutdown_grace": 2.0,
+            "default_lang": "en",
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)
+
+    return make
+
+
+@pytest.fixture
+async def services(settings_factory: Callable[..., Settings]) -> AsyncIterator[Any]:
+    """Live Services (store, job runner, upstream clients) on the mock upstream."""
+    from bot.services import Services
+
+    svc = await Services.create(settings_factory())
+    try:
+        yield svc
+    finally:
+        await svc.close()

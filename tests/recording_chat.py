@@ -1,0 +1,88 @@
+"""A Chat that records what the bot says, for driving commands without a platform."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bot.chat import ChatLimits, MessageRef, OutFile, ResultMeta
+from bot.errors import DeliveryError
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class Sent:
+    """One thing the bot did in the chat."""
+
+    kind: str  # "text" | "edit" | "preview" | "results" | "delete" | "delete_invocation"
+    text: str = ""
+    files: list[OutFile] = field(default_factory=list)
+    meta: ResultMeta | None = None
+    ephemeral: bool = False
+    ref: MessageRef | None = None
+
+
+class RecordingChat:
+    """Implements the Chat port in memory; `fail_delivery` makes result uploads fail."""
+
+    def __init__(
+        self,
+        limits: ChatLimits | None = None,
+        *,
+        can_delete: bool = True,
+        fail_delivery: bool = False,
+    ) -> None:
+        self._limits = limits or ChatLimits(can_preview=True)
+        self.can_delete = can_delete
+        self.fail_delivery = fail_delivery
+        self.log: list[Sent] = []
+
+    @property
+    def limits(self) -> ChatLimits:
+        return self._limits
+
+    async def send_text(self, text: str, *, ephemeral: bool = False) -> MessageRef | None:
+        ref = MessageRef(str(next(_ids)))
+        self.log.append(Sent("text", text, ephemeral=ephemeral, ref=ref))
+        return ref
+
+    async def edit_text(self, ref: MessageRef, text: str) -> None:
+        self.log.append(Sent("edit", text, ref=ref))
+
+    async def send_preview(self, ref: MessageRef | None, image: bytes) -> MessageRef | None:
+        new = ref or MessageRef(str(next(_ids)))
+        self.log.append(Sent("preview", files=[OutFile(image, "preview.jpg", "image/jpeg")], ref=new))
+        return new
+
+    async def send_results(self, files: Sequence[OutFile], meta: ResultMeta) -> None:
+        if self.fail_delivery:
+            raise DeliveryError("upload refused by the test")
+        self.log.append(Sent("results", meta.caption, files=list(files), meta=meta))
+
+    async def delete_invocation(self) -> bool:
+        self.log.append(Sent("delete_invocation"))
+        return self.can_delete
+
+    async def delete(self, ref: MessageRef) -> None:
+        self.log.append(Sent("delete", ref=ref))
+
+    # --- assertions helpers ---
+
+    def texts(self) -> list[str]:
+        """Every text sent or edited in, in order."""
+        return [s.text for s in self.log if s.kind in ("text", "edit")]
+
+    def last_text(self) -> str:
+        texts = self.texts()
+        return texts[-1] if texts else ""
+
+    def results(self) -> list[Sent]:
+        return [s for s in self.log if s.kind == "results"]
+
+    def everything(self) -> str:
+        """All text the chat ever showed (for secret-leak checks)."""
+        parts: list[Any] = [s.text for s in self.log]
+        return "\n".join(parts)

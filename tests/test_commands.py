@@ -1,0 +1,450 @@
+"""The platform-neutral commands, driven through a recording Chat and the mock upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sqlite3
+from collections.abc import Callable
+from datetime import date, timedelta
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from bot.chat import BytesImage, Invocation
+from bot.config import Settings
+from bot.jobs import today
+from bot.mock_upstream import MockUpstream
+from bot.services import Services
+from plugins.dispatch import dispatch
+from tests.recording_chat import RecordingChat
+
+OWN_KEY = "sk-own-key-1234567890abcdef"
+
+
+def inv(command: str, text: str = "", **kw: Any) -> Invocation:
+    values: dict[str, Any] = {
+        "platform": "test",
+        "user_id": "u1",
+        "chat_id": "c1",
+        "is_private": True,
+        "locale": "en",
+    }
+    values.update(kw)
+    return Invocation(command=command, text=text, **values)
+
+
+def png(width: int = 64, height: int = 48, color: str = "red") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+async def run(services: Services, invocation: Invocation, chat: RecordingChat | None = None) -> RecordingChat:
+    chat = chat or RecordingChat()
+    await dispatch(invocation, chat, services)
+    await services.jobs.wait_idle()
+    return chat
+
+
+async def job_rows(services: Services) -> list[sqlite3.Row]:
+    path = services.settings.data_dir / "drawbridge.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.row_factory = sqlite3.Row
+        return db.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+
+
+async def left(services: Services, user_id: str = "u1") -> int:
+    user = await services.store.user("test", user_id)
+    credits = await services.store.credits(user.id, today(services.settings), services.settings.daily_credits)
+    return credits.total_left
+
+
+async def test_draw_delivers_a_png_of_the_asked_size_and_charges_one_credit(
+    services: Services, mock_upstream: MockUpstream
+) -> None:
+    chat = await run(services, inv("draw", "a red fox --size 3:2"))
+    [result] = chat.results()
+    [image] = result.files
+    assert Image.open(io.BytesIO(image.data)).size == (1536, 1024)
+    assert image.mime == "image/png"
+    assert mock_upstream.requests[-1].fields["size"] == "1536x1024"
+    assert await left(services) == 4
+    [row] = await job_rows(services)
+    assert row["status"] == "succeeded"
+    assert "usage" in row.keys() and row["usage"]
+
+
+async def test_draw_n2_charges_two_and_sends_two_files(services: Services) -> None:
+    chat = await run(services, inv("draw", "two cats --n 2"))
+    assert len(chat.results()[0].files) == 2
+    assert await left(services) == 3
+
+
+async def test_alias_text_and_chinese_prompt_work(services: Services, mock_upstream: MockUpstream) -> None:
+    chat = await run(services, inv("draw", "一只猫 🐱 שלום --size 16:9", locale="zh-CN"))
+    assert chat.results()
+    assert mock_upstream.requests[-1].fields["prompt"] == "一只猫 🐱 שלום"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("a fox --size 1919x1079", "1919x1079"),
+        ("a fox --size 99999x1", "99999x1"),
+        ("a fox --n 0", "--n"),
+        ("a fox --n 50", "--n"),
+        ("a fox --quality ultra", "--quality"),
+        ("a fox --style vivid", "--style"),
+        ("", "Tell me what to draw"),
+        ("x" * 40000, "40000"),
+    ],
+)
+async def test_bad_input_is_refused_clearly_and_costs_nothing(
+    services: Services, mock_upstream: MockUpstream, text: str, needle: str
+) -> None:
+    chat = await run(services, inv("draw", text))
+    assert needle in chat.last_text()
+    assert not chat.results()
+    assert mock_upstream.requests == []
+    assert await left(services) == 5
+    rows = await job_rows(services)
+    assert rows and rows[-1]["status"] == "failed" and rows[-1]["error_kind"]
+
+
+UPSTREAM_FAILURES = [
+    ("invalid_key", "invalid_key", "/token"),
+    ("quota", "upstream_quota", "balance"),
+    ("no_channel", "no_channel", "group"),
+    ("group_denied", "group_denied", "group"),
+    ("moderation", "moderation", "rephrase"),
+    ("content_policy", "moderation", "rephrase"),
+    ("sensitive_words", "moderation", "rephrase"),
+    ("unknown_parameter", "unknown_parameter", "parameter"),
+    ("too_large", "request_too_large", "smaller"),
+    ("upstream_banned", "upstream_unavailable", "later"),
+    ("server_error", "upstream_unavailable", "later"),
+    ("not_implemented", "not_supported", "editing"),
+    ("malformed", "malformed_response", "broken"),
+    ("truncated_b64", "malformed_response", "broken"),
+    ("no_data", "malformed_response", "broken"),
+]
+
+
+@pytest.mark.parametrize(("fail", "kind", "needle"), UPSTREAM_FAILURES)
+async def test_each_upstream_error_is_explained_and_refunded(
+    services: Services, fail: str, kind: str, needle: str
+) -> None:
+    chat = await run(services, inv("draw", f"a fox [fail:{fail}]"))
+    assert needle.lower() in chat.last_text().lower()
+    assert not chat.results()
+    assert await left(services) == 5
+    row = (await job_rows(services))[-1]
+    assert (row["status"], row["error_kind"]) == ("failed", kind)
+
+
+async def test_timeout_is_refunded_and_not_retried(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    settings = settings_factory(timeout=0.5)
+    services = await Services.create(settings)
+    try:
+        chat = await run(services, inv("draw", "slow fox [fail:timeout]"))
+        assert "too long" in chat.last_text()
+        assert len(mock_upstream.requests) == 1
+        assert await left(services) == 5
+        assert (await job_rows(services))[-1]["error_kind"] == "timeout"
+    finally:
+        await services.close()
+
+
+async def test_expired_result_url_is_refunded(services: Services, mock_upstream: MockUpstream) -> None:
+    mock_upstream.options.mode = "url"
+    chat = await run(services, inv("draw", "a fox [fail:expired_url]"))
+    assert "download" in chat.last_text()
+    assert await left(services) == 5
+    assert (await job_rows(services))[-1]["error_kind"] == "result_download_failed"
+
+
+async def test_delivery_failure_is_refunded(services: Services) -> None:
+    chat = await run(services, inv("draw", "a fox"), RecordingChat(fail_delivery=True))
+    assert "couldn't send" in chat.last_text()
+    assert await left(services) == 5
+    assert (await job_rows(services))[-1]["error_kind"] == "delivery_failed"
+
+
+async def test_edit_uploads_every_reference(services: Services, mock_upstream: MockUpstream) -> None:
+    refs = (BytesImage(png(color="red"), "a"), BytesImage(png(color="blue"), "b"))
+    chat = await run(services, inv("edit", "make it night", references=refs))
+    assert chat.results()
+    request = mock_upstream.requests[-1]
+    assert request.path.endswith("/images/edits")
+    assert [f.filename for f in request.files] == ["ref1.png", "ref2.png"]
+
+
+async def test_edit_without_image_says_so_and_never_draws(
+    services: Services, mock_upstream: MockUpstream
+) -> None:
+    chat = await run(services, inv("edit", "make it night"))
+    assert "needs an image" in chat.last_text()
+    assert mock_upstream.requests == []
+    assert await left(services) == 5
+
+
+async def test_edit_with_a_broken_image_costs_nothing(
+    services: Services, mock_upstream: MockUpstream
+) -> None:
+    broken = png()[:60]
+    chat = await run(services, inv("edit", "fix", references=(BytesImage(broken),)))
+    assert "damaged" in chat.last_text() or "not a supported image" in chat.last_text()
+    assert mock_upstream.requests == []
+    assert await left(services) == 5
+
+
+async def test_edit_of_a_result_uses_it_as_reference(
+    services: Services, mock_upstream: MockUpstream
+) -> None:
+    first = await run(services, inv("draw", "a fox"))
+    job_id = first.results()[0].meta.job_id  # type: ignore[union-attr]
+    chat = await run(services, inv("edit", "add a hat", reply_to_job=job_id))
+    assert chat.results()
+    assert len(mock_upstream.requests[-1].files) == 1
+
+
+async def test_reroll_repeats_the_job_with_its_options(
+    services: Services, mock_upstream: MockUpstream
+) -> None:
+    first = await run(services, inv("draw", "a fox --size 2:3"))
+    job_id = first.results()[0].meta.job_id  # type: ignore[union-attr]
+    await run(services, inv("reroll", reply_to_job=job_id))
+    assert [r.fields["size"] for r in mock_upstream.requests] == ["1024x1536", "1024x1536"]
+    assert await left(services) == 3
+
+
+async def test_reroll_of_a_job_from_another_chat_is_refused(services: Services) -> None:
+    first = await run(services, inv("draw", "a fox", chat_id="elsewhere"))
+    job_id = first.results()[0].meta.job_id  # type: ignore[union-attr]
+    chat = await run(services, inv("reroll", reply_to_job=job_id))
+    assert "can't find" in chat.last_text()
+    assert await left(services) == 4
+
+
+async def test_insufficient_credits_charges_nothing(services: Services, mock_upstream: MockUpstream) -> None:
+    for _ in range(5):
+        await run(services, inv("draw", "a fox"))
+    chat = await run(services, inv("draw", "one more"))
+    assert "Not enough credits" in chat.last_text()
+    assert len(mock_upstream.requests) == 5
+
+
+async def test_granted_balance_is_spent_after_the_daily_allowance(services: Services) -> None:
+    admin = await services.store.user("test", "boss")
+    await services.store.set_role(admin.id, "admin")
+    await run(services, inv("quota"))  # creates u1
+    chat = await run(services, inv("grant", "u1 3", user_id="boss"))
+    assert "balance is 3" in chat.last_text()
+    assert await left(services) == 8
+
+
+async def test_daily_allowance_resets_on_a_new_day(services: Services) -> None:
+    user = await services.store.user("test", "u1")
+    day = today(services.settings)
+    job = await services.store.create_job(
+        user_id=user.id, platform="test", chat_id="c1", group_key=None, kind="draw",
+        prompt="p", options={}, ref_count=0, own_key=False,
+    )
+    await services.store.reserve(job, user_id=user.id, cost=5, day=day, daily_allowance=5)
+    await services.store.commit(job)
+    assert (await services.store.credits(user.id, day, 5)).daily_left == 0
+    assert (await services.store.credits(user.id, day + timedelta(days=1), 5)).daily_left == 5
+
+
+async def test_own_key_spends_no_credits_and_is_sent_upstream(
+    services: Services, mock_upstream: MockUpstream
+) -> None:
+    chat = await run(services, inv("token", OWN_KEY))
+    assert "sk-...cdef" in chat.last_text()
+    assert OWN_KEY not in chat.everything()
+    await run(services, inv("draw", "a fox"))
+    assert mock_upstream.requests[-1].authorization == f"Bearer {OWN_KEY}"
+    assert await left(services) == 5
+    chat = await run(services, inv("token", "clear"))
+    await run(services, inv("draw", "a fox"))
+    assert mock_upstream.requests[-1].authorization != f"Bearer {OWN_KEY}"
+    assert await left(services) == 4
+
+
+async def test_own_invalid_key_says_rebind(services: Services) -> None:
+    await run(services, inv("token", OWN_KEY))
+    chat = await run(services, inv("draw", "a fox [fail:invalid_key]"))
+    assert "/token" in chat.last_text()
+
+
+async def test_token_in_a_group_is_deleted_and_not_bound(services: Services) -> None:
+    chat = await run(services, inv("token", OWN_KEY, is_private=False, user_name="Ann"))
+    assert chat.log[0].kind == "delete_invocation"
+    assert "deleted your message" in chat.last_text()
+    assert OWN_KEY not in chat.everything()
+    user = await services.store.user("test", "u1")
+    assert await services.store.get_api_key(user.id) is None
+
+
+async def test_token_in_a_group_without_delete_rights_warns(services: Services) -> None:
+    chat = await run(services, inv("token", OWN_KEY, is_private=False), RecordingChat(can_delete=False))
+    assert "could not delete" in chat.last_text()
+
+
+async def test_key_is_encrypted_at_rest(services: Services) -> None:
+    await run(services, inv("token", OWN_KEY))
+    raw = (services.settings.data_dir / "drawbridge.sqlite3").read_bytes()
+    wal = services.settings.data_dir / "drawbridge.sqlite3-wal"
+    raw += wal.read_bytes() if wal.exists() else b""
+    assert OWN_KEY.encode() not in raw
+
+
+async def test_banned_user_is_refused_everything(services: Services, mock_upstream: MockUpstream) -> None:
+    user = await services.store.user("test", "u1")
+    await services.store.set_role(user.id, "banned")
+    for command, text in (("draw", "a fox"), ("quota", ""), ("token", OWN_KEY), ("help", "")):
+        chat = await run(services, inv(command, text))
+        assert "banned" in chat.last_text()
+    assert mock_upstream.requests == []
+
+
+async def test_admin_commands_refuse_non_admins(services: Services) -> None:
+    for command, text in (("grant", "u1 100"), ("ban", "u2"), ("unban", "u1"), ("stats", "")):
+        chat = await run(services, inv(command, text))
+        assert "Only admins" in chat.last_text()
+    assert await left(services) == 5
+
+
+async def test_admin_from_settings_can_ban_and_unban(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    services = await Services.create(settings_factory(admins="test:boss"))
+    try:
+        await run(services, inv("quota", user_id="u2"))
+        chat = await run(services, inv("ban", "u2", user_id="boss"))
+        assert "banned" in chat.last_text()
+        chat = await run(services, inv("draw", "a fox", user_id="u2"))
+        assert "banned" in chat.last_text()
+        await run(services, inv("unban", "u2", user_id="boss"))
+        chat = await run(services, inv("draw", "a fox", user_id="u2"))
+        assert chat.results()
+        chat = await run(services, inv("stats", user_id="boss"))
+        assert "1 images" in chat.last_text() or "1 jobs" in chat.last_text()
+    finally:
+        await services.close()
+
+
+async def test_per_user_limit_and_queue_position(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    mock_upstream.options.latency = 0.5
+    services = await Services.create(settings_factory(concurrency=1, user_max_jobs=1))
+    try:
+        a, b, c = RecordingChat(), RecordingChat(), RecordingChat()
+        await dispatch(inv("draw", "first"), a, services)
+        await dispatch(inv("draw", "second"), b, services)  # same user: over the limit
+        await dispatch(inv("draw", "third", user_id="u2"), c, services)  # waits behind the first
+        assert "already have 1" in b.last_text()
+        assert "Queued #1" in c.texts()[0]
+        await services.jobs.wait_idle()
+        assert a.results() and c.results() and not b.results()
+    finally:
+        await services.close()
+
+
+async def test_busy_when_the_queue_is_full(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    mock_upstream.options.latency = 0.5
+    services = await Services.create(settings_factory(concurrency=1, queue_size=1))
+    try:
+        chats = [RecordingChat() for _ in range(3)]
+        for index, chat in enumerate(chats):
+            await dispatch(inv("draw", f"fox {index}", user_id=f"u{index}"), chat, services)
+        assert "busy" in chats[2].last_text()
+        await services.jobs.wait_idle()
+        assert chats[0].results() and chats[1].results() and not chats[2].results()
+        assert await left(services, "u2") == 5
+    finally:
+        await services.close()
+
+
+async def test_cancel_a_queued_job_refunds_it(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    mock_upstream.options.latency = 0.5
+    services = await Services.create(settings_factory(concurrency=1))
+    try:
+        await dispatch(inv("draw", "first", user_id="u2"), RecordingChat(), services)
+        queued = RecordingChat()
+        await dispatch(inv("draw", "second"), queued, services)
+        other = await run_nowait(services, inv("cancel", user_id="u3"))
+        assert "no queued job" in other.last_text()
+        await dispatch(inv("cancel"), RecordingChat(), services)
+        await services.jobs.wait_idle()
+        assert "cancelled" in queued.last_text()
+        assert not queued.results()
+        assert await left(services) == 5
+        assert [r["status"] for r in await job_rows(services)] == ["succeeded", "cancelled"]
+    finally:
+        await services.close()
+
+
+async def run_nowait(services: Services, invocation: Invocation) -> RecordingChat:
+    chat = RecordingChat()
+    await dispatch(invocation, chat, services)
+    return chat
+
+
+async def test_shutdown_refunds_running_jobs_and_tells_the_user(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    mock_upstream.options.latency = 30
+    services = await Services.create(settings_factory())
+    chat = RecordingChat()
+    await dispatch(inv("draw", "slow"), chat, services)
+    await asyncio.sleep(0.2)
+    await services.close(grace=0.2)
+    assert "restarting" in chat.last_text()
+    with sqlite3.connect(services.settings.data_dir / "drawbridge.sqlite3") as db:
+        status, kind = db.execute("SELECT status, error_kind FROM jobs").fetchone()
+        assert (status, kind) == ("failed", "shutdown")
+    services = await Services.create(settings_factory())
+    try:
+        assert await left(services) == 5
+    finally:
+        await services.close()
+
+
+async def test_quota_and_help_and_lang(services: Services) -> None:
+    chat = await run(services, inv("quota"))
+    assert "5/5" in chat.last_text()
+    chat = await run(services, inv("help"))
+    assert "/draw" in chat.last_text() and "/画" in chat.last_text()
+    assert "/grant" not in chat.last_text()
+    await run(services, inv("lang", "zh"))
+    chat = await run(services, inv("quota"))
+    assert "今日额度" in chat.last_text()
+    await run(services, inv("lang", "auto"))
+    chat = await run(services, inv("quota", locale="zh-CN"))
+    assert "今日额度" in chat.last_text()
+    chat = await run(services, inv("quota", locale="en-US"))
+    assert "Credits today" in chat.last_text()
+
+
+async def test_original_sends_the_stored_files(services: Services) -> None:
+    first = await run(services, inv("draw", "a fox"))
+    meta = first.results()[0].meta
+    assert meta is not None
+    chat = await run(services, inv("original", reply_to_job=meta.job_id))
+    [sent] = chat.results()
+    assert sent.meta is not None and sent.meta.originals
+    assert sent.files[0].data == first.results()[0].files[0].data
+
+
+def test_day_boundary_follows_the_configured_timezone() -> None:
+    assert isinstance(today(Settings(_env_file=None, timezone="Asia/Shanghai")), date)

@@ -1,0 +1,66 @@
+"""Parsing `/draw` arguments."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot import errors
+from plugins.options import parse_image_args
+from plugins.registry import DRAW, EDIT, split_command
+
+
+def parse(text: str, **typed: object):  # type: ignore[no-untyped-def]
+    return parse_image_args(text, typed, model="gpt-image-2", default_size="1024x1024", max_n=4)
+
+
+def test_prompt_and_options_are_separated() -> None:
+    opts = parse("a red fox --size 16:9 --n 2 --quality high --format webp")
+    assert opts.prompt == "a red fox"
+    assert str(opts.size) and opts.size is not None and opts.size.width > opts.size.height
+    assert (opts.n, opts.quality, opts.output_format) == (2, "high", "webp")
+
+
+def test_phone_dashes_and_equals_are_accepted() -> None:
+    opts = parse("一只猫 —size=9:16 —n 2")
+    assert opts.prompt == "一只猫"
+    assert opts.size is not None and opts.size.height > opts.size.width
+    assert opts.n == 2
+
+
+def test_hyphens_inside_the_prompt_are_prose() -> None:
+    assert parse("a well-known fox -like creature").prompt == "a well-known fox -like creature"
+
+
+def test_typed_options_win() -> None:
+    opts = parse("a fox --n 1", n=3, size="2k")
+    assert opts.n == 3
+    assert str(opts.size) == "2048x2048"
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("a fox --n 0", errors.BadOptionError),
+        ("a fox --n 50", errors.BadOptionError),
+        ("a fox --n two", errors.BadOptionError),
+        ("a fox --quality ultra", errors.BadOptionError),
+        ("a fox --format gif", errors.BadOptionError),
+        ("a fox --style vivid", errors.UnknownOptionError),
+        ("a fox --seed", errors.UnknownOptionError),
+        ("a fox --size 1919x1079", errors.InvalidSizeError),
+        ("a fox --size 99999x1", errors.InvalidSizeError),
+        ("a fox --size banana", errors.InvalidSizeError),
+    ],
+)
+def test_bad_options_raise_typed_errors(text: str, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        parse(text)
+
+
+def test_split_command_handles_aliases_mentions_and_newlines() -> None:
+    assert split_command("/draw@my_bot a fox") == (DRAW, "a fox")
+    assert split_command("/画一只猫") == (DRAW, "一只猫")
+    assert split_command("/改图 加个帽子") == (EDIT, "加个帽子")
+    assert split_command("/draw\na fox\non two lines") == (DRAW, "a fox\non two lines")
+    assert split_command("hello /draw") is None
+    assert split_command("/unknown x") is None

@@ -1,0 +1,646 @@
+"""bot/store.py and bot/secrets.py over real SQLite files in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import AsyncIterator
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.fernet import Fernet
+
+from bot import store as store_module
+from bot.errors import GroupCapReachedError, InsufficientCreditsError
+from bot.secrets import SECRET_FILE, KeyBox, mask_key
+from bot.store import MIGRATIONS, Credits, NotFoundError, ReservationError, Store
+
+DAY = date(2025, 3, 1)
+KEY = "sk-live-0123456789abcdefSECRETtail"
+
+
+def assert_ledger_exact(db_path: Path) -> dict[str, int]:
+    """Check every ledger invariant straight from the file, with plain sqlite3.
+
+    Independent of Store's own queries, so a bug there cannot hide itself. Returns counts.
+    """
+    con = sqlite3.connect(db_path)
+    try:
+        q = con.execute
+        # Balance: granted == grants - reserved balance + refunded balance.
+        for user_id, granted, expected in q(
+            """
+            SELECT u.id, u.granted, COALESCE((
+                SELECT SUM(CASE kind WHEN 'grant' THEN balance_amount
+                                     WHEN 'reserve' THEN -balance_amount
+                                     WHEN 'refund' THEN balance_amount ELSE 0 END)
+                FROM ledger WHERE user_id = u.id), 0)
+            FROM users AS u
+            """
+        ):
+            assert granted == expected, f"user #{user_id}: granted {granted} != ledger {expected}"
+            assert granted >= 0
+        # Daily allowance: used(day) == reserved daily - refunded daily, for every day either
+        # side knows about.
+        ledger_daily = {
+            (user_id, day): amount
+            for user_id, day, amount in q(
+                """
+                SELECT user_id, day, SUM(CASE kind WHEN 'reserve' THEN daily_amount
+                                                   WHEN 'refund' THEN -daily_amount ELSE 0 END)
+                FROM ledger WHERE job_id IS NOT NULL GROUP BY user_id, day
+                """
+            )
+        }
+        usage = {(u, d): used for u, d, used in q("SELECT user_id, day, used FROM daily_usage")}
+        for key in ledger_daily.keys() | usage.keys():
+            assert usage.get(key, 0) == ledger_daily.get(key, 0), f"daily usage {key}"
+        # Group usage == what the group's unrefunded reservations hold.
+        groups = {
+            (g, d): total
+            for g, d, total in q(
+                """
+                SELECT group_key, day, SUM(daily_amount + balance_amount) FROM reservations
+                WHERE group_key IS NOT NULL AND state <> 'refunded' GROUP BY group_key, day
+                """
+            )
+        }
+        group_usage = {(g, d): used for g, d, used in q("SELECT * FROM group_usage")}
+        for key in groups.keys() | group_usage.keys():
+            assert group_usage.get(key, 0) == groups.get(key, 0), f"group usage {key}"
+        # Each reservation: exactly one reserve row with its amounts, and exactly the settle
+        # row its state says (never both a commit and a refund).
+        rows = q(
+            """
+            SELECT r.job_id, r.state, r.daily_amount, r.balance_amount,
+                   SUM(l.kind = 'reserve'), SUM(l.kind = 'commit'), SUM(l.kind = 'refund'),
+                   SUM(CASE WHEN l.kind = 'reserve' THEN l.daily_amount END),
+                   SUM(CASE WHEN l.kind = 'reserve' THEN l.balance_amount END)
+            FROM reservations AS r JOIN ledger AS l ON l.job_id = r.job_id
+            GROUP BY r.job_id
+            """
+        ).fetchall()
+        expected_settles = {"reserved": (0, 0), "committed": (1, 0), "refunded": (0, 1)}
+        for job_id, state, daily, balance, reserves, commits, refunds, l_daily, l_bal in rows:
+            assert reserves == 1, f"job #{job_id} has {reserves} reserve rows"
+            assert (commits, refunds) == expected_settles[state], f"job #{job_id} {state}"
+            assert (l_daily, l_bal) == (daily, balance), f"job #{job_id} amounts"
+        n_reservations = q("SELECT COUNT(*) FROM reservations").fetchone()[0]
+        assert len(rows) == n_reservations
+        orphan = q(
+            "SELECT COUNT(*) FROM ledger WHERE job_id IS NOT NULL AND job_id NOT IN "
+            "(SELECT job_id FROM reservations)"
+        ).fetchone()[0]
+        assert orphan == 0, "ledger rows for jobs without a reservation"
+        states = dict(q("SELECT state, COUNT(*) FROM reservations GROUP BY state").fetchall())
+        return {"reservations": n_reservations, **states}
+    finally:
+        con.close()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "drawbridge.sqlite3"
+
+
+@pytest.fixture
+async def store(tmp_path: Path, db_path: Path) -> AsyncIterator[Store]:
+    keybox = KeyBox.load(tmp_path / "data")
+    s = await Store.open(db_path, keybox=keybox, admins={("qq", "10001")})
+    yield s
+    await s.close()
+
+
+async def new_job(store: Store, user_id: int, *, group_key: str | None = None, **kw: Any) -> int:
+    fields: dict[str, Any] = {
+        "platform": "qq",
+        "chat_id": "c1",
+        "group_key": group_key,
+        "kind": "draw",
+        "prompt": "a cat",
+        "options": {"size": "1024x1024", "n": 1},
+        "ref_count": 0,
+        "own_key": False,
+    }
+    fields.update(kw)
+    return await store.create_job(user_id=user_id, **fields)
+
+
+async def reserve(
+    store: Store, user_id: int, cost: int, *, day: date = DAY, allowance: int = 5, **kw: Any
+) -> int:
+    job_id = await new_job(store, user_id, group_key=kw.get("group_key"))
+    await store.reserve(
+        job_id, user_id=user_id, cost=cost, day=day, daily_allowance=allowance, **kw
+    )
+    return job_id
+
+
+# --- migrations ---
+
+
+async def test_reopening_keeps_schema_version_and_data(tmp_path: Path, db_path: Path) -> None:
+    keybox = KeyBox.load(tmp_path)
+    first = await Store.open(db_path, keybox=keybox)
+    alice = await first.user("telegram", "42", "Alice")
+    await first.close()
+
+    second = await Store.open(db_path, keybox=keybox)
+    again = await second.user("telegram", "42")
+    await second.close()
+
+    con = sqlite3.connect(db_path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
+    assert again.id == alice.id and again.name == "Alice"
+
+
+async def test_failing_migration_changes_nothing(
+    tmp_path: Path, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keybox = KeyBox.load(tmp_path)
+    await (await Store.open(db_path, keybox=keybox)).close()
+    broken = (*MIGRATIONS, "CREATE TABLE extra (a INTEGER);\nTHIS IS NOT SQL;\n")
+    monkeypatch.setattr(store_module, "MIGRATIONS", broken)
+
+    with pytest.raises(sqlite3.OperationalError):
+        await Store.open(db_path, keybox=keybox)
+
+    con = sqlite3.connect(db_path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master")}
+    con.close()
+    assert "extra" not in tables
+
+
+async def test_database_from_newer_version_is_refused(tmp_path: Path, db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    con = sqlite3.connect(db_path)
+    con.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    con.close()
+    with pytest.raises(store_module.StoreError, match="newer"):
+        await Store.open(db_path, keybox=KeyBox.load(tmp_path))
+
+
+# --- users ---
+
+
+async def test_user_is_created_once_and_name_follows_platform(store: Store) -> None:
+    first = await store.user("telegram", "42", "Alice")
+    same = await store.user("telegram", "42")
+    renamed = await store.user("telegram", "42", "Alice B")
+    other_platform = await store.user("discord", "42", "Alice")
+
+    assert same.id == first.id and same.name == "Alice"
+    assert renamed.id == first.id and renamed.name == "Alice B"
+    assert other_platform.id != first.id
+    assert first.role == "user" and first.lang is None and first.granted == 0
+    assert not first.has_key
+
+
+async def test_config_admin_reads_as_admin_but_a_ban_wins(store: Store) -> None:
+    admin = await store.user("qq", "10001", "Boss")
+    assert admin.role == "admin" and admin.is_admin
+    await store.set_role(admin.id, "user")
+    assert (await store.user("qq", "10001")).role == "admin"
+    await store.set_role(admin.id, "banned")
+    assert (await store.user("qq", "10001")).role == "banned"
+
+    plain = await store.user("qq", "20002")
+    await store.set_role(plain.id, "admin")
+    assert (await store.user("qq", "20002")).role == "admin"
+    await store.set_role(plain.id, "banned")
+    banned = await store.user("qq", "20002")
+    assert banned.role == "banned" and banned.is_banned
+    with pytest.raises(ValueError):
+        await store.set_role(plain.id, "owner")
+
+
+async def test_language_is_remembered_and_cleared(store: Store) -> None:
+    user = await store.user("discord", "7")
+    await store.set_lang(user.id, "en")
+    assert (await store.user("discord", "7")).lang == "en"
+    await store.set_lang(user.id, None)
+    assert (await store.user("discord", "7")).lang is None
+    with pytest.raises(NotFoundError):
+        await store.set_lang(9999, "en")
+
+
+async def test_find_user_by_platform_id_other_platform_or_internal_id(store: Store) -> None:
+    tg = await store.user("telegram", "42")
+    dc = await store.user("discord", "555")
+
+    assert (await store.find_user("telegram", "42")) == tg
+    assert (await store.find_user("telegram", "discord:555")) == dc
+    assert (await store.find_user("qq", f"#{dc.id}")) == dc
+    assert await store.find_user("telegram", "555") is None
+    assert await store.find_user("telegram", "#999") is None
+
+
+# --- keys ---
+
+
+async def test_api_key_is_encrypted_at_rest(store: Store, db_path: Path) -> None:
+    user = await store.user("telegram", "42")
+    await store.set_api_key(user.id, KEY)
+
+    assert (await store.user("telegram", "42")).has_key
+    assert await store.get_api_key(user.id) == KEY
+    raw = b"".join(p.read_bytes() for p in db_path.parent.glob(db_path.name + "*"))
+    assert b"SECRETtail" not in raw and KEY.encode() not in raw
+    con = sqlite3.connect(db_path)
+    column = con.execute("SELECT api_key_enc FROM users WHERE id = ?", (user.id,)).fetchone()[0]
+    con.close()
+    assert isinstance(column, bytes) and KEY.encode() not in column
+
+    assert await store.clear_api_key(user.id) is True
+    assert await store.clear_api_key(user.id) is False
+    assert await store.get_api_key(user.id) is None
+    assert not (await store.user("telegram", "42")).has_key
+
+
+async def test_api_key_survives_reopen_with_the_same_secret_file(
+    tmp_path: Path, db_path: Path
+) -> None:
+    data = tmp_path / "data"
+    first = await Store.open(db_path, keybox=KeyBox.load(data))
+    user = await first.user("qq", "1")
+    await first.set_api_key(user.id, KEY)
+    await first.close()
+
+    second = await Store.open(db_path, keybox=KeyBox.load(data))
+    assert await second.get_api_key(user.id) == KEY
+    await second.close()
+
+    stranger = await Store.open(db_path, keybox=KeyBox.load(data, "another passphrase"))
+    assert await stranger.get_api_key(user.id) is None
+    await stranger.close()
+
+
+def test_secret_file_is_created_once_with_mode_0600(tmp_path: Path) -> None:
+    data = tmp_path / "new" / "dir"
+    box = KeyBox.load(data)
+    path = data / SECRET_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    content = path.read_bytes()
+
+    token = box.encrypt("hello")
+    assert KeyBox.load(data).decrypt(token) == "hello"
+    assert path.read_bytes() == content
+
+
+def test_secret_key_list_rotates_and_passphrase_is_stable(tmp_path: Path) -> None:
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    old_token = KeyBox.load(tmp_path, old).encrypt("k1")
+    rotated = KeyBox.load(tmp_path, f"{new}, {old}")
+    assert rotated.decrypt(old_token) == "k1"
+    assert KeyBox.load(tmp_path, new).decrypt(rotated.encrypt("k2")) == "k2"
+
+    token = KeyBox.load(tmp_path, "correct horse battery").encrypt("k3")
+    assert KeyBox.load(tmp_path, "correct horse battery").decrypt(token) == "k3"
+    assert not (tmp_path / SECRET_FILE).exists()
+    assert "hidden" in repr(rotated)
+
+
+@pytest.mark.parametrize(
+    ("key", "masked"),
+    [
+        ("sk-abcdefghijklmnop1a2b", "sk-...1a2b"),
+        ("sk-proj-abcdefghijklmnopWXYZ", "sk-...WXYZ"),
+        ("abcdefghijklmnop9876", "...9876"),
+        ("sk-short1234", "****"),
+        ("", "****"),
+    ],
+)
+def test_mask_key_keeps_only_prefix_and_last_four(key: str, masked: str) -> None:
+    assert mask_key(key) == masked
+
+
+# --- credits ---
+
+
+async def test_reserve_spends_daily_allowance_before_balance(store: Store) -> None:
+    user = await store.user("qq", "1")
+    assert await store.grant(user.id, 10) == 10
+
+    await reserve(store, user.id, 3, allowance=5)
+    assert await store.credits(user.id, DAY, 5) == Credits(5, 3, 10)
+    await reserve(store, user.id, 4, allowance=5)
+    credits = await store.credits(user.id, DAY, 5)
+    assert credits == Credits(5, 5, 8)
+    assert (credits.daily_left, credits.total_left) == (0, 8)
+    assert await store.ledger_sum(user.id) == 7
+
+
+async def test_new_day_resets_the_allowance_but_not_the_balance(store: Store) -> None:
+    user = await store.user("qq", "1")
+    await store.grant(user.id, 2)
+    await reserve(store, user.id, 6, allowance=5)
+    assert (await store.credits(user.id, DAY, 5)).total_left == 1
+
+    tomorrow = await store.credits(user.id, DAY + timedelta(days=1), 5)
+    assert tomorrow == Credits(5, 0, 1)
+    await reserve(store, user.id, 6, day=DAY + timedelta(days=1), allowance=5)
+    assert (await store.credits(user.id, DAY + timedelta(days=1), 5)).total_left == 0
+
+
+async def test_reserve_refuses_when_short_and_charges_nothing(
+    store: Store, db_path: Path
+) -> None:
+    user = await store.user("qq", "1")
+    await store.grant(user.id, 2)
+    job_id = await new_job(store, user.id)
+
+    with pytest.raises(InsufficientCreditsError) as caught:
+        await store.reserve(job_id, user_id=user.id, cost=8, day=DAY, daily_allowance=5)
+
+    assert caught.value.params == {"needed": 8, "left": 7}
+    assert await store.credits(user.id, DAY, 5) == Credits(5, 0, 2)
+    job = await store.job(job_id)
+    assert job is not None and job.ledger_state is None and job.cost == 0
+    # The job can still be reserved at a price the user can pay.
+    await store.reserve(job_id, user_id=user.id, cost=7, day=DAY, daily_allowance=5)
+    assert await store.credits(user.id, DAY, 5) == Credits(5, 5, 0)
+    assert assert_ledger_exact(db_path)["reserved"] == 1
+
+
+async def test_refund_returns_exactly_what_was_taken(store: Store, db_path: Path) -> None:
+    user = await store.user("qq", "1")
+    await store.grant(user.id, 10)
+    await reserve(store, user.id, 2)
+    job_id = await reserve(store, user.id, 6)
+    assert await store.credits(user.id, DAY, 5) == Credits(5, 5, 7)
+
+    assert await store.refund(job_id, "upstream_unavailable") is True
+
+    assert await store.credits(user.id, DAY, 5) == Credits(5, 2, 10)
+    job = await store.job(job_id)
+    assert job is not None and job.ledger_state == "refunded"
+    assert await store.ledger_sum(user.id) == 2
+    assert_ledger_exact(db_path)
+
+
+async def test_commit_and_refund_each_happen_only_once(store: Store, db_path: Path) -> None:
+    user = await store.user("qq", "1")
+    committed = await reserve(store, user.id, 1)
+    refunded = await reserve(store, user.id, 1)
+
+    assert await store.commit(committed) is True
+    assert await store.commit(committed) is False
+    assert await store.refund(committed, "late") is False
+    assert await store.refund(refunded, "failed") is True
+    assert await store.refund(refunded, "again") is False
+    assert await store.commit(refunded) is False
+    assert await store.commit(await new_job(store, user.id)) is False  # never reserved
+
+    assert await store.credits(user.id, DAY, 5) == Credits(5, 1, 0)
+    assert assert_ledger_exact(db_path) == {"reservations": 2, "committed": 1, "refunded": 1}
+
+
+async def test_a_job_is_reserved_at_most_once(store: Store, db_path: Path) -> None:
+    user = await store.user("qq", "1")
+    job_id = await reserve(store, user.id, 2)
+
+    with pytest.raises(ReservationError):
+        await store.reserve(job_id, user_id=user.id, cost=2, day=DAY, daily_allowance=5)
+
+    assert await store.credits(user.id, DAY, 5) == Credits(5, 2, 0)
+    other = await store.user("qq", "2")
+    with pytest.raises(ReservationError):
+        await store.reserve(
+            await new_job(store, user.id), user_id=other.id, cost=1, day=DAY, daily_allowance=5
+        )
+    assert assert_ledger_exact(db_path)["reservations"] == 1
+
+
+async def test_settled_reservations_and_ledger_rows_are_immutable(
+    store: Store, db_path: Path
+) -> None:
+    user = await store.user("qq", "1")
+    job_id = await reserve(store, user.id, 1)
+    await store.commit(job_id)
+    con = sqlite3.connect(db_path)
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="settled"):
+            con.execute("UPDATE reservations SET state = 'refunded' WHERE job_id = ?", (job_id,))
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            con.execute("UPDATE ledger SET balance_amount = 100")
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            con.execute("DELETE FROM ledger")
+    finally:
+        con.close()
+
+
+async def test_group_cap_refuses_beyond_cap_and_refund_frees_it(
+    store: Store, db_path: Path
+) -> None:
+    alice = await store.user("qq", "1")
+    bob = await store.user("qq", "2")
+    group = {"group_key": "qq:g1", "group_cap": 5}
+    first = await reserve(store, alice.id, 3, **group)
+    await reserve(store, bob.id, 2, **group)
+
+    job_id = await new_job(store, bob.id, group_key="qq:g1")
+    with pytest.raises(GroupCapReachedError) as caught:
+        await store.reserve(job_id, user_id=bob.id, cost=1, day=DAY, daily_allowance=5, **group)
+    assert caught.value.params == {"cap": 5}
+    assert await store.credits(bob.id, DAY, 5) == Credits(5, 2, 0)
+
+    # Another group, another day, and the user's own key are not limited by this cap.
+    await reserve(store, bob.id, 1, group_key="qq:g2", group_cap=5)
+    await reserve(store, bob.id, 1, day=DAY + timedelta(days=1), **group)
+    await store.reserve(job_id, user_id=bob.id, cost=0, day=DAY, daily_allowance=5, **group)
+
+    await store.refund(first, "failed")
+    await reserve(store, bob.id, 2, **group)
+    assert_ledger_exact(db_path)
+
+
+async def test_own_key_job_records_a_zero_reservation(store: Store, db_path: Path) -> None:
+    user = await store.user("qq", "1")
+    job_id = await new_job(store, user.id, own_key=True)
+    await store.reserve(job_id, user_id=user.id, cost=0, day=DAY, daily_allowance=0)
+
+    job = await store.job(job_id)
+    assert job is not None and job.own_key and job.cost == 0 and job.ledger_state == "reserved"
+    assert await store.commit(job_id) is True
+    assert (await store.job(job_id)).ledger_state == "committed"  # type: ignore[union-attr]
+    assert assert_ledger_exact(db_path)["committed"] == 1
+
+
+async def test_negative_grant_clamps_at_zero_and_ledger_records_the_actual_change(
+    store: Store, db_path: Path
+) -> None:
+    admin = await store.user("qq", "10001")
+    user = await store.user("qq", "1")
+    assert await store.grant(user.id, 5, by_user_id=admin.id, note="welcome") == 5
+    assert await store.grant(user.id, -8, by_user_id=admin.id) == 0
+    assert (await store.user("qq", "1")).granted == 0
+
+    con = sqlite3.connect(db_path)
+    rows = con.execute(
+        "SELECT balance_amount, by_user_id, note FROM ledger WHERE kind = 'grant' ORDER BY id"
+    ).fetchall()
+    con.close()
+    assert rows == [(5, admin.id, "welcome"), (-5, admin.id, "")]
+    assert_ledger_exact(db_path)
+    with pytest.raises(NotFoundError):
+        await store.grant(9999, 1)
+
+
+# --- jobs ---
+
+
+async def test_job_lifecycle_is_recorded(store: Store) -> None:
+    user = await store.user("discord", "9")
+    job_id = await new_job(
+        store, user.id, kind="edit", options={"size": "2048x1152", "quality": "high"}, ref_count=2
+    )
+    await store.reserve(job_id, user_id=user.id, cost=2, day=DAY, daily_allowance=5)
+    queued = await store.job(job_id)
+    assert queued is not None and queued.status == "queued" and queued.started_at is None
+    assert queued.options == {"size": "2048x1152", "quality": "high"} and queued.ref_count == 2
+    assert [j.id for j in await store.active_jobs(user.id)] == [job_id]
+
+    await store.mark_running(job_id, "main")
+    outputs = [{"width": 2048, "height": 1152, "bytes": 123456, "mime": "image/png"}]
+    await store.finish_job(
+        job_id,
+        status="succeeded",
+        usage={"total_tokens": 100},
+        revised_prompt="a cat, oil",
+        outputs=outputs,
+        provider="backup",
+    )
+    # A late second outcome (say a cancel racing the success) changes nothing.
+    await store.finish_job(job_id, status="cancelled")
+
+    job = await store.job(job_id)
+    assert job is not None
+    assert (job.status, job.provider, job.cost, job.kind) == ("succeeded", "backup", 2, "edit")
+    assert job.usage == {"total_tokens": 100} and job.outputs == outputs
+    assert job.revised_prompt == "a cat, oil"
+    assert job.started_at is not None and job.finished_at is not None
+    assert job.created_at <= job.started_at <= job.finished_at
+    assert await store.active_jobs(user.id) == []
+    assert await store.job(job_id + 100) is None
+    with pytest.raises(ValueError):
+        await store.finish_job(job_id, status="running")
+
+
+async def test_recover_after_crash_refunds_and_fails_interrupted(
+    tmp_path: Path, db_path: Path
+) -> None:
+    keybox = KeyBox.load(tmp_path)
+    before = await Store.open(db_path, keybox=keybox)
+    user = await before.user("qq", "1")
+    await before.grant(user.id, 10)
+    running = await reserve(before, user.id, 8)
+    await before.mark_running(running, "main")
+    queued = await reserve(before, user.id, 1)
+    done = await reserve(before, user.id, 1)
+    await before.finish_job(done, status="succeeded")  # crashed before commit
+    finished_clean = await reserve(before, user.id, 1)
+    await before.finish_job(finished_clean, status="succeeded")
+    await before.commit(finished_clean)
+    assert (await before.credits(user.id, DAY, 5)).total_left == 4
+    await before.close()
+
+    after = await Store.open(db_path, keybox=keybox)
+    assert await after.recover() == [running, queued]
+    assert await after.recover() == []
+
+    for job_id in (running, queued):
+        job = await after.job(job_id)
+        assert job is not None
+        assert (job.status, job.error_kind, job.ledger_state) == (
+            "failed",
+            "interrupted",
+            "refunded",
+        )
+        assert job.finished_at is not None
+    assert (await after.job(done)).ledger_state == "committed"  # type: ignore[union-attr]
+    # 8 (5 daily + 3 balance) and 1 come back; the two succeeded jobs stay spent.
+    assert await after.credits(user.id, DAY, 5) == Credits(5, 0, 8)
+    await after.close()
+    assert assert_ledger_exact(db_path) == {"reservations": 4, "committed": 2, "refunded": 2}
+
+
+async def test_stats_count_the_days_jobs_images_and_credits(store: Store) -> None:
+    user = await store.user("qq", "1")
+    ok = await reserve(store, user.id, 2)
+    image = {"width": 1024, "height": 1024, "bytes": 1, "mime": "image/png"}
+    await store.finish_job(ok, status="succeeded", outputs=[image, image])
+    await store.commit(ok)
+    failed = await reserve(store, user.id, 1)
+    await store.finish_job(failed, status="failed", error_kind="timeout")
+    await store.refund(failed, "timeout")
+    running = await reserve(store, user.id, 1)
+    await store.mark_running(running, "main")
+    await reserve(store, user.id, 1, day=DAY - timedelta(days=1))
+
+    stats = await store.stats(DAY)
+    assert stats["users"] == 1
+    assert stats["jobs_today"] == {"succeeded": 1, "failed": 1, "running": 1}
+    assert stats["images_today"] == 2
+    assert stats["credits_spent_today"] == 2
+    assert stats["credits_reserved_today"] == 1
+    assert stats["jobs_running"] == 1 and stats["jobs_queued"] == 1
+
+
+# --- SQLite under pressure ---
+
+
+async def test_reserve_waits_while_another_connection_holds_the_write_lock(
+    store: Store, db_path: Path
+) -> None:
+    user = await store.user("qq", "1")
+    job_id = await new_job(store, user.id)
+    locked = threading.Event()
+
+    def hold_write_lock() -> None:
+        con = sqlite3.connect(db_path, isolation_level=None)
+        con.execute("BEGIN IMMEDIATE")
+        locked.set()
+        time.sleep(0.5)
+        con.execute("COMMIT")
+        con.close()
+
+    holder = threading.Thread(target=hold_write_lock)
+    holder.start()
+    await asyncio.to_thread(locked.wait)
+    started = time.monotonic()
+    await store.reserve(job_id, user_id=user.id, cost=1, day=DAY, daily_allowance=5)
+    waited = time.monotonic() - started
+    await asyncio.to_thread(holder.join)
+
+    assert waited >= 0.3
+    assert (await store.job(job_id)).ledger_state == "reserved"  # type: ignore[union-attr]
+
+
+async def test_cancelled_caller_leaves_no_half_transaction(store: Store, db_path: Path) -> None:
+    user = await store.user("qq", "1")
+    await store.grant(user.id, 100)
+    jobs = [await new_job(store, user.id) for _ in range(20)]
+    tasks = [
+        asyncio.create_task(
+            store.reserve(job_id, user_id=user.id, cost=3, day=DAY, daily_allowance=5)
+        )
+        for job_id in jobs
+    ]
+    await asyncio.sleep(0)
+    for task in tasks[::2]:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+    # The store still works, and every reservation that happened is whole and in the ledger.
+    extra = await reserve(store, user.id, 1)
+    assert await store.commit(extra)
+    counts = assert_ledger_exact(db_path)
+    assert 11 <= counts["reservations"] <= 21
