@@ -84,7 +84,9 @@ class BytesImage:
 
         if len(self.data) > max_bytes:
             raise ImageTooLargeError(
-                f"{len(self.data)} bytes", size_mb=round(len(self.data) / MB, 1), limit_mb=max_bytes // MB
+                f"{len(self.data)} bytes",
+                size_mb=round(len(self.data) / MB, 1),
+                limit_mb=max_bytes // MB,
             )
         return self.data
 

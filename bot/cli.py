@@ -21,7 +21,9 @@ from bot.upstream import ImageRequest, Progress, ProviderChain, build_clients
 
 
 def _image_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", "-s", default=None, help="16:9, 9:16, 1:1, 2k, 16:9@4k, 1536x1024, auto")
+    parser.add_argument(
+        "--size", "-s", default=None, help="16:9, 9:16, 1:1, 2k, 16:9@4k, 1536x1024, auto"
+    )
     parser.add_argument("--n", "-n", type=int, default=1, help="how many images (1-10)")
     parser.add_argument("--quality", "-q", choices=("low", "medium", "high", "auto"), default=None)
     parser.add_argument("--format", "-f", dest="output_format", choices=("png", "jpeg", "webp"))

@@ -71,7 +71,9 @@ class Settings(BaseSettings):
     )
 
     # --- upstream ---
-    api_base: str = Field(default="", validation_alias=AliasChoices("DRAWBRIDGE_API_BASE", "api_base"))
+    api_base: str = Field(
+        default="", validation_alias=AliasChoices("DRAWBRIDGE_API_BASE", "api_base")
+    )
     api_key: str = Field(default="", validation_alias=AliasChoices("DRAWBRIDGE_API_KEY", "api_key"))
     model: str = Field(
         default="gpt-image-2", validation_alias=AliasChoices("DRAWBRIDGE_MODEL", "model")
@@ -81,12 +83,15 @@ class Settings(BaseSettings):
         default_factory=list,
         validation_alias=AliasChoices("DRAWBRIDGE_PROVIDERS", "providers_json"),
     )
-    timeout: float = Field(default=300.0, validation_alias=AliasChoices("DRAWBRIDGE_TIMEOUT", "timeout"))
+    timeout: float = Field(
+        default=300.0, validation_alias=AliasChoices("DRAWBRIDGE_TIMEOUT", "timeout")
+    )
     concurrency: int = Field(
         default=4, validation_alias=AliasChoices("DRAWBRIDGE_CONCURRENCY", "concurrency")
     )
     default_size: str = Field(
-        default="1024x1024", validation_alias=AliasChoices("DRAWBRIDGE_DEFAULT_SIZE", "default_size")
+        default="1024x1024",
+        validation_alias=AliasChoices("DRAWBRIDGE_DEFAULT_SIZE", "default_size"),
     )
     max_prompt_chars: int = Field(
         default=4000,
@@ -171,7 +176,9 @@ class Settings(BaseSettings):
     )
 
     # --- QQ (nonebot2 + OneBot v11); HOST/PORT/ONEBOT_ACCESS_TOKEN are nonebot's own ---
-    qq_enabled: bool = Field(default=False, validation_alias=AliasChoices("QQ_ENABLED", "qq_enabled"))
+    qq_enabled: bool = Field(
+        default=False, validation_alias=AliasChoices("QQ_ENABLED", "qq_enabled")
+    )
     host: str = Field(default="127.0.0.1", validation_alias=AliasChoices("HOST", "host"))
     port: int = Field(default=8080, validation_alias=AliasChoices("PORT", "port"))
     onebot_access_token: str = Field(

@@ -304,7 +304,9 @@ class JobRunner:
                 files = self._save_results(job_id, result)
                 caption = self._caption(lang, request, result)
                 try:
-                    await chat.send_results(files, ResultMeta(job_id, caption, result.revised_prompt))
+                    await chat.send_results(
+                        files, ResultMeta(job_id, caption, result.revised_prompt)
+                    )
                 except errors.DeliveryError:
                     raise
                 except Exception as exc:
@@ -340,7 +342,13 @@ class JobRunner:
         except Exception as exc:
             log.exception("job %s crashed", job_id)
             await self._fail(
-                job_id, "internal", type(exc).__name__, chat, lang, status, error=errors.DrawbridgeError()
+                job_id,
+                "internal",
+                type(exc).__name__,
+                chat,
+                lang,
+                status,
+                error=errors.DrawbridgeError(),
             )
         finally:
             if ticker is not None:
@@ -392,7 +400,12 @@ class JobRunner:
             await _quietly(
                 chat.edit_text(
                     status,
-                    t(lang, "status.drawing", job=job_id, elapsed=f"{elapsed // 60}:{elapsed % 60:02d}"),
+                    t(
+                        lang,
+                        "status.drawing",
+                        job=job_id,
+                        elapsed=f"{elapsed // 60}:{elapsed % 60:02d}",
+                    ),
                 )
             )
 
@@ -441,8 +454,12 @@ class JobRunner:
         files = []
         for path in sorted(folder.glob("out*")) if folder.is_dir() else []:
             ext = path.suffix.lstrip(".")
-            mime = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}.get(ext, "image/png")
-            files.append(OutFile(path.read_bytes(), f"drawbridge-{job_id}-{path.stem[3:]}.{ext}", mime))
+            mime = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}.get(
+                ext, "image/png"
+            )
+            files.append(
+                OutFile(path.read_bytes(), f"drawbridge-{job_id}-{path.stem[3:]}.{ext}", mime)
+            )
         return files
 
     def stored_references(self, job_id: int) -> list[bytes]:

@@ -1,8 +1,8 @@
 """An offline OpenAI-compatible image API, for demos, tests and benchmarks.
 
 It speaks the wire format of `/v1/images/generations` and `/v1/images/edits` the way a
-new-api style reseller in front of gpt-image-2 does (see
-`/work/shared/reference/upstream-api.md`): b64 or url results, relay extra fields, server-sent
+new-api style reseller in front of gpt-image-2 does (see the project's upstream API notes,
+`upstream-api.md`): b64 or url results, relay extra fields, server-sent
 event streams with partial previews, and every failure a real relay produces, injected by
 `MockOptions.fail` or by a `[fail:KIND]` marker in the prompt. Result images are real
 PNG/JPEG/WebP files of exactly the requested size, showing the prompt, so a demo looks alive.

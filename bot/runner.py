@@ -31,7 +31,9 @@ def platform_factories() -> dict[str, PlatformFactory]:
 
 def missing_platforms_message() -> str:
     """What to set when no platform is configured."""
-    lines = ["No chat platform is configured. Set at least one of these (in .env or the environment):"]
+    lines = [
+        "No chat platform is configured. Set at least one of these (in .env or the environment):"
+    ]
     lines += [f"  {hint}" for hint in SETTING_HINTS.values()]
     lines.append("See .env.example for every setting.")
     return "\n".join(lines)

@@ -54,9 +54,7 @@ async def quota(ctx: Context) -> None:
     store = ctx.services.store
     credits = await store.credits(ctx.user.id, today(settings), settings.daily_credits)
     key = await store.get_api_key(ctx.user.id)
-    key_text = (
-        ctx.t("quota.own_key", masked=mask_key(key)) if key else ctx.t("quota.shared_key")
-    )
+    key_text = ctx.t("quota.own_key", masked=mask_key(key)) if key else ctx.t("quota.shared_key")
     await ctx.reply(
         "quota.text",
         ephemeral=True,
@@ -81,8 +79,9 @@ async def help_(ctx: Context) -> None:
         aliases = "".join(f" /{a}" for a in spec.aliases if a != "start")
         args = ctx.t(f"arg.{spec.text_arg}") if spec.text_arg else ""
         lines.append(
-            ctx.t("help.line", name=spec.name, aliases=aliases, args=args, text=ctx.t(spec.help_key))
-            .replace("  ", " ")
+            ctx.t(
+                "help.line", name=spec.name, aliases=aliases, args=args, text=ctx.t(spec.help_key)
+            ).replace("  ", " ")
         )
     lines += [
         "",

@@ -54,7 +54,9 @@ class RecordingChat:
 
     async def send_preview(self, ref: MessageRef | None, image: bytes) -> MessageRef | None:
         new = ref or MessageRef(str(next(_ids)))
-        self.log.append(Sent("preview", files=[OutFile(image, "preview.jpg", "image/jpeg")], ref=new))
+        self.log.append(
+            Sent("preview", files=[OutFile(image, "preview.jpg", "image/jpeg")], ref=new)
+        )
         return new
 
     async def send_results(self, files: Sequence[OutFile], meta: ResultMeta) -> None:

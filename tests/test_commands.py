@@ -41,7 +41,9 @@ def png(width: int = 64, height: int = 48, color: str = "red") -> bytes:
     return buf.getvalue()
 
 
-async def run(services: Services, invocation: Invocation, chat: RecordingChat | None = None) -> RecordingChat:
+async def run(
+    services: Services, invocation: Invocation, chat: RecordingChat | None = None
+) -> RecordingChat:
     chat = chat or RecordingChat()
     await dispatch(invocation, chat, services)
     await services.jobs.wait_idle()
@@ -57,7 +59,9 @@ async def job_rows(services: Services) -> list[sqlite3.Row]:
 
 async def left(services: Services, user_id: str = "u1") -> int:
     user = await services.store.user("test", user_id)
-    credits = await services.store.credits(user.id, today(services.settings), services.settings.daily_credits)
+    credits = await services.store.credits(
+        user.id, today(services.settings), services.settings.daily_credits
+    )
     return credits.total_left
 
 
@@ -82,7 +86,9 @@ async def test_draw_n2_charges_two_and_sends_two_files(services: Services) -> No
     assert await left(services) == 3
 
 
-async def test_alias_text_and_chinese_prompt_work(services: Services, mock_upstream: MockUpstream) -> None:
+async def test_alias_text_and_chinese_prompt_work(
+    services: Services, mock_upstream: MockUpstream
+) -> None:
     chat = await run(services, inv("draw", "一只猫 🐱 שלום --size 16:9", locale="zh-CN"))
     assert chat.results()
     assert mock_upstream.requests[-1].fields["prompt"] == "一只猫 🐱 שלום"
@@ -159,7 +165,9 @@ async def test_timeout_is_refunded_and_not_retried(
         await services.close()
 
 
-async def test_expired_result_url_is_refunded(services: Services, mock_upstream: MockUpstream) -> None:
+async def test_expired_result_url_is_refunded(
+    services: Services, mock_upstream: MockUpstream
+) -> None:
     mock_upstream.options.mode = "url"
     chat = await run(services, inv("draw", "a fox [fail:expired_url]"))
     assert "download" in chat.last_text()
@@ -174,7 +182,9 @@ async def test_delivery_failure_is_refunded(services: Services) -> None:
     assert (await job_rows(services))[-1]["error_kind"] == "delivery_failed"
 
 
-async def test_edit_uploads_every_reference(services: Services, mock_upstream: MockUpstream) -> None:
+async def test_edit_uploads_every_reference(
+    services: Services, mock_upstream: MockUpstream
+) -> None:
     refs = (BytesImage(png(color="red"), "a"), BytesImage(png(color="blue"), "b"))
     chat = await run(services, inv("edit", "make it night", references=refs))
     assert chat.results()
@@ -230,7 +240,9 @@ async def test_reroll_of_a_job_from_another_chat_is_refused(services: Services) 
     assert await left(services) == 4
 
 
-async def test_insufficient_credits_charges_nothing(services: Services, mock_upstream: MockUpstream) -> None:
+async def test_insufficient_credits_charges_nothing(
+    services: Services, mock_upstream: MockUpstream
+) -> None:
     for _ in range(5):
         await run(services, inv("draw", "a fox"))
     chat = await run(services, inv("draw", "one more"))
@@ -251,8 +263,15 @@ async def test_daily_allowance_resets_on_a_new_day(services: Services) -> None:
     user = await services.store.user("test", "u1")
     day = today(services.settings)
     job = await services.store.create_job(
-        user_id=user.id, platform="test", chat_id="c1", group_key=None, kind="draw",
-        prompt="p", options={}, ref_count=0, own_key=False,
+        user_id=user.id,
+        platform="test",
+        chat_id="c1",
+        group_key=None,
+        kind="draw",
+        prompt="p",
+        options={},
+        ref_count=0,
+        own_key=False,
     )
     await services.store.reserve(job, user_id=user.id, cost=5, day=day, daily_allowance=5)
     await services.store.commit(job)
@@ -291,7 +310,9 @@ async def test_token_in_a_group_is_deleted_and_not_bound(services: Services) -> 
 
 
 async def test_token_in_a_group_without_delete_rights_warns(services: Services) -> None:
-    chat = await run(services, inv("token", OWN_KEY, is_private=False), RecordingChat(can_delete=False))
+    chat = await run(
+        services, inv("token", OWN_KEY, is_private=False), RecordingChat(can_delete=False)
+    )
     assert "could not delete" in chat.last_text()
 
 
@@ -303,7 +324,9 @@ async def test_key_is_encrypted_at_rest(services: Services) -> None:
     assert OWN_KEY.encode() not in raw
 
 
-async def test_banned_user_is_refused_everything(services: Services, mock_upstream: MockUpstream) -> None:
+async def test_banned_user_is_refused_everything(
+    services: Services, mock_upstream: MockUpstream
+) -> None:
     user = await services.store.user("test", "u1")
     await services.store.set_role(user.id, "banned")
     for command, text in (("draw", "a fox"), ("quota", ""), ("token", OWN_KEY), ("help", "")):

@@ -47,7 +47,7 @@ MESSAGES: dict[str, str] = {
     "result.gone": "That result is no longer kept. Draw it again with /draw.",
     "result.not_found": "I can't find that job.",
     "reroll.need_reply": "Reply to one of my results with /reroll to draw it again.",
-    "edit.hint": "Reply to this message with what to change, e.g. \"make it night time\".",
+    "edit.hint": 'Reply to this message with what to change, e.g. "make it night time".',
     # --- account ---
     "token.bound": "Your key {masked} is bound. Your images now use your key and cost no credits.",
     "token.status": "Your key: {masked}. Images use your key and cost no credits.",
