@@ -91,6 +91,13 @@ class ImageTooLargeError(ImageError):
     key = "error.image_too_large"
 
 
+class TooManyPixelsError(ImageTooLargeError):
+    """More pixels than we decode (a decompression bomb, or simply enormous)."""
+
+    kind = "image_too_many_pixels"
+    key = "error.image_too_many_pixels"
+
+
 class ImageFetchError(ImageError):
     """A reference image could not be downloaded (expired, unreachable, too slow)."""
 

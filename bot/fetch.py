@@ -70,6 +70,7 @@ class UrlImage:
 
     @property
     def name(self) -> str:
+        """The label given by the adapter (a file name), never the URL."""
         return self.label
 
     async def fetch(self, max_bytes: int) -> bytes:

@@ -27,6 +27,7 @@ from bot.errors import (
     DrawbridgeError,
     ImageError,
     ImageTooLargeError,
+    TooManyPixelsError,
     TooManyReferencesError,
     UnsupportedImageError,
 )
@@ -187,8 +188,13 @@ def _open_checked(data: bytes) -> tuple[ImageFile.ImageFile, ImageInfo]:
             found = _BOMB_PIXELS_RE.search(str(exc))
             # Pillow's own limits are above ours, so "above ours" is true when it trips.
             pixels = int(found.group(1)) if found else MAX_PIXELS + 1
-            raise ImageTooLargeError(
-                f"{pixels} pixels", pixels=pixels, limit=MAX_PIXELS, reason="pixels"
+            raise TooManyPixelsError(
+                f"{pixels} pixels",
+                pixels=pixels,
+                limit=MAX_PIXELS,
+                reason="pixels",
+                megapixels=pixels // 1_000_000,
+                limit_mp=MAX_PIXELS // 1_000_000,
             ) from exc
         except UnidentifiedImageError as exc:
             raise UnsupportedImageError("not an allowed image format") from exc
@@ -210,8 +216,13 @@ def _open_checked(data: bytes) -> tuple[ImageFile.ImageFile, ImageInfo]:
 def _check_pixels(width: int, height: int) -> None:
     pixels = width * height
     if pixels > MAX_PIXELS:
-        raise ImageTooLargeError(
-            f"{width}x{height}", pixels=pixels, limit=MAX_PIXELS, reason="pixels"
+        raise TooManyPixelsError(
+            f"{width}x{height}",
+            pixels=pixels,
+            limit=MAX_PIXELS,
+            reason="pixels",
+            megapixels=pixels // 1_000_000,
+            limit_mp=MAX_PIXELS // 1_000_000,
         )
 
 

@@ -139,7 +139,9 @@ def test_empty_text_parses_the_default(text: str | None) -> None:
     assert parse_size(text, GPT2) == Size(1024, 1024)
 
 
-@pytest.mark.parametrize("text", ["abc", "8k", "1.5k", "16:0", "0:9", "16:9 8k", "x", "1024x", "大图"])
+@pytest.mark.parametrize(
+    "text", ["abc", "8k", "1.5k", "16:0", "0:9", "16:9 8k", "x", "1024x", "大图"]
+)
 def test_unparseable_text_raises_with_a_valid_suggestion(text: str) -> None:
     with pytest.raises(InvalidSizeError) as info:
         parse_size(text, GPT2)

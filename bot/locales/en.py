@@ -89,8 +89,9 @@ MESSAGES: dict[str, str] = {
     "error.too_many_references": "You sent {count} images; this provider takes at most {limit}.",
     "error.bad_image": "One of the images is damaged or unreadable. Please send another one.",
     "error.unsupported_image": "That file is not a supported image. Send PNG, JPEG, WebP or GIF.",
-    "error.image_too_large": "That image is too large ({size_mb} MB or too many pixels). "
+    "error.image_too_large": "That image is too large ({size_mb} MB). "
     "The limit is {limit_mb} MB; please send a smaller one.",
+    "error.image_too_many_pixels": "That image is too big ({megapixels} megapixels; the limit is {limit_mp}). Please send a smaller one.",
     "error.image_fetch_failed": "I couldn't download the image (it may have expired). "
     "Please send it again.",
     "error.forbidden_url": "I can't download images from that address.",
