@@ -1,0 +1,137 @@
+"""Faults on the way to the upstream: the user is told, credits stay exact, the job row says why."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from bot.chat import Invocation
+from bot.config import Settings
+from bot.jobs import today
+from bot.mock_upstream import MockUpstream
+from bot.services import Services
+from plugins.dispatch import dispatch
+from tests.recording_chat import RecordingChat
+
+
+def inv(text: str, **kw: Any) -> Invocation:
+    values: dict[str, Any] = {
+        "platform": "test",
+        "user_id": "u1",
+        "chat_id": "c1",
+        "is_private": True,
+    }
+    values.update(kw)
+    return Invocation(command="draw", text=text, **values)
+
+
+async def draw(services: Services, text: str) -> RecordingChat:
+    chat = RecordingChat()
+    await dispatch(inv(text), chat, services)
+    await services.jobs.wait_idle()
+    return chat
+
+
+async def outcome(services: Services) -> tuple[int, str | None, str | None]:
+    user = await services.store.user("test", "u1")
+    credits = await services.store.credits(user.id, today(services.settings), 5)
+    jobs = await services.store.job(1)
+    assert jobs is not None
+    return credits.total_left, jobs.status, jobs.error_kind
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_connection_refused(settings_factory: Callable[..., Settings]) -> None:
+    base = f"http://127.0.0.1:{closed_port()}"
+    services = await Services.create(settings_factory(api_base=base))
+    try:
+        chat = await draw(services, "a fox")
+        assert "down or overloaded" in chat.last_text()
+        assert await outcome(services) == (5, "failed", "upstream_unavailable")
+    finally:
+        await services.close()
+
+
+async def test_a_burst_of_5xx_without_body_is_retried_then_succeeds(
+    services: Services, mock_upstream: MockUpstream
+) -> None:
+    chat = await draw(services, "a fox [fail:flaky_2]")
+    assert chat.results()
+    assert len(mock_upstream.requests) == 3
+    assert await outcome(services) == (4, "succeeded", None)
+
+
+async def test_a_longer_5xx_burst_fails_cleanly(services: Services) -> None:
+    chat = await draw(services, "a fox [fail:flaky_9]")
+    assert "down or overloaded" in chat.last_text()
+    assert await outcome(services) == (5, "failed", "upstream_unavailable")
+
+
+async def test_stream_cut_mid_image(services: Services) -> None:
+    chat = await draw(services, "a fox [fail:stream_cut]")
+    assert "broken answer" in chat.last_text()
+    assert await outcome(services) == (5, "failed", "malformed_response")
+
+
+async def test_error_event_inside_a_stream(services: Services) -> None:
+    chat = await draw(services, "a fox [fail:stream_error]")
+    assert "rephrase" in chat.last_text()
+    assert await outcome(services) == (5, "failed", "moderation")
+
+
+async def test_429_with_retry_after_is_retried_then_explained(
+    services: Services, mock_upstream: MockUpstream
+) -> None:
+    chat = await draw(services, "a fox [fail:rate_limit]")
+    assert "rate limiting" in chat.last_text()
+    assert len(mock_upstream.requests) == 3
+    assert await outcome(services) == (5, "failed", "rate_limited")
+
+
+async def test_second_provider_takes_over_when_the_first_has_no_channel(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    dead = f"http://127.0.0.1:{closed_port()}"
+    providers = [
+        {"name": "dead", "api_base": dead, "api_key": "sk-a-000000000000"},
+        {"name": "alive", "api_base": mock_upstream.base_url, "api_key": "sk-b-000000000000"},
+    ]
+    services = await Services.create(settings_factory(providers_json=providers))
+    try:
+        chat = await draw(services, "a fox")
+        assert chat.results()
+        job = await services.store.job(1)
+        assert job is not None and job.provider == "alive"
+    finally:
+        await services.close()
+
+
+async def test_sqlite_busy_from_a_second_writer_is_waited_out(services: Services) -> None:
+    import asyncio
+    import sqlite3
+    import threading
+
+    path = services.settings.data_dir / "drawbridge.sqlite3"
+    locked = threading.Event()
+
+    def hold_write_lock() -> None:
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")
+        locked.set()
+        threading.Event().wait(1.0)
+        db.execute("COMMIT")
+        db.close()
+
+    thread = threading.Thread(target=hold_write_lock)
+    thread.start()
+    await asyncio.to_thread(locked.wait)
+    chat = await draw(services, "a fox")
+    thread.join()
+    assert chat.results()
+    assert await outcome(services) == (4, "succeeded", None)
