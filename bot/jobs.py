@@ -190,11 +190,11 @@ class JobRunner:
         )
         try:
             cred = self._credential(own_key)
-            references = await self._validate(spec, cred.primary, extra_references)
             if self.active_count(user.id) >= self.settings.user_max_jobs:
                 raise errors.TooManyJobsError(limit=self.settings.user_max_jobs)
             if self.queue_length() >= self.settings.queue_size:
                 raise errors.BusyError()
+            references = await self._validate(spec, cred.primary, extra_references)
             cost = 0 if cred.own_key else price(self.settings, spec.size, spec.quality) * spec.n
             await self.store.reserve(
                 job_id,
@@ -260,9 +260,11 @@ class JobRunner:
             raise errors.NoReferenceImageError()
         if count > provider.max_references:
             raise errors.TooManyReferencesError(count=count, limit=provider.max_references)
-        raw = list(extra)
-        for source in spec.references:
-            raw.append(await source.fetch(self.settings.max_input_bytes))
+        # Chat platforms' image links expire: fetch them all at once, now.
+        fetched = await asyncio.gather(
+            *(source.fetch(self.settings.max_input_bytes) for source in spec.references)
+        )
+        raw = [*extra, *fetched]
         return await prepare_references(
             raw, max_count=provider.max_references, max_bytes=provider.max_reference_bytes
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from zoneinfo import ZoneInfo
+
 from bot.jobs import today
 from bot.store import User
 from plugins.context import Context
@@ -59,7 +61,8 @@ async def _set_role(ctx: Context, role: str, key: str) -> None:
 
 async def stats(ctx: Context) -> None:
     """Usage today."""
-    data = await ctx.services.store.stats(today(ctx.services.settings))
+    settings = ctx.services.settings
+    data = await ctx.services.store.stats(today(settings), tz=ZoneInfo(settings.timezone))
     await ctx.reply(
         "admin.stats",
         jobs=data.get("jobs_today", 0),
