@@ -167,6 +167,13 @@ class NotConfiguredError(DrawbridgeError):
     key = "error.not_configured"
 
 
+class KeyUnreadableError(DrawbridgeError):
+    """A bound key that can no longer be decrypted (DRAWBRIDGE_SECRET_KEY changed)."""
+
+    kind = "key_unreadable"
+    key = "error.key_unreadable"
+
+
 class ShuttingDownError(DrawbridgeError):
     kind = "shutdown"
     key = "error.shutdown"

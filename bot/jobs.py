@@ -189,6 +189,9 @@ class JobRunner:
             own_key=bool(own_key),
         )
         try:
+            if user.has_key and not own_key:
+                # The secret changed since the key was bound: never fall back to credits silently.
+                raise errors.KeyUnreadableError("stored key cannot be decrypted")
             cred = self._credential(own_key)
             if self.active_count(user.id) >= self.settings.user_max_jobs:
                 raise errors.TooManyJobsError(limit=self.settings.user_max_jobs)

@@ -31,7 +31,8 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Set
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime, timedelta, tzinfo
+from datetime import time as dt_time
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -245,6 +246,17 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT RAISE(ABORT, 'ledger is append-only');
     END;
     """,
+    # 2: which sent message shows which job's result (replies to a result, result buttons).
+    """
+    CREATE TABLE messages (
+        platform   TEXT    NOT NULL,
+        chat_id    TEXT    NOT NULL,
+        message_id TEXT    NOT NULL,
+        job_id     INTEGER NOT NULL REFERENCES jobs (id),
+        created_at REAL    NOT NULL,
+        PRIMARY KEY (platform, chat_id, message_id)
+    ) WITHOUT ROWID;
+    """,
 )
 
 PRAGMAS = (
@@ -371,28 +383,18 @@ class Store:
         if rows and (not name or rows[0]["name"] == name):
             return self._user(rows[0])
 
-        async def upsert(db: aiosqlite.Connection) -> sqlite3.Row:
-            rows = await db.execute_fetchall(
-                """
-                INSERT INTO users (platform, platform_user_id, name, created_at)
-                VALUES (?, ?, ?, ?)
-                ON CONFLICT (platform, platform_user_id) DO UPDATE
-                SET name = excluded.name WHERE excluded.name <> ''
-                RETURNING *
-                """,
-                (platform, platform_user_id, name, time.time()),
-            )
-            rows = list(rows)
-            if rows:
-                return rows[0]
-            # The conflict update was skipped (empty name): the row exists unchanged.
-            rows = await db.execute_fetchall(
-                "SELECT * FROM users WHERE platform = ? AND platform_user_id = ?",
-                (platform, platform_user_id),
-            )
-            return next(iter(rows))
-
-        return self._user(await self._write(upsert))
+        # One statement, so atomic without a transaction; also right when another task
+        # created the same user a moment ago.
+        rows = await self._write_returning(
+            """
+            INSERT INTO users (platform, platform_user_id, name, created_at) VALUES (?, ?, ?, ?)
+            ON CONFLICT (platform, platform_user_id) DO UPDATE
+            SET name = CASE WHEN excluded.name <> '' THEN excluded.name ELSE users.name END
+            RETURNING *
+            """,
+            (platform, platform_user_id, name, time.time()),
+        )
+        return self._user(rows[0])
 
     async def find_user(self, platform: str, ref: str) -> User | None:
         """Find a user by `ref`: an id on `platform`, `"platform:id"`, or the internal `"#id"`."""
@@ -448,15 +450,11 @@ class Store:
 
     async def clear_api_key(self, user_id: int) -> bool:
         """Forget the user's own key; False if there was none."""
-
-        async def clear(db: aiosqlite.Connection) -> bool:
-            cursor = await db.execute(
-                "UPDATE users SET api_key_enc = NULL WHERE id = ? AND api_key_enc IS NOT NULL",
-                (user_id,),
-            )
-            return cursor.rowcount == 1
-
-        return await self._write(clear)
+        cursor = await self._write_one(
+            "UPDATE users SET api_key_enc = NULL WHERE id = ? AND api_key_enc IS NOT NULL",
+            (user_id,),
+        )
+        return cursor.rowcount == 1
 
     # --- credits ---
 
@@ -533,13 +531,9 @@ class Store:
             time.time(),
         )
 
-        async def insert(db: aiosqlite.Connection) -> int:
-            cursor = await db.execute(SQL_INSERT_JOB, params)
-            job_id = cursor.lastrowid
-            assert job_id is not None
-            return job_id
-
-        return await self._write(insert)
+        job_id = (await self._write_one(SQL_INSERT_JOB, params)).lastrowid
+        assert job_id is not None
+        return job_id
 
     async def reserve(
         self,
@@ -740,33 +734,58 @@ class Store:
             log.info("recovered %d interrupted job(s)", len(interrupted))
         return interrupted
 
-    async def stats(self, day: date) -> dict[str, Any]:
-        """Numbers for the admin: users, `day`'s jobs by status, images, credits, running jobs.
+    # --- result messages ---
 
-        A job belongs to the day of its reservation (the caller's timezone); jobs refused
-        before a reservation are not counted.
+    async def remember_message(
+        self, platform: str, chat_id: str, message_id: str, job_id: int
+    ) -> None:
+        """Record that a sent message shows the job's result."""
+        await self._write_one(
+            """
+            INSERT INTO messages (platform, chat_id, message_id, job_id, created_at)
+            VALUES (?, ?, ?, ?, ?)
+            ON CONFLICT (platform, chat_id, message_id) DO UPDATE SET job_id = excluded.job_id
+            """,
+            (platform, str(chat_id), str(message_id), job_id, time.time()),
+        )
+
+    async def message_job(self, platform: str, chat_id: str, message_id: str) -> int | None:
+        """The job whose result the message shows, or None if it is not one of ours."""
+        rows = await self._read(
+            "SELECT job_id FROM messages WHERE platform = ? AND chat_id = ? AND message_id = ?",
+            (platform, str(chat_id), str(message_id)),
+        )
+        return int(rows[0][0]) if rows else None
+
+    # --- numbers ---
+
+    async def stats(self, day: date, *, tz: tzinfo | None = None) -> dict[str, Any]:
+        """Numbers for the admin about `day` (a date in `tz`, UTC if None).
+
+        Keys: `users`; `jobs_today` (all jobs created that day, refused ones included) with
+        `jobs_by_status`, `succeeded_today` and `failed_today`; `images_today` (delivered
+        by jobs created that day); `credits_today` (committed for reservations of that day)
+        and `credits_reserved_today` (still in flight); `jobs_running`, `jobs_queued` (now).
         """
-        iso_day = day.isoformat()
+        start = datetime.combine(day, dt_time(0), tz or UTC).timestamp()
+        end = datetime.combine(day + timedelta(days=1), dt_time(0), tz or UTC).timestamp()
         rows = await self._read(
             """
-            SELECT j.status, COUNT(*),
-                   SUM(CASE WHEN j.status = 'succeeded' THEN json_array_length(j.outputs)
-                       ELSE 0 END)
-            FROM reservations AS r JOIN jobs AS j ON j.id = r.job_id
-            WHERE r.day = ? GROUP BY j.status
+            SELECT status, COUNT(*),
+                   SUM(CASE WHEN status = 'succeeded' THEN json_array_length(outputs) END)
+            FROM jobs WHERE created_at >= ? AND created_at < ? GROUP BY status
             """,
-            (iso_day,),
+            (start, end),
         )
-        by_status = {row[0]: row[1] for row in rows}
-        images = sum(row[2] or 0 for row in rows)
+        by_status: dict[str, int] = {row[0]: row[1] for row in rows}
         credit_rows = await self._read(
             """
-            SELECT state, COALESCE(SUM(daily_amount + balance_amount), 0)
+            SELECT state, SUM(daily_amount + balance_amount)
             FROM reservations WHERE day = ? GROUP BY state
             """,
-            (iso_day,),
+            (day.isoformat(),),
         )
-        by_state = {row[0]: row[1] for row in credit_rows}
+        by_state: dict[str, int] = {row[0]: row[1] for row in credit_rows}
         counts = await self._read(
             """
             SELECT (SELECT COUNT(*) FROM users),
@@ -777,11 +796,14 @@ class Store:
         )
         users, running, queued = counts[0]
         return {
-            "day": iso_day,
+            "day": day.isoformat(),
             "users": users,
-            "jobs_today": by_status,
-            "images_today": images,
-            "credits_spent_today": by_state.get("committed", 0),
+            "jobs_today": sum(by_status.values()),
+            "jobs_by_status": by_status,
+            "succeeded_today": by_status.get("succeeded", 0),
+            "failed_today": by_status.get("failed", 0),
+            "images_today": sum(row[2] or 0 for row in rows),
+            "credits_today": by_state.get("committed", 0),
             "credits_reserved_today": by_state.get("reserved", 0),
             "jobs_running": running,
             "jobs_queued": queued,
@@ -825,15 +847,27 @@ class Store:
         async with self._lock:
             return list(await self._db.execute_fetchall(sql, params))
 
-    async def _write_one(self, sql: str, params: tuple[Any, ...]) -> int:
-        async def run(db: aiosqlite.Connection) -> int:
-            cursor = await db.execute(sql, params)
-            return cursor.rowcount
+    async def _write_one(self, sql: str, params: tuple[Any, ...]) -> aiosqlite.Cursor:
+        """Run one write statement (read `rowcount` or `lastrowid` on the result).
 
-        return await self._write(run)
+        A single statement is atomic on its own, and SQLite takes the write lock for it at
+        once (waiting up to busy_timeout), so no explicit transaction is needed: that is
+        for read-then-write sequences (`_write`).
+        """
+        if self._closed:
+            raise StoreError("store is closed")
+        async with self._lock:
+            return await self._db.execute(sql, params)
+
+    async def _write_returning(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
+        """Run one write statement with a RETURNING clause; returns its rows."""
+        if self._closed:
+            raise StoreError("store is closed")
+        async with self._lock:
+            return list(await self._db.execute_fetchall(sql, params))
 
     async def _update_user(self, user_id: int, sql: str, params: tuple[Any, ...]) -> None:
-        if await self._write_one(sql, params) != 1:
+        if (await self._write_one(sql, params)).rowcount != 1:
             raise NotFoundError(f"no user #{user_id}")
 
     async def _write(self, body: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:

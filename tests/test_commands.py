@@ -471,3 +471,20 @@ async def test_original_sends_the_stored_files(services: Services) -> None:
 
 def test_day_boundary_follows_the_configured_timezone() -> None:
     assert isinstance(today(Settings(_env_file=None, timezone="Asia/Shanghai")), date)
+
+
+async def test_a_key_that_can_no_longer_be_decrypted_is_not_silently_replaced(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    services = await Services.create(settings_factory())
+    await run(services, inv("token", OWN_KEY))
+    await services.close()
+    (services.settings.data_dir / "secret.key").unlink()
+    services = await Services.create(settings_factory())
+    try:
+        chat = await run(services, inv("draw", "a fox"))
+        assert "/token" in chat.last_text() and "can no longer be read" in chat.last_text()
+        assert mock_upstream.requests == []
+        assert await left(services) == 5
+    finally:
+        await services.close()

@@ -8,9 +8,10 @@ import stat
 import threading
 import time
 from collections.abc import AsyncIterator
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from cryptography.fernet import Fernet
@@ -159,6 +160,26 @@ async def test_reopening_keeps_schema_version_and_data(tmp_path: Path, db_path: 
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     con.close()
     assert again.id == alice.id and again.name == "Alice"
+
+
+async def test_older_database_is_upgraded_in_place(
+    tmp_path: Path, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keybox = KeyBox.load(tmp_path)
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:1])
+    old = await Store.open(db_path, keybox=keybox)
+    alice = await old.user("qq", "1", "Alice")
+    await old.grant(alice.id, 3)
+    await old.close()
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS)
+
+    new = await Store.open(db_path, keybox=keybox)
+    assert (await new.user("qq", "1")).granted == 3
+    await new.remember_message("qq", "g", "m", await new_job(new, alice.id))
+    await new.close()
+    con = sqlite3.connect(db_path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) > 1
+    con.close()
 
 
 async def test_failing_migration_changes_nothing(
@@ -350,9 +371,7 @@ async def test_new_day_resets_the_allowance_but_not_the_balance(store: Store) ->
     assert (await store.credits(user.id, DAY + timedelta(days=1), 5)).total_left == 0
 
 
-async def test_reserve_refuses_when_short_and_charges_nothing(
-    store: Store, db_path: Path
-) -> None:
+async def test_reserve_refuses_when_short_and_charges_nothing(store: Store, db_path: Path) -> None:
     user = await store.user("qq", "1")
     await store.grant(user.id, 2)
     job_id = await new_job(store, user.id)
@@ -572,26 +591,63 @@ async def test_recover_after_crash_refunds_and_fails_interrupted(
     assert assert_ledger_exact(db_path) == {"reservations": 4, "committed": 2, "refunded": 2}
 
 
-async def test_stats_count_the_days_jobs_images_and_credits(store: Store) -> None:
+async def test_stats_count_the_days_jobs_images_and_credits(store: Store, db_path: Path) -> None:
+    today = datetime.now(UTC).date()
     user = await store.user("qq", "1")
-    ok = await reserve(store, user.id, 2)
+    ok = await reserve(store, user.id, 2, day=today)
     image = {"width": 1024, "height": 1024, "bytes": 1, "mime": "image/png"}
     await store.finish_job(ok, status="succeeded", outputs=[image, image])
     await store.commit(ok)
-    failed = await reserve(store, user.id, 1)
+    failed = await reserve(store, user.id, 1, day=today)
     await store.finish_job(failed, status="failed", error_kind="timeout")
     await store.refund(failed, "timeout")
-    running = await reserve(store, user.id, 1)
+    running = await reserve(store, user.id, 1, day=today)
     await store.mark_running(running, "main")
-    await reserve(store, user.id, 1, day=DAY - timedelta(days=1))
+    refused = await new_job(store, user.id)  # bad input: never reserved, still a job today
+    await store.finish_job(refused, status="failed", error_kind="bad_option")
+    old = await reserve(store, user.id, 1, day=today - timedelta(days=1))
+    con = sqlite3.connect(db_path)
+    with con:
+        con.execute("UPDATE jobs SET created_at = created_at - 86400 WHERE id = ?", (old,))
+    con.close()
 
-    stats = await store.stats(DAY)
+    stats = await store.stats(today)
     assert stats["users"] == 1
-    assert stats["jobs_today"] == {"succeeded": 1, "failed": 1, "running": 1}
+    assert stats["jobs_by_status"] == {"succeeded": 1, "failed": 2, "running": 1}
+    assert (stats["jobs_today"], stats["succeeded_today"], stats["failed_today"]) == (4, 1, 2)
     assert stats["images_today"] == 2
-    assert stats["credits_spent_today"] == 2
+    assert stats["credits_today"] == 2
     assert stats["credits_reserved_today"] == 1
     assert stats["jobs_running"] == 1 and stats["jobs_queued"] == 1
+
+
+async def test_stats_day_follows_the_given_timezone(store: Store, db_path: Path) -> None:
+    user = await store.user("qq", "1")
+    job_id = await new_job(store, user.id)
+    # 20:00 UTC on March 1st is already 04:00 on March 2nd in Shanghai.
+    instant = datetime(2025, 3, 1, 20, 0, tzinfo=UTC).timestamp()
+    con = sqlite3.connect(db_path)
+    with con:
+        con.execute("UPDATE jobs SET created_at = ? WHERE id = ?", (instant, job_id))
+    con.close()
+
+    shanghai = ZoneInfo("Asia/Shanghai")
+    assert (await store.stats(date(2025, 3, 2), tz=shanghai))["jobs_today"] == 1
+    assert (await store.stats(date(2025, 3, 1), tz=shanghai))["jobs_today"] == 0
+    assert (await store.stats(date(2025, 3, 1)))["jobs_today"] == 1
+
+
+async def test_result_messages_map_back_to_their_job(store: Store) -> None:
+    user = await store.user("telegram", "1")
+    first = await new_job(store, user.id)
+    second = await new_job(store, user.id)
+    await store.remember_message("telegram", "-100", "77", first)
+    await store.remember_message("telegram", "-100", "78", second)
+
+    assert await store.message_job("telegram", "-100", "77") == first
+    assert await store.message_job("telegram", "-100", "78") == second
+    assert await store.message_job("discord", "-100", "77") is None
+    assert await store.message_job("telegram", "-100", "79") is None
 
 
 # --- SQLite under pressure ---

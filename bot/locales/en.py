@@ -105,6 +105,7 @@ MESSAGES: dict[str, str] = {
     "error.too_many_jobs": "You already have {limit} jobs running or queued. Wait for them to finish.",
     "error.not_configured": "No API key is configured for this bot. "
     "Bind your own with /token in a private chat, or ask the admin.",
+    "error.key_unreadable": "Your saved API key can no longer be read (the bot's secret key changed). Bind it again with /token in a private chat, or /token clear to use credits. Nothing was charged.",
     "error.shutdown": "The bot is restarting; your job was stopped and nothing was charged. "
     "Please try again in a minute.",
     "error.cancelled": "Job {job} was cancelled. Nothing was charged.",

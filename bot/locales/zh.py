@@ -100,6 +100,7 @@ MESSAGES: dict[str, str] = {
     "error.busy": "现在太忙了,请几分钟后再试,未扣除额度。",
     "error.too_many_jobs": "你已有 {limit} 个任务在进行或排队,请等它们完成。",
     "error.not_configured": "本机器人没有配置 API 密钥。请在私聊中用 /token 绑定自己的密钥,或联系管理员。",
+    "error.key_unreadable": "无法读取你保存的 API 密钥(机器人的加密密钥已更换)。请在私聊中用 /token 重新绑定,或发送 /token clear 改用额度。未扣除额度。",
     "error.shutdown": "机器人正在重启,你的任务已停止,未扣除额度。请一分钟后重试。",
     "error.cancelled": "任务 {job} 已取消,未扣除额度。",
     "error.delivery_failed": "图片已生成,但无法发送到这里。未扣除额度,请重试。",

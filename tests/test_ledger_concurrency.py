@@ -1,0 +1,113 @@
+"""Many asyncio tasks reserving, committing and refunding at once: the ledger stays exact."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from datetime import date
+from pathlib import Path
+
+from bot.errors import InsufficientCreditsError
+from bot.secrets import KeyBox
+from bot.store import ReservationError, Store
+from tests.test_store import assert_ledger_exact
+
+DAY = date(2025, 3, 1)
+ALLOWANCE = 3
+USERS = 50
+RESERVATIONS = 1000
+
+
+async def test_a_thousand_concurrent_reservations_keep_the_ledger_exact(tmp_path: Path) -> None:
+    rng = random.Random(20250301)
+    db_path = tmp_path / "ledger.sqlite3"
+    store = await Store.open(db_path, keybox=KeyBox.load(tmp_path))
+    users = [(await store.user("qq", str(n))).id for n in range(USERS)]
+    # Small balances against ~20 jobs of 1-4 credits per user: many must be refused.
+    granted = {uid: rng.randint(0, 12) for uid in users}
+    for uid, amount in granted.items():
+        await store.grant(uid, amount)
+
+    committed: Counter[int] = Counter()  # user -> credits spent
+    outcomes: Counter[str] = Counter()
+
+    async def one(uid: int, cost: int, settle: str) -> None:
+        job_id = await store.create_job(
+            user_id=uid,
+            platform="qq",
+            chat_id="g",
+            group_key=None,
+            kind="draw",
+            prompt="p",
+            options={},
+            ref_count=0,
+            own_key=False,
+        )
+        attempts = 2 if settle == "race" else 1
+        results = await asyncio.gather(
+            *(
+                store.reserve(job_id, user_id=uid, cost=cost, day=DAY, daily_allowance=ALLOWANCE)
+                for _ in range(attempts)
+            ),
+            return_exceptions=True,
+        )
+        ok = [r for r in results if r is None]
+        for r in results:
+            assert r is None or isinstance(r, InsufficientCreditsError | ReservationError), r
+        if not ok:
+            assert all(isinstance(r, InsufficientCreditsError) for r in results)
+            outcomes["refused"] += 1
+            return
+        # Two reserves of one job: exactly one charges, the other is refused as a duplicate.
+        assert len(ok) == 1, "a job was reserved twice"
+        assert sum(isinstance(r, ReservationError) for r in results) == attempts - 1
+        await asyncio.sleep(rng.random() * 0.01)
+        if settle == "race":
+            # Commit and refund (each twice) at once: exactly one of the four wins.
+            flags = await asyncio.gather(
+                store.commit(job_id),
+                store.refund(job_id, "race"),
+                store.commit(job_id),
+                store.refund(job_id, "race"),
+            )
+            assert sum(flags) == 1, flags
+            if flags[0] or flags[2]:
+                committed[uid] += cost
+            outcomes["race"] += 1
+        elif settle == "commit":
+            assert await store.commit(job_id)
+            committed[uid] += cost
+            outcomes["commit"] += 1
+        else:
+            assert await store.refund(job_id, "failed")
+            outcomes["refund"] += 1
+
+    async def top_up(uid: int) -> None:
+        await asyncio.sleep(rng.random() * 0.05)
+        await store.grant(uid, 2, note="top-up during the storm")
+        granted[uid] += 2
+
+    tasks = [
+        one(rng.choice(users), rng.randint(1, 4), rng.choice(["commit", "refund", "race"]))
+        for _ in range(RESERVATIONS)
+    ]
+    tasks += [top_up(rng.choice(users)) for _ in range(20)]
+    rng.shuffle(tasks)
+    await asyncio.gather(*tasks)
+
+    assert outcomes["refused"] > 50, outcomes
+    assert outcomes["commit"] > 50 and outcomes["refund"] > 50 and outcomes["race"] > 50
+    assert sum(outcomes.values()) == RESERVATIONS
+    for uid in users:
+        credits = await store.credits(uid, DAY, ALLOWANCE)
+        # What the user had, minus exactly what committed jobs cost: nothing charged twice,
+        # nothing lost by a refund, nothing refused left behind.
+        assert credits.total_left == granted[uid] + ALLOWANCE - committed[uid], uid
+        assert await store.ledger_sum(uid) == committed[uid]
+    await store.close()
+
+    counts = assert_ledger_exact(db_path)
+    assert counts["reservations"] == RESERVATIONS - outcomes["refused"]
+    assert counts.get("reserved", 0) == 0
+    assert counts["committed"] + counts["refunded"] == counts["reservations"]
