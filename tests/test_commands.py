@@ -488,3 +488,37 @@ async def test_a_key_that_can_no_longer_be_decrypted_is_not_silently_replaced(
         assert await left(services) == 5
     finally:
         await services.close()
+
+
+async def test_prices_follow_size_tier_and_quality(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    prices = {"1k": {"default": 1, "high": 2}, "2k": {"default": 3}}
+    services = await Services.create(settings_factory(prices=prices, daily_credits=10))
+    try:
+        await run(services, inv("draw", "a fox --quality high"))
+        assert await left(services) == 8
+        await run(services, inv("draw", "a fox --size 2k"))
+        assert await left(services) == 5
+        chat = await run(services, inv("draw", "a fox --size 2k --n 2"))
+        assert "needs 6" in chat.last_text()
+        assert await left(services) == 5
+    finally:
+        await services.close()
+
+
+async def test_group_daily_cap_stops_a_group_but_not_private_chats(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    services = await Services.create(settings_factory(group_daily_cap=2))
+    try:
+        for user in ("a", "b"):
+            chat = await run(services, inv("draw", "a fox", user_id=user, is_private=False))
+            assert chat.results()
+        chat = await run(services, inv("draw", "a fox", user_id="c", is_private=False))
+        assert "group has used its 2 credits" in chat.last_text()
+        assert await left(services, "c") == 5
+        chat = await run(services, inv("draw", "a fox", user_id="c", chat_id="dm-c"))
+        assert chat.results()
+    finally:
+        await services.close()
