@@ -16,6 +16,7 @@ from bot.services import Services
 log = logging.getLogger("drawbridge")
 
 PlatformFactory = Callable[[Settings, Services], Platform]
+FactoryLoader = Callable[[], PlatformFactory]
 
 SETTING_HINTS = {
     "telegram": "TELEGRAM_BOT_TOKEN=<token from @BotFather>",
@@ -24,9 +25,12 @@ SETTING_HINTS = {
 }
 
 
-def platform_factories() -> dict[str, PlatformFactory]:
-    """Platforms installed with the package (the `drawbridge.platforms` entry points)."""
-    return {ep.name: ep.load for ep in entry_points(group="drawbridge.platforms")}  # type: ignore[misc]
+def platform_factories() -> dict[str, FactoryLoader]:
+    """Platforms installed with the package (the `drawbridge.platforms` entry points).
+
+    Loading is deferred so only configured platforms import their chat library.
+    """
+    return {ep.name: ep.load for ep in entry_points(group="drawbridge.platforms")}
 
 
 def missing_platforms_message() -> str:
@@ -66,7 +70,7 @@ async def run(settings: Settings) -> int:
                 log.error("platform %s is not installed with this package", name)
                 code = 1
                 break
-            factory: PlatformFactory = loader()  # type: ignore[assignment]
+            factory = loader()
             platform = factory(settings, services)
             await platform.start()
             started.append(platform)
