@@ -189,6 +189,13 @@ class Settings(BaseSettings):
     discord_bot_token: str = Field(
         default="", validation_alias=AliasChoices("DISCORD_BOT_TOKEN", "discord_bot_token")
     )
+    # Another Discord REST base / gateway URL (a proxy or a test double); empty: Discord's own.
+    discord_api_base: str = Field(
+        default="", validation_alias=AliasChoices("DISCORD_API_BASE", "discord_api_base")
+    )
+    discord_gateway_url: str = Field(
+        default="", validation_alias=AliasChoices("DISCORD_GATEWAY_URL", "discord_gateway_url")
+    )
     discord_guild_ids: str = Field(
         default="", validation_alias=AliasChoices("DISCORD_GUILD_IDS", "discord_guild_ids")
     )

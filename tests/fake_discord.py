@@ -267,7 +267,6 @@ class FakeDiscord:
         self._connections: list[_Connection] = []
         self._changed: asyncio.Condition | None = None
         self._runner: web.AppRunner | None = None
-        self._ws_tasks: set[asyncio.Task[None]] = set()
         self.base_url = ""
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -337,10 +336,10 @@ class FakeDiscord:
         async with self._changed:
             self._changed.notify_all()
 
-    async def wait_for(self, check: Callable[[], T | None], timeout: float = 10.0) -> T:
+    async def wait_for(self, check: Callable[[], T | None], within: float = 10.0) -> T:
         """Wait until `check()` returns something truthy, and return it."""
         assert self._changed is not None
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             async with self._changed:
                 while True:
                     value = check()
@@ -348,9 +347,9 @@ class FakeDiscord:
                         return value
                     await self._changed.wait()
 
-    async def wait_identified(self, timeout: float = 10.0) -> dict[str, Any]:
+    async def wait_identified(self, within: float = 10.0) -> dict[str, Any]:
         """The IDENTIFY payload of the bot's (first) gateway session."""
-        return await self.wait_for(lambda: self.identifies[0] if self.identifies else None, timeout)
+        return await self.wait_for(lambda: self.identifies[0] if self.identifies else None, within)
 
     def channel_messages(self, *, include_deleted: bool = False) -> list[FakeMessage]:
         """Messages in the channel, oldest first."""
@@ -361,7 +360,7 @@ class FakeDiscord:
         ]
 
     async def wait_message(
-        self, check: Callable[[FakeMessage], bool], timeout: float = 10.0
+        self, check: Callable[[FakeMessage], bool], within: float = 10.0
     ) -> FakeMessage:
         """The first live message for which `check` holds, waiting for it to appear."""
 
@@ -371,12 +370,17 @@ class FakeDiscord:
                     return message
             return None
 
-        return await self.wait_for(find, timeout)
+        return await self.wait_for(find, within)
 
     # --- what a test does as a user ----------------------------------------------------
 
     def add_file(
-        self, data: bytes, filename: str, content_type: str | None = None, *, size: int | None = None
+        self,
+        data: bytes,
+        filename: str,
+        content_type: str | None = None,
+        *,
+        size: int | None = None,
     ) -> FakeAttachment:
         """Put a file on the fake CDN (as if a user had uploaded it)."""
         file_id = snowflake()
@@ -393,7 +397,11 @@ class FakeDiscord:
         return attachment
 
     def post_user_message(
-        self, content: str = "", attachments: Iterable[FakeAttachment] = (), *, user: FakeUser | None = None
+        self,
+        content: str = "",
+        attachments: Iterable[FakeAttachment] = (),
+        *,
+        user: FakeUser | None = None,
     ) -> FakeMessage:
         """A message a user posted in the channel (the target of a context menu, say)."""
         message = FakeMessage(
@@ -490,10 +498,24 @@ class FakeDiscord:
         inputs = opened_by.modal_inputs()
         if len(values) > len(inputs):
             raise AssertionError(f"modal has {len(inputs)} inputs, got {len(values)} values")
-        rows = [
-            {"type": 1, "components": [{"type": 4, "custom_id": i["custom_id"], "value": v}]}
-            for i, v in zip(inputs, values, strict=False)
-        ]
+        answers = {i["custom_id"]: v for i, v in zip(inputs, values, strict=False)}
+        rows: list[dict[str, Any]] = []
+        # The submit mirrors the modal's layout: a Label (type 18) holds one component, a
+        # legacy action row (type 1) a list of them.
+        for top in modal.get("components", []):
+            if top.get("type") == 18:
+                inner = top["component"]
+                if inner.get("custom_id") in answers:
+                    value = {"type": 4, "custom_id": inner["custom_id"]}
+                    value["value"] = answers[inner["custom_id"]]
+                    rows.append({"type": 18, "id": top.get("id"), "component": value})
+            elif top.get("type") == 1:
+                row = [
+                    {"type": 4, "custom_id": c["custom_id"], "value": answers[c["custom_id"]]}
+                    for c in top.get("components", [])
+                    if c.get("custom_id") in answers
+                ]
+                rows.append({"type": 1, "components": row})
         data = {"custom_id": modal["custom_id"], "components": rows}
         message = None
         if opened_by.type == MESSAGE_COMPONENT:
@@ -639,7 +661,8 @@ class FakeDiscord:
 
     async def _send_event(self, conn: _Connection, event: str, data: Mapping[str, Any]) -> None:
         conn.seq += 1
-        await conn.ws.send_str(json.dumps({"op": OP_DISPATCH, "t": event, "s": conn.seq, "d": data}))
+        frame = {"op": OP_DISPATCH, "t": event, "s": conn.seq, "d": data}
+        await conn.ws.send_str(json.dumps(frame))
 
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
@@ -742,6 +765,9 @@ class FakeDiscord:
         for command in body:
             synced.append(
                 {
+                    # Discord answers with every field, "" descriptions for context menus.
+                    "description": "",
+                    "options": [],
                     **command,
                     "id": str(snowflake()),
                     "application_id": str(self.application_id),
@@ -934,9 +960,7 @@ class FakeDiscord:
         problem = self._check_upload(files, self._limit_of(interaction))
         if problem is not None:
             return problem
-        original = (
-            self.messages.get(interaction.original_id) if interaction.original_id else None
-        )
+        original = self.messages.get(interaction.original_id) if interaction.original_id else None
         if original is not None and original.loading and not original.deleted:
             # Discord: the first followup after a deferred response fills the "thinking"
             # message, which keeps the ephemerality chosen when deferring.

@@ -48,6 +48,18 @@ MESSAGES: dict[str, str] = {
     "result.not_found": "I can't find that job.",
     "reroll.need_reply": "Reply to one of my results with /reroll to draw it again.",
     "edit.hint": 'Reply to this message with what to change, e.g. "make it night time".',
+    # --- buttons, modals and menus ---
+    "button.reroll": "Reroll",
+    "button.edit": "Edit",
+    "button.original": "Original file",
+    "button.reference": "Use as reference",
+    "modal.edit_title": "Edit this image",
+    "modal.reference_title": "New image from this one",
+    "modal.prompt_label": "Prompt",
+    "modal.token_title": "Your API key",
+    "modal.token_label": "Key (empty: show, clear: remove)",
+    "menu.edit_image": "Edit image",
+    "result.preview_note": "The original is over this chat's {limit_mb} MB upload limit; this is a compressed preview.",
     # --- account ---
     "token.bound": "Your key {masked} is bound. Your images now use your key and cost no credits.",
     "token.status": "Your key: {masked}. Images use your key and cost no credits.",

@@ -47,6 +47,18 @@ MESSAGES: dict[str, str] = {
     "result.not_found": "找不到这个任务。",
     "reroll.need_reply": "请回复我发出的结果图并发送 /reroll 重新画。",
     "edit.hint": "请回复这条消息,说明要怎么改,例如“改成夜晚”。",
+    # --- 按钮、弹窗与菜单 ---
+    "button.reroll": "重画",
+    "button.edit": "修改",
+    "button.original": "原图",
+    "button.reference": "作为参考图",
+    "modal.edit_title": "修改这张图",
+    "modal.reference_title": "以此图为参考",
+    "modal.prompt_label": "提示词",
+    "modal.token_title": "你的 API 密钥",
+    "modal.token_label": "密钥(留空查看,clear 清除)",
+    "menu.edit_image": "改图",
+    "result.preview_note": "原图超过此处 {limit_mb} MB 的上传限制,这里是压缩预览。",
     # --- 账户 ---
     "token.bound": "已绑定你的密钥 {masked}。之后画图使用你的密钥,不消耗额度。",
     "token.status": "你的密钥:{masked}。画图使用你的密钥,不消耗额度。",

@@ -1,0 +1,125 @@
+"""The Discord platform inside `drawbridge run`: a discord.py client on the shared loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+import discord
+from discord import app_commands
+
+from bot.config import Settings
+from bot.services import Services
+
+from . import redact
+from .attachments import DISCORD_CDN_HOSTS
+from .chat import TOKEN_TTL
+from .commands import DeclarationTranslator, add_commands, sync
+from .intake import DiscordIntake
+from .views import ResultButton
+
+log = logging.getLogger(__name__)
+
+
+class DrawbridgeClient(discord.Client):
+    """discord.py's client with our command tree and intake attached."""
+
+    def __init__(self, intake: DiscordIntake, *, guild_ready_timeout: float) -> None:
+        # The bot never joins voice: skip discord.py's warnings about voice libraries.
+        discord.VoiceClient.warn_nacl = False
+        discord.VoiceClient.warn_dave = False
+        super().__init__(
+            # Slash commands, buttons and menus need no privileged intents (no message content).
+            intents=discord.Intents(guilds=True),
+            # A prompt echoed in a caption must never ping @everyone or anyone else.
+            allowed_mentions=discord.AllowedMentions.none(),
+            guild_ready_timeout=guild_ready_timeout,
+        )
+        self.intake = intake
+        self.tree: app_commands.CommandTree[DrawbridgeClient] = app_commands.CommandTree(self)
+
+    async def setup_hook(self) -> None:
+        # Buttons of results sent before a restart still work: matched by custom id.
+        self.add_dynamic_items(ResultButton)
+
+
+class DiscordPlatform:
+    """Connects with `DISCORD_BOT_TOKEN`, syncs slash commands, serves interactions."""
+
+    name = "discord"
+
+    def __init__(
+        self,
+        settings: Settings,
+        services: Services,
+        *,
+        cdn_hosts: Sequence[str] = DISCORD_CDN_HOSTS,
+        token_ttl: float = TOKEN_TTL,
+        ready_timeout: float = 60.0,
+        guild_ready_timeout: float = 2.0,
+    ) -> None:
+        self.settings = settings
+        self.services = services
+        self.intake = DiscordIntake(services, cdn_hosts=cdn_hosts, token_ttl=token_ttl)
+        self._ready_timeout = ready_timeout
+        self._guild_ready_timeout = guild_ready_timeout
+        self.client: DrawbridgeClient | None = None
+        self._connection: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Log in, publish the commands, connect to the gateway; return once ready."""
+        redact.install()
+        client = DrawbridgeClient(self.intake, guild_ready_timeout=self._guild_ready_timeout)
+        self.client = client
+        add_commands(client.tree, self.services, self.intake.on_slash, self.intake.on_edit_image)
+        await client.tree.set_translator(DeclarationTranslator(self.services))
+        try:
+            await client.login(self.settings.discord_bot_token)
+            await self._sync(client)
+            self._connection = asyncio.create_task(client.connect(), name="discord-gateway")
+            await self._wait_ready(client, self._connection)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("discord: logged in as %s (%d guilds)", client.user, len(client.guilds))
+
+    async def _sync(self, client: DrawbridgeClient) -> None:
+        guilds = self.settings.discord_guilds()
+        try:
+            count = await sync(client.tree, guilds)
+        except discord.HTTPException as exc:
+            # The bot can still answer buttons and commands synced earlier.
+            log.warning("discord: could not sync slash commands: HTTP %s", exc.status)
+            return
+        where = f"guilds {', '.join(map(str, guilds))}" if guilds else "globally"
+        log.info("discord: synced %d commands %s", count, where)
+
+    async def _wait_ready(self, client: DrawbridgeClient, connection: asyncio.Task[None]) -> None:
+        ready = asyncio.create_task(client.wait_until_ready())
+        try:
+            done, _ = await asyncio.wait(
+                {ready, connection},
+                timeout=self._ready_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            ready.cancel()
+        if ready in done:
+            return
+        if connection in done:
+            connection.result()  # re-raises why the gateway gave up
+            raise ConnectionError("discord gateway closed before ready")
+        raise TimeoutError(f"discord not ready after {self._ready_timeout:.0f}s")
+
+    async def stop(self) -> None:
+        """Refuse new interactions, cancel hand-overs in progress, disconnect."""
+        await self.intake.close()
+        client, self.client = self.client, None
+        if client is not None:
+            await client.close()
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(connection, timeout=10)
