@@ -12,7 +12,7 @@ _PATTERNS = (
     # Telegram bot tokens "123456:ABC...".
     (re.compile(r"\b\d{5,}:[A-Za-z0-9_\-]{30,}\b"), "***:***"),
     # Whatever follows /token in a message, in any language alias.
-    (re.compile(r"(/(?:token|令牌)(?:@\w+)?)\s+\S+"), r"\1 ***"),
+    (re.compile(r"([/／]\s*(?:token|令牌)(?:@\w+)?)\s*[^\s*]\S*"), r"\1 ***"),
     (re.compile(r"(Bearer)\s+\S+", re.IGNORECASE), r"\1 ***"),
 )
 
@@ -49,5 +49,6 @@ def setup_logging(level: str = "INFO") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    for noisy in ("httpx", "httpcore", "aiohttp.access"):
+    # aiosqlite's DEBUG lines carry SQL parameters (encrypted keys, prompts).
+    for noisy in ("httpx", "httpcore", "aiohttp.access", "aiosqlite"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

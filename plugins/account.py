@@ -74,7 +74,7 @@ async def help_(ctx: Context) -> None:
     for spec in COMMANDS:
         if spec.admin and ctx.user.role != "admin":
             continue
-        if not spec.in_menu and spec.name != "reroll":
+        if not spec.in_menu and spec.name not in ("reroll", "original"):
             continue
         aliases = "".join(f" /{a}" for a in spec.aliases if a != "start")
         args = ctx.t(f"arg.{spec.text_arg}") if spec.text_arg else ""

@@ -74,6 +74,7 @@ EDIT = CommandSpec(
     max_images=5,
 )
 REROLL = CommandSpec("reroll", "help.reroll", aliases=("重画",), in_menu=False)
+ORIGINAL = CommandSpec("original", "help.original", aliases=("原图",), in_menu=False)
 TOKEN = CommandSpec("token", "help.token", aliases=("令牌",), text_arg="key")
 QUOTA = CommandSpec("quota", "help.quota", aliases=("额度",))
 HELP = CommandSpec("help", "help.help", aliases=("帮助", "start"))
@@ -118,6 +119,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
     DRAW,
     EDIT,
     REROLL,
+    ORIGINAL,
     TOKEN,
     QUOTA,
     HELP,

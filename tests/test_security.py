@@ -128,3 +128,9 @@ async def test_a_grant_needs_an_admin_and_a_banned_admin_is_refused(
         assert "banned" in chat.last_text()
     finally:
         await services.close()
+
+
+def test_redaction_catches_full_width_and_spaceless_token_commands() -> None:
+    for text in (f"／token {KEY}", "/令牌abcdefgh12345678", f"/ token {KEY}", f"/token@bot {KEY}"):
+        cleaned = redact(text)
+        assert KEY not in cleaned and "abcdefgh12345678" not in cleaned, cleaned

@@ -1,4 +1,4 @@
-"""Keys out of every log line nonebot writes.
+"""Keys out of every log line nonebot and its web server write.
 
 nonebot logs each incoming message (`Message 42 from 1@[群:2] '/token sk-...'`) through
 loguru, and its config loader traces unparsable `.env` values verbatim. A loguru *patcher*
@@ -7,7 +7,8 @@ that is where keys are removed: the shared patterns of `bot.logs.redact`, the QQ
 `/token` it does not know, and the literal secret values from our settings.
 
 `nonebot.init` replaces the core patcher with its own, so `install` runs before it (for the
-records nonebot writes while loading its config) and again after it.
+records nonebot writes while loading its config) and again after it. Below nonebot, the
+websockets library dumps every frame at DEBUG; `quiet_frame_dumps` drops those lines.
 """
 
 from __future__ import annotations
@@ -75,9 +76,17 @@ class Redactor:
         exception = record["exception"]
         if exception is not None and exception.value is not None:
             text = str(exception.value)
-            if self.redact(text) != text:
-                # Tracebacks print the exception's text: drop a value that carries a key.
-                record["exception"] = type(exception)(exception.type, None, exception.traceback)
+            cleaned = self.redact(text)
+            if cleaned != text:
+                # Swap in an exception without the key, and drop the frames: a sink with
+                # `diagnose=True` would print their local variables, which likely hold it too.
+                kind = exception.type.__name__ if exception.type else "Exception"
+                stand_in = RedactedError(f"{kind}: {cleaned}")
+                record["exception"] = type(exception)(RedactedError, stand_in, None)
+
+
+class RedactedError(Exception):
+    """Stands in, in a log record, for an exception whose text contained a key."""
 
 
 REDACTOR = Redactor()
@@ -97,6 +106,10 @@ def install(secrets: Iterable[str] = ()) -> None:
     logger.configure(patcher=patch)
 
 
+_FORWARD_LOCK = threading.Lock()
+_forwarding_sink: int | None = None
+
+
 def forward_to_stdlib() -> None:
     """Send nonebot's loguru records through `logging`, so the process has one log stream.
 
@@ -113,11 +126,28 @@ def forward_to_stdlib() -> None:
             logger.remove(logger_id)
         except ValueError:
             pass  # already removed by someone who configured loguru themselves
+        # loguru's levels between stdlib's, named as nonebot users know them.
+        logging.addLevelName(5, "TRACE")
+        logging.addLevelName(25, "SUCCESS")
         _forwarding_sink = logger.add(_emit_to_stdlib, level=0, format="{message}", diagnose=False)
 
 
-_FORWARD_LOCK = threading.Lock()
-_forwarding_sink: int | None = None
+class FrameDumpFilter(logging.Filter):
+    """Drops the websockets library's frame dumps (`< TEXT '{...}' [453 bytes]`).
+
+    At DEBUG it logs every frame, shortened to its head and tail: raw chat messages, and the
+    tail of a `/token` message is the key.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg in ("< %s", "> %s"))
+
+
+def quiet_frame_dumps() -> None:
+    """Install `FrameDumpFilter` on the logger uvicorn hands to websockets (once)."""
+    target = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, FrameDumpFilter) for f in target.filters):
+        target.addFilter(FrameDumpFilter())
 
 
 def _emit_to_stdlib(message: Message) -> None:
@@ -126,9 +156,10 @@ def _emit_to_stdlib(message: Message) -> None:
     level = record["level"].no
     if not target.isEnabledFor(level):
         return
+    exception = record["exception"]
     exc_info: Any = None
-    if record["exception"] is not None:
-        exc_info = (record["exception"].type, record["exception"].value, record["exception"].traceback)
+    if exception is not None:
+        exc_info = (exception.type, exception.value, exception.traceback)
     target.log(level, "%s", record["message"], exc_info=exc_info)
 
 

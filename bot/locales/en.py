@@ -5,6 +5,7 @@ MESSAGES: dict[str, str] = {
     "help.draw": "Draw an image from a prompt",
     "help.edit": "Edit images: reply to an image or attach some",
     "help.reroll": "Reply to a result to draw it again",
+    "help.original": "Reply to a result to get the original file",
     "help.token": "Bind your own API key (private chat only), show or clear it",
     "help.quota": "Your credits today and your balance",
     "help.help": "How to use this bot",

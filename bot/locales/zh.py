@@ -5,6 +5,7 @@ MESSAGES: dict[str, str] = {
     "help.draw": "根据描述画图",
     "help.edit": "改图:回复一张图片,或附上图片",
     "help.reroll": "回复一张结果图,重新画一次",
+    "help.original": "回复一张结果图,获取原图文件",
     "help.token": "绑定自己的 API 密钥(仅限私聊),查看或清除",
     "help.quota": "查看今日额度和余额",
     "help.help": "使用说明",

@@ -1,0 +1,234 @@
+"""The Chat port over OneBot v11: replies to the command message, results as image segments.
+
+QQ cannot edit messages or show buttons, so progress is one short acknowledgement (the job
+runner sends it and deletes it once the result is out). Results go one image per message,
+paced per chat, because many images at once time out and trip QQ's risk control. An image
+too large or too long for QQ goes out as a compressed preview, with the original as a group
+(or private) file where the implementation supports uploads.
+
+A OneBot timeout does not mean the message was not sent (the implementation may still
+deliver it), so nothing is ever sent twice: a failed result send raises `DeliveryError` once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from nonebot.adapters.onebot.v11 import (
+    ActionFailed,
+    ApiNotAvailable,
+    Bot,
+    Message,
+    MessageEvent,
+    MessageSegment,
+    NetworkError,
+)
+
+from bot.chat import MB, ChatLimits, MessageRef, OutFile, ResultMeta
+from bot.errors import DeliveryError, ImageError
+from bot.images import make_preview, probe
+from bot.services import Services
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "qq"
+
+ONEBOT_ERRORS = (ActionFailed, NetworkError, ApiNotAvailable)
+"""What a OneBot call raises when the implementation refuses, times out or is gone."""
+
+QQ_LIMITS = ChatLimits(
+    # An image segment travels base64-encoded (+1/3) in one websocket message; QQ's rich
+    # media upload fails on big files (retcode 1200) long before NapCat's 50 MB frame cap.
+    photo_bytes=8 * MB,
+    # Group files go the same way, base64 in one message.
+    file_bytes=30 * MB,
+    max_files_per_message=1,
+    can_edit=False,
+    has_buttons=False,
+    can_preview=False,
+)
+MAX_EDGE = 4096
+"""Longest side QQ shows as an image; beyond it the preview goes out and the file follows."""
+MAX_ASPECT = 4.0
+"""Longer-than-this images are cut or refused by QQ clients."""
+PREVIEW_EDGE = 2560
+
+
+def chat_id_of(event: MessageEvent) -> str:
+    """`group:<id>` for a group message, `private:<user id>` for a private one."""
+    group_id = getattr(event, "group_id", None)
+    return f"group:{group_id}" if group_id is not None else f"private:{event.user_id}"
+
+
+class SendPacer:
+    """Keeps at least `interval` seconds between image sends in one chat."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._last: dict[str, float] = {}
+
+    @contextlib.asynccontextmanager
+    async def turn(self, chat_id: str) -> AsyncIterator[None]:
+        """Wait for this chat's turn; the interval counts from the end of the previous send."""
+        lock = self._locks.setdefault(chat_id, asyncio.Lock())
+        async with lock:
+            wait = self._last.get(chat_id, float("-inf")) + self.interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                yield
+            finally:
+                self._last[chat_id] = time.monotonic()
+
+
+class QQChat:
+    """Answers one QQ command message (implements `bot.chat.Chat`)."""
+
+    def __init__(
+        self,
+        bot: Bot,
+        event: MessageEvent,
+        services: Services,
+        pacer: SendPacer,
+        limits: ChatLimits = QQ_LIMITS,
+    ) -> None:
+        self._bot = bot
+        self._event = event
+        self._services = services
+        self._pacer = pacer
+        self._limits = limits
+        self.chat_id = chat_id_of(event)
+        self._group_id: int | None = getattr(event, "group_id", None)
+
+    @property
+    def limits(self) -> ChatLimits:
+        return self._limits
+
+    async def send_text(self, text: str, *, ephemeral: bool = False) -> MessageRef | None:
+        # QQ has no message only one member of a group sees; a reply is the closest.
+        try:
+            return await self._send(self._reply_head() + MessageSegment.text(text))
+        except ONEBOT_ERRORS as exc:
+            log.warning("qq: could not send a text to %s: %r", self.chat_id, exc)
+            return None
+
+    async def edit_text(self, ref: MessageRef, text: str) -> None:
+        return None  # QQ messages cannot be edited; can_edit=False keeps callers away.
+
+    async def send_preview(self, ref: MessageRef | None, image: bytes) -> MessageRef | None:
+        return ref  # No live previews: every preview would be one more message in the group.
+
+    async def send_results(self, files: Sequence[OutFile], meta: ResultMeta) -> None:
+        if meta.originals:
+            for file in files:
+                async with self._pacer.turn(self.chat_id):
+                    await self._deliver(self._upload(file), "original file")
+            return
+        for index, file in enumerate(files):
+            image, original = await self._shape(file)
+            message = self._reply_head() + MessageSegment.image(image)
+            if index == 0 and meta.caption:
+                message += MessageSegment.text("\n" + meta.caption)
+            async with self._pacer.turn(self.chat_id):
+                ref = await self._deliver(self._send(message), "result image")
+            if ref is not None:
+                await self._remember(ref, meta.job_id)
+            if original is not None:
+                await self._upload_quietly(original)
+
+    async def delete_invocation(self) -> bool:
+        if self._group_id is None:
+            return False  # A bot cannot recall what a user sent it in private.
+        try:
+            await self._bot.call_api("delete_msg", message_id=self._event.message_id)
+        except ONEBOT_ERRORS as exc:
+            # Not an admin, or the sender is the owner or another admin.
+            log.info("qq: could not recall a message in %s: %r", self.chat_id, exc)
+            return False
+        return True
+
+    async def delete(self, ref: MessageRef) -> None:
+        try:
+            await self._bot.call_api("delete_msg", message_id=int(ref.id))
+        except (*ONEBOT_ERRORS, ValueError) as exc:
+            log.debug("qq: could not delete message %s: %r", ref.id, exc)
+
+    # --- sending ---
+
+    def _reply_head(self) -> Message:
+        return Message(MessageSegment.reply(self._event.message_id))
+
+    def _target(self) -> dict[str, Any]:
+        if self._group_id is not None:
+            return {"message_type": "group", "group_id": self._group_id}
+        return {"message_type": "private", "user_id": self._event.user_id}
+
+    async def _send(self, message: Message) -> MessageRef | None:
+        result = await self._bot.call_api("send_msg", **self._target(), message=message)
+        message_id = result.get("message_id") if isinstance(result, dict) else None
+        return MessageRef(str(message_id)) if message_id is not None else None
+
+    async def _upload(self, file: OutFile) -> None:
+        if len(file.data) > self._limits.file_bytes:
+            raise DeliveryError(f"{len(file.data)} bytes is over the QQ file limit")
+        data = "base64://" + base64.b64encode(file.data).decode("ascii")
+        if self._group_id is not None:
+            await self._bot.call_api(
+                "upload_group_file", group_id=self._group_id, file=data, name=file.filename
+            )
+        else:
+            await self._bot.call_api(
+                "upload_private_file", user_id=self._event.user_id, file=data, name=file.filename
+            )
+
+    async def _upload_quietly(self, file: OutFile) -> None:
+        # The preview is already delivered; the original is a bonus where uploads work.
+        try:
+            async with self._pacer.turn(self.chat_id):
+                await self._upload(file)
+        except (*ONEBOT_ERRORS, DeliveryError) as exc:
+            log.info("qq: original file not uploaded to %s: %r", self.chat_id, exc)
+
+    async def _remember(self, ref: MessageRef, job_id: int) -> None:
+        # The image is out whatever happens here: losing the reply mapping must not turn a
+        # delivered result into a failed (and refunded) job.
+        try:
+            await self._services.remember_result(PLATFORM, self.chat_id, ref.id, job_id)
+        except Exception:
+            log.warning(
+                "qq: could not record result message %s of job %s", ref.id, job_id, exc_info=True
+            )
+
+    async def _deliver(self, sending: Any, what: str) -> Any:
+        try:
+            return await sending
+        except ONEBOT_ERRORS as exc:
+            raise DeliveryError(f"qq {what}: {type(exc).__name__}") from exc
+
+    async def _shape(self, file: OutFile) -> tuple[bytes, OutFile | None]:
+        """The bytes for the image segment, and the original to upload when they differ."""
+        width, height = file.width, file.height
+        if not (width and height):
+            try:
+                info = await asyncio.to_thread(probe, file.data)
+                width, height = info.width, info.height
+            except ImageError:
+                return file.data, None
+        long_side, short_side = max(width, height), max(1, min(width, height))
+        if (
+            len(file.data) <= self._limits.photo_bytes
+            and long_side <= MAX_EDGE
+            and long_side / short_side <= MAX_ASPECT
+        ):
+            return file.data, None
+        preview = await make_preview(
+            file.data, max_bytes=self._limits.photo_bytes, max_edge=PREVIEW_EDGE
+        )
+        return preview, file

@@ -1,0 +1,130 @@
+"""From a OneBot message event to `dispatch`: the one matcher of the QQ adapter.
+
+Any message starting with a command from the shared declarations (`/draw`, `/画`, `／改图`,
+`/画一只猫`) is a command, in private chats and in groups, with or without an @-mention.
+Reference images come from the message itself and from the quoted message; replying to one of
+the bot's results with `/edit <prompt>` or `/reroll` points the command at that result's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nonebot import on_message
+from nonebot.adapters.onebot.v11 import Bot, MessageEvent
+from nonebot.adapters.onebot.v11.event import Reply
+from nonebot.compat import type_validate_python
+from nonebot.matcher import Matcher
+
+from adapters.qq.chat import ONEBOT_ERRORS, PLATFORM, QQ_LIMITS, QQChat, SendPacer, chat_id_of
+from adapters.qq.references import image_urls, prefetch
+from bot.chat import ChatLimits, ImageSource, Invocation
+from bot.fetch import FetchPolicy
+from bot.services import Services
+from plugins.dispatch import dispatch
+from plugins.registry import split_command
+
+log = logging.getLogger(__name__)
+
+PRIORITY = 10
+
+
+class QQHandler:
+    """Turns a command message into an `Invocation` and a `QQChat`, then dispatches it."""
+
+    def __init__(
+        self,
+        services: Services,
+        pacer: SendPacer,
+        limits: ChatLimits = QQ_LIMITS,
+    ) -> None:
+        settings = services.settings
+        self.services = services
+        self.pacer = pacer
+        self.limits = limits
+        self.policy = FetchPolicy(
+            allowed_hosts=tuple(settings.image_host_list()), max_bytes=settings.max_input_bytes
+        )
+        self._running: set[asyncio.Task[object]] = set()
+
+    async def handle(self, bot: Bot, event: MessageEvent) -> None:
+        """Run the command in `event`, if it holds one."""
+        parsed = split_command(event.get_plaintext())
+        if parsed is None:
+            return
+        spec, text = parsed
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
+        try:
+            chat_id = chat_id_of(event)
+            reply = event.reply or await _quoted(bot, event)
+            reply_job = None
+            if reply is not None:
+                reply_job = await self.services.job_for_message(
+                    PLATFORM, chat_id, str(reply.message_id)
+                )
+            references: tuple[ImageSource, ...] = ()
+            if spec.max_images:
+                urls = image_urls(event.message)
+                # A result's own images are better taken from the job's stored originals.
+                if reply is not None and reply_job is None:
+                    urls += [u for u in image_urls(reply.message) if u not in urls]
+                references = await prefetch(urls, self.policy)
+            sender = event.sender
+            invocation = Invocation(
+                platform=PLATFORM,
+                user_id=str(event.user_id),
+                chat_id=chat_id,
+                command=spec.name,
+                text=text,
+                is_private=event.message_type == "private",
+                user_name=sender.card or sender.nickname or "",
+                references=references,
+                message_id=str(event.message_id),
+                reply_to_job=reply_job,
+            )
+            chat = QQChat(bot, event, self.services, self.pacer, self.limits)
+            await dispatch(invocation, chat, self.services)
+        finally:
+            if task is not None:
+                self._running.discard(task)
+
+    async def drain(self, grace: float) -> None:
+        """Wait up to `grace` seconds for commands being handled, then cancel the rest."""
+        running = set(self._running)
+        if not running:
+            return
+        _, pending = await asyncio.wait(running, timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+
+
+async def is_command(event: MessageEvent) -> bool:
+    """The matcher's rule: the message starts with a declared command."""
+    return split_command(event.get_plaintext()) is not None
+
+
+def build_matcher(handler: QQHandler) -> type[Matcher]:
+    """Register the command matcher; call `.destroy()` on the result to unregister it."""
+
+    async def on_command(bot: Bot, event: MessageEvent) -> None:
+        await handler.handle(bot, event)
+
+    return on_message(rule=is_command, handlers=[on_command], priority=PRIORITY, block=True)
+
+
+async def _quoted(bot: Bot, event: MessageEvent) -> Reply | None:
+    """The quoted message when the adapter could not fetch it (its `get_msg` failed)."""
+    segment = next((s for s in event.message if s.type == "reply"), None)
+    if segment is None:
+        return None
+    try:
+        data = await bot.call_api("get_msg", message_id=int(segment.data["id"]))
+        return type_validate_python(Reply, data)
+    except (*ONEBOT_ERRORS, ValueError, KeyError, TypeError) as exc:
+        log.info("qq: quoted message %s unavailable: %r", segment.data.get("id"), exc)
+        return None

@@ -1,0 +1,214 @@
+"""The QQ platform inside `drawbridge run`: nonebot's OneBot v11 endpoint in our event loop.
+
+nonebot keeps one global driver per process and `nonebot.init` works once, so the driver is
+made on first use (or reused when something else, such as nonebug, made it) and everything
+of ours that hangs off it (the matcher, the server) is added in `start` and removed in
+`stop`. The FastAPI app is served by uvicorn on a socket we bind ourselves, so a taken port
+is an ordinary `OSError` from `start` and uvicorn never calls `sys.exit` or touches signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Iterator
+
+import nonebot
+import uvicorn
+from nonebot.adapters.onebot.v11 import Adapter as OneBotAdapter
+from nonebot.drivers import ASGIMixin, Driver
+from nonebot.matcher import Matcher
+
+from adapters.qq import redaction
+from adapters.qq.chat import SendPacer
+from adapters.qq.handler import QQHandler, build_matcher
+from bot.config import Settings
+from bot.services import Services
+
+log = logging.getLogger("drawbridge.qq")
+
+WS_PATH = "/onebot/v11/ws"
+PACE_SECONDS = 1.0
+"""Least time between two image sends in one chat (QQ risk control)."""
+HANDLER_GRACE = 5.0
+"""Seconds `stop` lets commands being handled (downloading references) finish; jobs have
+had their own grace period before `drawbridge run` stops the platforms."""
+SERVER_GRACE = 8.0
+"""Seconds `stop` waits for uvicorn to close connections and run nonebot's shutdown hooks."""
+# nonebot's config loader reads `.env` files and keeps every line of them (keys included) in
+# a config it logs; drawbridge's own Settings read `.env`, nonebot gets only what we pass.
+_NO_ENV_FILES = (os.devnull,)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: `drawbridge run` owns SIGINT and SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class QQPlatform:
+    """Serves the OneBot v11 reverse WebSocket at `ws://HOST:PORT/onebot/v11/ws`."""
+
+    name = "qq"
+
+    def __init__(
+        self, settings: Settings, services: Services, *, pace_seconds: float = PACE_SECONDS
+    ) -> None:
+        self.settings = settings
+        self.services = services
+        self.handler = QQHandler(services, SendPacer(pace_seconds))
+        self.address: tuple[str, int] | None = None
+        self._matcher: type[Matcher] | None = None
+        self._server: _Server | None = None
+        self._serving: asyncio.Task[None] | None = None
+        # Before nonebot exists: its first log lines may already carry values from `.env`.
+        redaction.install(redaction.secrets_of(settings))
+
+    async def start(self) -> None:
+        """Listen for OneBot implementations; returns once the endpoint accepts connections."""
+        if self._serving is not None:
+            return
+        driver = ensure_driver(self.settings)
+        if not isinstance(driver, ASGIMixin):
+            raise RuntimeError(f"nonebot runs the {driver.type} driver; QQ needs ~fastapi")
+        ensure_adapter(driver, self.settings.onebot_access_token)
+        warn_if_exposed(self.settings)
+        redaction.quiet_frame_dumps()
+        sock = _bind(self.settings.host, self.settings.port)
+        self.address = sock.getsockname()[:2]
+        config = uvicorn.Config(
+            driver.server_app,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+        self._server = _Server(config)
+        self._matcher = build_matcher(self.handler)
+        self._serving = asyncio.create_task(self._serve(self._server, sock), name="qq-onebot")
+        while not self._server.started:
+            if self._serving.done():
+                failure = None if self._serving.cancelled() else self._serving.exception()
+                await self.stop()
+                raise RuntimeError("the OneBot endpoint did not start") from failure
+            await asyncio.sleep(0.02)
+        host, port = self.address
+        log.info("qq: OneBot v11 endpoint at ws://%s:%d%s", _url_host(host), port, WS_PATH)
+
+    async def stop(self) -> None:
+        """Stop taking commands, let those being handled finish, close the endpoint."""
+        if self._matcher is not None:
+            self._matcher.destroy()
+            self._matcher = None
+        await self.handler.drain(HANDLER_GRACE)
+        serving, server = self._serving, self._server
+        self._serving = self._server = None
+        if serving is None or server is None:
+            return
+        server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(serving), timeout=SERVER_GRACE)
+        except TimeoutError:
+            server.force_exit = True
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await serving
+        except Exception:
+            log.warning("qq: the OneBot endpoint stopped with an error", exc_info=True)
+
+    @staticmethod
+    async def _serve(server: _Server, sock: socket.socket) -> None:
+        try:
+            await server.serve(sockets=[sock])
+        except SystemExit as exc:
+            # uvicorn exits the process when the app's startup fails; a task must not.
+            raise RuntimeError("uvicorn gave up serving the OneBot endpoint") from exc
+        finally:
+            sock.close()
+
+
+def ensure_driver(settings: Settings) -> Driver:
+    """nonebot's driver, initialised from our settings if this process has none yet."""
+    try:
+        driver = nonebot.get_driver()
+    except ValueError:
+        nonebot.init(
+            _env_file=_NO_ENV_FILES,
+            driver="~fastapi",
+            # nonebot validates HOST as an IP; we bind the socket ourselves, so a host name
+            # only needs a placeholder here.
+            host=settings.host if _is_ip(settings.host) else "127.0.0.1",
+            port=settings.port,
+            log_level=settings.log_level.upper(),
+        )
+        driver = nonebot.get_driver()
+        # nonebot.init installed its own patcher over ours.
+        redaction.install()
+        redaction.forward_to_stdlib()
+    return driver
+
+
+def ensure_adapter(driver: Driver, access_token: str) -> OneBotAdapter:
+    """The OneBot v11 adapter, registered once, checking `access_token` on connections."""
+    try:
+        adapter = nonebot.get_adapter(OneBotAdapter)
+    except ValueError:
+        driver.register_adapter(OneBotAdapter)
+        adapter = nonebot.get_adapter(OneBotAdapter)
+    # Set here rather than through nonebot.init, whose config is logged in full.
+    adapter.onebot_config = adapter.onebot_config.model_copy(
+        update={"onebot_access_token": access_token or None}
+    )
+    return adapter
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    """Warn loudly when anyone beyond this machine may connect and drive the bot."""
+    if settings.onebot_access_token or _is_loopback(settings.host):
+        return
+    log.warning(
+        "!!! qq: the OneBot endpoint listens on %s without ONEBOT_ACCESS_TOKEN: anyone who can "
+        "reach port %d can act as your QQ account's bot. Set ONEBOT_ACCESS_TOKEN (and the same "
+        "token in NapCat/LLOneBot) or HOST=127.0.0.1. !!!",
+        settings.host,
+        settings.port,
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,94 @@
+"""The QQ platform's own duties: log redaction, the exposure warning, a clean start failure."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from loguru import logger
+
+from adapters.qq import create_platform, redaction
+from adapters.qq.platform import warn_if_exposed
+from bot.config import Settings
+
+
+@pytest.fixture
+def loguru_lines() -> Iterator[list[str]]:
+    lines: list[str] = []
+    sink = logger.add(lines.append, level="TRACE", format="{message}|{exception}")
+    try:
+        yield lines
+    finally:
+        logger.remove(sink)
+
+
+@pytest.mark.parametrize(
+    ("line", "secret"),
+    [
+        ("Message 5 from 1@[群:2] '/token sk-abcdef1234567890'", "sk-abcdef1234567890"),
+        ("Message 6 from 1@[群:2] '/token Zq8wX2cV4bN6mL1k'", "Zq8wX2cV4bN6mL1k"),
+        ("'／令牌 Zq8wX2cV4bN6mL1k'", "Zq8wX2cV4bN6mL1k"),
+        ("'/令牌Zq8wX2cV4bN6mL1k'", "Zq8wX2cV4bN6mL1k"),
+        ("[CQ:reply,id=3]/TOKEN@drawbot Zq8wX2cV4bN6mL1k[CQ:at,qq=1]", "Zq8wX2cV4bN6mL1k"),
+        ("raw: {'raw_message': '/token Zq8wX2cV4bN6mL1k', 'font': 0}", "Zq8wX2cV4bN6mL1k"),
+    ],
+)
+def test_token_arguments_are_redacted_in_every_spelling(line: str, secret: str) -> None:
+    cleaned = redaction.Redactor().redact(line)
+    assert secret not in cleaned
+    assert "***" in cleaned
+
+
+def test_ordinary_messages_are_left_alone() -> None:
+    line = "Message 7 from 1@[群:2] '/画 一只猫 --size 16:9'"
+    assert redaction.Redactor().redact(line) == line
+
+
+def test_secrets_from_settings_are_masked_in_loguru_records_and_exceptions(
+    loguru_lines: list[str],
+) -> None:
+    # Built at run time: a traceback shows source lines, and this one must not hold the token.
+    key, token = "plainkey-without-" + "prefix-123", "onebot-" + "token-abcdef"
+    settings = Settings(_env_file=None, api_key=key, onebot_access_token=token)
+    redaction.install(redaction.secrets_of(settings))
+    logger.trace("loaded drawbridge_api_key={!r}", key)
+    try:
+        raise ValueError(f"bad header: {token}")
+    except ValueError:
+        logger.exception("connection refused")
+    output = "".join(loguru_lines)
+    assert "loaded drawbridge_api_key" in output and "connection refused" in output
+    assert key not in output
+    assert token not in output
+
+
+def test_exposed_endpoint_without_access_token_warns_loudly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def warnings_for(**values: Any) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            warn_if_exposed(Settings(_env_file=None, **values))
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    assert any("ONEBOT_ACCESS_TOKEN" in m for m in warnings_for(host="0.0.0.0"))
+    assert warnings_for(host="0.0.0.0", onebot_access_token="set-and-long-enough") == []
+    assert warnings_for(host="127.0.0.1") == []
+    assert warnings_for(host="localhost") == []
+    assert warnings_for(host="::1") == []
+
+
+async def test_taken_port_fails_start_with_an_os_error(
+    settings_factory: Callable[..., Settings], services: Any
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        platform = create_platform(settings_factory(qq_enabled=True, port=port), services)
+        with pytest.raises(OSError):
+            await platform.start()
+        await platform.stop()
