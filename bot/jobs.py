@@ -69,6 +69,7 @@ class _Ticket:
     provider: str
     task: asyncio.Task[None] | None = None
     running: bool = False
+    outcome: str = ""
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -292,6 +293,7 @@ class JobRunner:
         job_id = ticket.job_id
         started = time.monotonic()
         ticker: asyncio.Task[None] | None = None
+        progress = _ProgressRelay(chat, lang)
         try:
             async with self._slot(cred.primary):
                 self._waiting[ticket.provider].remove(ticket)
@@ -300,7 +302,6 @@ class JobRunner:
                 if status is not None and chat.limits.can_edit:
                     await _quietly(chat.edit_text(status, t(lang, "status.started", job=job_id)))
                     ticker = asyncio.create_task(self._tick(chat, status, lang, job_id))
-                progress = _ProgressRelay(chat, lang)
                 result = await cred.chain.run(request, progress)
                 if ticker is not None:
                     ticker.cancel()
@@ -328,6 +329,7 @@ class JobRunner:
                         for f in files
                     ],
                 )
+                ticket.outcome = "succeeded"
                 if status is not None:
                     await _quietly(chat.delete(status))
                 log.info(
@@ -358,6 +360,9 @@ class JobRunner:
         finally:
             if ticker is not None:
                 ticker.cancel()
+            if progress.preview is not None and ticket.outcome != "succeeded":
+                # A partial preview of a job that failed would look like a result.
+                await _quietly(chat.delete(progress.preview))
             with contextlib.suppress(ValueError):
                 self._waiting.get(ticket.provider, deque()).remove(ticket)
             self._tickets.pop(job_id, None)

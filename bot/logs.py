@@ -50,5 +50,5 @@ def setup_logging(level: str = "INFO") -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     # aiosqlite's DEBUG lines carry SQL parameters (encrypted keys, prompts).
-    for noisy in ("httpx", "httpcore", "aiohttp.access", "aiosqlite"):
+    for noisy in ("httpx", "httpcore", "aiohttp.access", "aiosqlite", "aiogram.event"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

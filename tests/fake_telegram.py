@@ -18,6 +18,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,7 +26,7 @@ from aiohttp import web
 from PIL import Image
 
 MB = 1024 * 1024
-DEFAULT_TOKEN = "123456789:AAFakeTokenForTests_x1y2z3"
+DEFAULT_TOKEN = "123456789:AAFakeTokenForTests_x1y2z3abcdefghij"
 
 
 @dataclass
@@ -85,6 +86,8 @@ class FakeTelegram:
     download_max_bytes: int = 20 * MB
     # Per-chat: False means the bot lacks `can_delete_messages` there.
     can_delete: dict[int, bool] = field(default_factory=dict)
+    # `--local` mode: getFile answers with absolute paths of files written here.
+    local_dir: Path | None = None
 
     calls: list[ApiCall] = field(default_factory=list)
     messages: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
@@ -92,6 +95,7 @@ class FakeTelegram:
     commands: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     webhook: dict[str, Any] | None = None
     webhook_deliveries: list[int] = field(default_factory=list)
+    downloads: list[str] = field(default_factory=list)
     base_url: str = ""
 
     def __post_init__(self) -> None:
@@ -234,12 +238,16 @@ class FakeTelegram:
         if photo is not None:
             message["photo"] = self.photo_sizes(photo)
         if document is not None:
-            message["document"] = self.document(document, file_name=document_name, mime=document_mime)
+            message["document"] = self.document(
+                document, file_name=document_name, mime=document_mime
+            )
             if document_size is not None:
                 # Telegram reports the size; a "huge" file need not be allocated in tests.
                 message["document"]["file_size"] = document_size
         if reply_to is not None:
-            message["reply_to_message"] = {k: v for k, v in reply_to.items() if k != "reply_to_message"}
+            message["reply_to_message"] = {
+                k: v for k, v in reply_to.items() if k != "reply_to_message"
+            }
         if media_group_id is not None:
             message["media_group_id"] = media_group_id
         self._store(message)
@@ -303,14 +311,16 @@ class FakeTelegram:
         return [
             m
             for (cid, _), m in sorted(self.messages.items())
-            if cid == chat_id and m.get("from", {}).get("id") == self.bot_id and not m.get("_deleted")
+            if cid == chat_id
+            and m.get("from", {}).get("id") == self.bot_id
+            and not m.get("_deleted")
         ]
 
     async def wait_for(
-        self, predicate: Callable[[], Any], *, timeout: float = 10.0, what: str = "condition"
+        self, predicate: Callable[[], Any], *, within: float = 10.0, what: str = "condition"
     ) -> Any:
         """Wait until `predicate()` is truthy (re-checked on every request) and return it."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while not (value := predicate()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -327,7 +337,7 @@ class FakeTelegram:
         count: int = 1,
         where: Callable[[ApiCall], bool] | None = None,
         ok: bool = True,
-        timeout: float = 10.0,
+        within: float = 10.0,
     ) -> ApiCall:
         """Wait for the `count`-th call of `method` (answered 200 when `ok`) and return it."""
 
@@ -341,7 +351,7 @@ class FakeTelegram:
             ]
             return hits[count - 1] if len(hits) >= count else None
 
-        return await self.wait_for(found, timeout=timeout, what=f"{method} #{count}")
+        return await self.wait_for(found, within=within, what=f"{method} #{count}")
 
     # --- HTTP ---
 
@@ -368,7 +378,9 @@ class FakeTelegram:
                 return self._error(call, 401, "Unauthorized")
             failure = self._take_failure(method)
             if failure is not None:
-                return self._error(call, failure.error_code, failure.description, failure.retry_after)
+                return self._error(
+                    call, failure.error_code, failure.description, failure.retry_after
+                )
             handler = getattr(self, f"_m_{method}", None)
             if handler is None:
                 return self._error(call, 404, "Not Found: method not found")
@@ -400,6 +412,7 @@ class FakeTelegram:
         if request.match_info["token"] != self.token:
             return web.Response(status=401, text="Unauthorized")
         path = request.match_info["path"]
+        self.downloads.append(path)
         for stored in self.files.values():
             if stored.path == path:
                 return web.Response(body=stored.data, content_type=stored.mime)
@@ -426,7 +439,12 @@ class FakeTelegram:
     # --- helpers for messages ---
 
     def _bot_user(self) -> dict[str, Any]:
-        return {"id": self.bot_id, "is_bot": True, "first_name": "Drawbridge", "username": self.username}
+        return {
+            "id": self.bot_id,
+            "is_bot": True,
+            "first_name": "Drawbridge",
+            "username": self.username,
+        }
 
     def _chat(self, chat_id: int) -> dict[str, Any]:
         if chat_id > 0:
@@ -445,7 +463,9 @@ class FakeTelegram:
         message = self._new_message(self._chat(chat_id), self._bot_user())
         reply_to = self._reply_target(call, chat_id)
         if reply_to is not None:
-            message["reply_to_message"] = {k: v for k, v in reply_to.items() if k != "reply_to_message"}
+            message["reply_to_message"] = {
+                k: v for k, v in reply_to.items() if k != "reply_to_message"
+            }
         if "reply_markup" in call.fields:
             markup = call.json("reply_markup")
             if "inline_keyboard" in markup:
@@ -641,13 +661,19 @@ class FakeTelegram:
         stored = self.files.get(call.fields.get("file_id", ""))
         if stored is None:
             raise _ApiError(400, "Bad Request: invalid file_id")
-        if len(stored.data) > self.download_max_bytes:
+        path = stored.path
+        if self.local_dir is not None:
+            local = self.local_dir / stored.path
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(stored.data)
+            path = str(local.resolve())
+        elif len(stored.data) > self.download_max_bytes:
             raise _ApiError(400, "Bad Request: file is too big")
         return {
             "file_id": stored.file_id,
             "file_unique_id": stored.file_unique_id,
             "file_size": len(stored.data),
-            "file_path": stored.path,
+            "file_path": path,
         }
 
 
@@ -686,7 +712,9 @@ def _tiny_png() -> bytes:
     return buf.getvalue()
 
 
-def make_png(width: int = 640, height: int = 480, color: tuple[int, int, int] = (30, 120, 200)) -> bytes:
+def make_png(
+    width: int = 640, height: int = 480, color: tuple[int, int, int] = (30, 120, 200)
+) -> bytes:
     """A real PNG of the given size (a plain colour compresses to almost nothing)."""
     buf = io.BytesIO()
     Image.new("RGB", (width, height), color).save(buf, "PNG")

@@ -522,3 +522,19 @@ async def test_group_daily_cap_stops_a_group_but_not_private_chats(
         assert chat.results()
     finally:
         await services.close()
+
+
+async def test_partial_previews_are_shown_while_streaming(services: Services) -> None:
+    chat = await run(services, inv("draw", "a fox"))
+    previews = [s for s in chat.log if s.kind == "preview"]
+    assert previews and Image.open(io.BytesIO(previews[0].files[0].data)).format == "JPEG"
+    assert chat.results()
+
+
+async def test_a_failed_jobs_preview_is_removed(services: Services) -> None:
+    chat = await run(services, inv("draw", "a fox [fail:stream_cut]"))
+    previews = [s for s in chat.log if s.kind == "preview"]
+    assert previews
+    deleted = [s.ref for s in chat.log if s.kind == "delete"]
+    assert previews[-1].ref in deleted
+    assert not chat.results()

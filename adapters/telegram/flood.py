@@ -124,7 +124,7 @@ class TelegramSender:
         *,
         chat_id: int | None = None,
         paced: bool = True,
-        timeout: int | None = None,
+        request_timeout: int | None = None,
     ) -> T:
         """Run `method`; pace it in `chat_id` unless `paced` is False (deletes, actions).
 
@@ -136,10 +136,13 @@ class TelegramSender:
             if chat_id is not None and (paced or attempt > 0):
                 await self.pacer.wait(chat_id)
             try:
-                return await self.bot(method, request_timeout=timeout)
+                return await self.bot(method, request_timeout=request_timeout)
             except TelegramRetryAfter as exc:
                 attempt += 1
-                if attempt > self.policy.max_retries or exc.retry_after > self.policy.max_retry_after:
+                if (
+                    attempt > self.policy.max_retries
+                    or exc.retry_after > self.policy.max_retry_after
+                ):
                     raise
                 log.warning(
                     "telegram: 429 on %s, retrying in %ss (attempt %d)",

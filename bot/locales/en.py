@@ -45,6 +45,7 @@ MESSAGES: dict[str, str] = {
     "status.refunded": "Nothing was charged.",
     "result.caption": "{prompt}\n{size} · {seconds}s",
     "result.caption_fallback": "{prompt}\n{size} (4K was refused, drew {fallback}) · {seconds}s",
+    "result.actions": "Job {job}: what next?",
     "result.gone": "That result is no longer kept. Draw it again with /draw.",
     "result.not_found": "I can't find that job.",
     "reroll.need_reply": "Reply to one of my results with /reroll to draw it again.",

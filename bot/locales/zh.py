@@ -44,6 +44,7 @@ MESSAGES: dict[str, str] = {
     "status.refunded": "本次未扣除任何额度。",
     "result.caption": "{prompt}\n{size} · {seconds} 秒",
     "result.caption_fallback": "{prompt}\n{size}(4K 被拒绝,已改画 {fallback})· {seconds} 秒",
+    "result.actions": "任务 {job}:接下来?",
     "result.gone": "这张结果已不再保存,请用 /画 重新生成。",
     "result.not_found": "找不到这个任务。",
     "reroll.need_reply": "请回复我发出的结果图并发送 /reroll 重新画。",
