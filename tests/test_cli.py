@@ -101,7 +101,7 @@ async def test_edit_sends_the_image_files(mock_process: str, tmp_path: Path) -> 
     ref = tmp_path / "in.jpg"
     Image.new("RGB", (300, 200), "green").save(ref, "JPEG")
     env = clean_env(DRAWBRIDGE_API_BASE=mock_process, DRAWBRIDGE_API_KEY="sk-cli-test-key")
-    code, out, err = await drawbridge(
+    code, _, err = await drawbridge(
         "edit", "make it blue", str(ref), "--size", "1:1", "-o", "out", env=env, cwd=tmp_path
     )
     assert code == 0, err
