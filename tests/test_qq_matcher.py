@@ -14,6 +14,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import date
 from typing import Any
 
 import pytest
@@ -447,3 +448,20 @@ async def test_several_results_go_one_per_message_paced_apart(
     assert all(gap >= 0.24 for gap in gaps), gaps
     for sent in ("901", "902", "903"):
         assert await qq_services.job_for_message("qq", f"group:{GROUP}", sent) == job
+
+
+async def test_grant_names_the_target_by_at_mention(
+    app: App, matcher: type[Matcher], qq_services: Services
+) -> None:
+    admin = await qq_services.store.user("qq", str(USER))
+    await qq_services.store.set_role(admin.id, "admin")
+    target = await qq_services.store.user("qq", "55555", "Bob")
+    granted = Matching(lambda m: "55555" in plain(m) and "balance is 7" in plain(m))
+    async with app.test_matcher(matcher) as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF_ID))
+        event = group_event([MessageSegment.text("/grant "), MessageSegment.at(55555), " 7"])
+        ctx.receive_event(bot, event)
+        ctx.should_pass_rule(matcher)
+        ctx.should_call_api("send_msg", to_group(granted), {"message_id": 1})
+    credits = await qq_services.store.credits(target.id, date.today(), 0)
+    assert credits.balance == 7

@@ -54,6 +54,9 @@ class QQHandler:
         if parsed is None:
             return
         spec, text = parsed
+        if spec.admin:
+            # "/grant @someone 10": an @-mention names the target user by QQ number.
+            text = " ".join([*_mentioned(event), text]).strip()
         task = asyncio.current_task()
         if task is not None:
             self._running.add(task)
@@ -128,3 +131,13 @@ async def _quoted(bot: Bot, event: MessageEvent) -> Reply | None:
     except (*ONEBOT_ERRORS, ValueError, KeyError, TypeError) as exc:
         log.info("qq: quoted message %s unavailable: %r", segment.data.get("id"), exc)
         return None
+
+
+def _mentioned(event: MessageEvent) -> list[str]:
+    """QQ numbers @-mentioned in the message, other than the bot and @all."""
+    ignored = {"all", str(event.self_id)}
+    return [
+        str(seg.data.get("qq"))
+        for seg in event.message
+        if seg.type == "at" and str(seg.data.get("qq")) not in ignored
+    ]
