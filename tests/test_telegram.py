@@ -661,3 +661,20 @@ async def test_webhook_mode_sets_the_hook_checks_the_secret_and_removes_it_on_st
         await tg.stop()
     assert fake.ok_calls("deleteWebhook")
     assert fake.webhook is None
+
+
+async def test_admin_grant_in_reply_to_someone_names_them(
+    platform: TelegramPlatform, fake: FakeTelegram, services: Any
+) -> None:
+    boss = fake.user(1001, first_name="Boss")
+    bob = fake.user(2002, first_name="Bob")
+    group = fake.group_chat()
+    admin = await services.store.user("telegram", "1001")
+    await services.store.set_role(admin.id, "admin")
+    await services.store.user("telegram", "2002", "Bob")
+    hello = fake.send_message(group, bob, "hi all")
+    fake.send_message(group, boss, "/grant 7", reply_to=hello)
+
+    answer = await fake.wait_call("sendMessage")
+
+    assert "telegram:2002" in answer.fields["text"] and "balance is 7" in answer.fields["text"]

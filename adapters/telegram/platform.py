@@ -302,6 +302,11 @@ class TelegramPlatform:
         parsed = self._parse(text)
         if parsed is not None:
             command, body = parsed[0].name, parsed[1]
+            if parsed[0].admin and target is not None and target.from_user and not to_bot:
+                # "/ban" or "/grant 10" in reply to someone names them as the target.
+                needed = len([o for o in parsed[0].options if o.required])
+                if len(body.split()) < needed:
+                    body = f"{target.from_user.id} {body}".strip()
         elif prompt_job is not None and text.strip():
             # The answer to the Edit button's "reply with what to change".
             command, body = "edit", text.strip()
