@@ -7,8 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.chat import ChatLimits, MessageRef, OutFile, ResultMeta
+from bot.chat import ChatLimits, Invocation, MessageRef, OutFile, ResultMeta
 from bot.errors import DeliveryError
+from bot.services import Services
+from plugins.dispatch import dispatch
 
 _ids = itertools.count(1)
 
@@ -88,3 +90,26 @@ class RecordingChat:
         """All text the chat ever showed (for secret-leak checks)."""
         parts: list[Any] = [s.text for s in self.log]
         return "\n".join(parts)
+
+
+def invocation(command: str, text: str = "", **fields: Any) -> Invocation:
+    """A command from user u1 in private chat c1 (English), with `fields` overriding."""
+    values: dict[str, Any] = {
+        "platform": "test",
+        "user_id": "u1",
+        "chat_id": "c1",
+        "is_private": True,
+        "locale": "en",
+    }
+    values.update(fields)
+    return Invocation(command=command, text=text, **values)
+
+
+async def run_command(
+    services: Services, inv: Invocation, chat: RecordingChat | None = None
+) -> RecordingChat:
+    """Dispatch `inv` and wait until every job it started has finished."""
+    chat = chat or RecordingChat()
+    await dispatch(inv, chat, services)
+    await services.jobs.wait_idle()
+    return chat

@@ -7,7 +7,6 @@ import io
 import sqlite3
 from collections.abc import Callable
 from datetime import date, timedelta
-from typing import Any
 
 import pytest
 from PIL import Image
@@ -18,21 +17,12 @@ from bot.jobs import today
 from bot.mock_upstream import MockUpstream
 from bot.services import Services
 from plugins.dispatch import dispatch
-from tests.recording_chat import RecordingChat
+from tests.recording_chat import RecordingChat, invocation, run_command
 
 OWN_KEY = "sk-own-key-1234567890abcdef"
 
 
-def inv(command: str, text: str = "", **kw: Any) -> Invocation:
-    values: dict[str, Any] = {
-        "platform": "test",
-        "user_id": "u1",
-        "chat_id": "c1",
-        "is_private": True,
-        "locale": "en",
-    }
-    values.update(kw)
-    return Invocation(command=command, text=text, **values)
+inv = invocation
 
 
 def png(width: int = 64, height: int = 48, color: str = "red") -> bytes:
@@ -41,13 +31,7 @@ def png(width: int = 64, height: int = 48, color: str = "red") -> bytes:
     return buf.getvalue()
 
 
-async def run(
-    services: Services, invocation: Invocation, chat: RecordingChat | None = None
-) -> RecordingChat:
-    chat = chat or RecordingChat()
-    await dispatch(invocation, chat, services)
-    await services.jobs.wait_idle()
-    return chat
+run = run_command
 
 
 async def job_rows(services: Services) -> list[sqlite3.Row]:

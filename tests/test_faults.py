@@ -4,33 +4,16 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from typing import Any
 
-from bot.chat import Invocation
 from bot.config import Settings
 from bot.jobs import today
 from bot.mock_upstream import MockUpstream
 from bot.services import Services
-from plugins.dispatch import dispatch
-from tests.recording_chat import RecordingChat
-
-
-def inv(text: str, **kw: Any) -> Invocation:
-    values: dict[str, Any] = {
-        "platform": "test",
-        "user_id": "u1",
-        "chat_id": "c1",
-        "is_private": True,
-    }
-    values.update(kw)
-    return Invocation(command="draw", text=text, **values)
+from tests.recording_chat import RecordingChat, invocation, run_command
 
 
 async def draw(services: Services, text: str) -> RecordingChat:
-    chat = RecordingChat()
-    await dispatch(inv(text), chat, services)
-    await services.jobs.wait_idle()
-    return chat
+    return await run_command(services, invocation("draw", text))
 
 
 async def outcome(services: Services) -> tuple[int, str | None, str | None]:

@@ -5,38 +5,24 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
-from bot.chat import Invocation
 from bot.config import Settings
 from bot.jobs import today
 from bot.logs import RedactingFilter, redact
 from bot.mock_upstream import MockUpstream
 from bot.services import Services
 from plugins.dispatch import dispatch
-from tests.recording_chat import RecordingChat
+from tests.recording_chat import RecordingChat, invocation, run_command
 
 KEY = "sk-secret-Zq8wK3mN5pR7tV9xB2dF4"
 
 
-def inv(command: str, text: str = "", **kw: Any) -> Invocation:
-    values: dict[str, Any] = {
-        "platform": "test",
-        "user_id": "u1",
-        "chat_id": "c1",
-        "is_private": True,
-    }
-    values.update(kw)
-    return Invocation(command=command, text=text, **values)
+inv = invocation
 
 
-async def run(services: Services, invocation: Invocation) -> RecordingChat:
-    chat = RecordingChat()
-    await dispatch(invocation, chat, services)
-    await services.jobs.wait_idle()
-    return chat
+run = run_command
 
 
 async def test_a_bound_key_never_reaches_logs_messages_or_the_database(
