@@ -110,6 +110,8 @@ class JobRunner:
         self._waiting: dict[str, deque[_Ticket]] = {}
         self._tickets: dict[int, _Ticket] = {}
         self._per_user: dict[int, int] = {}
+        # Jobs admitted but still being validated or charged (not yet in a queue).
+        self._intake = 0
         self._accepting = True
         self.files_dir = settings.data_dir / "jobs"
 
@@ -189,6 +191,9 @@ class JobRunner:
             ref_count=len(spec.references) + len(extra_references),
             own_key=bool(own_key),
         )
+        # Count the job against the user's and the queue's limits before any await, so two
+        # commands arriving together cannot both slip under a limit.
+        admitted = False
         try:
             if user.has_key and not own_key:
                 # The secret changed since the key was bound: never fall back to credits silently.
@@ -196,8 +201,11 @@ class JobRunner:
             cred = self._credential(own_key)
             if self.active_count(user.id) >= self.settings.user_max_jobs:
                 raise errors.TooManyJobsError(limit=self.settings.user_max_jobs)
-            if self.queue_length() >= self.settings.queue_size:
+            if self.queue_length() + self._intake >= self.settings.queue_size:
                 raise errors.BusyError()
+            self._per_user[user.id] = self.active_count(user.id) + 1
+            self._intake += 1
+            admitted = True
             references = await self._validate(spec, cred.primary, extra_references)
             cost = 0 if cred.own_key else price(self.settings, spec.size, spec.quality) * spec.n
             await self.store.reserve(
@@ -209,16 +217,24 @@ class JobRunner:
                 group_key=None if cred.own_key else inv.group_id,
                 group_cap=self.settings.group_daily_cap,
             )
-        except errors.DrawbridgeError as exc:
-            await self.store.finish_job(
-                job_id, status="failed", error_kind=exc.kind, error_detail=exc.detail[:500]
+        except BaseException as exc:
+            if admitted:
+                self._intake -= 1
+                self._release_user(user.id)
+            kind = exc.kind if isinstance(exc, errors.DrawbridgeError) else "internal"
+            detail = exc.detail[:500] if isinstance(exc, errors.DrawbridgeError) else None
+            await asyncio.shield(
+                self.store.finish_job(job_id, status="failed", error_kind=kind, error_detail=detail)
             )
             raise
-        except BaseException:
-            await self.store.finish_job(job_id, status="failed", error_kind="internal")
-            raise
 
-        self._save_references(job_id, references)
+        self._intake -= 1
+        ticket = _Ticket(job_id, user.id, cred.primary.name)
+        queue = self._waiting.setdefault(ticket.provider, deque())
+        queue.append(ticket)
+        self._tickets[job_id] = ticket
+        slot = self._slot(cred.primary)
+        position = len(queue) if slot.locked() else 0
         request = ImageRequest(
             prompt=spec.prompt,
             size=str(spec.size) if spec.size else None,
@@ -228,20 +244,10 @@ class JobRunner:
             references=tuple(references),
             user=hashlib.sha256(f"{inv.platform}:{inv.user_id}".encode()).hexdigest()[:16],
         )
-        ticket = _Ticket(job_id, user.id, cred.primary.name)
-        queue = self._waiting.setdefault(ticket.provider, deque())
-        queue.append(ticket)
-        self._tickets[job_id] = ticket
-        self._per_user[user.id] = self._per_user.get(user.id, 0) + 1
-        slot = self._slot(cred.primary)
-        position = len(queue) if slot.locked() else 0
-        status = await chat.send_text(
-            t(lang, "status.queued", position=position, job=job_id)
-            if position
-            else t(lang, "status.started", job=job_id)
-        )
+        # From here the task owns the reservation: it commits or refunds on every path.
         ticket.task = asyncio.create_task(
-            self._run(ticket, cred, request, chat, lang, status), name=f"job-{job_id}"
+            self._run(ticket, cred, request, chat, lang, position, references),
+            name=f"job-{job_id}",
         )
         return job_id
 
@@ -288,13 +294,22 @@ class JobRunner:
         request: ImageRequest,
         chat: Chat,
         lang: str,
-        status: MessageRef | None,
+        position: int,
+        references: Sequence[Reference],
     ) -> None:
         job_id = ticket.job_id
         started = time.monotonic()
         ticker: asyncio.Task[None] | None = None
         progress = _ProgressRelay(chat, lang)
+        status: MessageRef | None = None
         try:
+            status = await _status(
+                chat,
+                t(lang, "status.queued", position=position, job=job_id)
+                if position
+                else t(lang, "status.started", job=job_id),
+            )
+            await asyncio.to_thread(self._save_references, job_id, references)
             async with self._slot(cred.primary):
                 self._waiting[ticket.provider].remove(ticket)
                 ticket.running = True
@@ -366,8 +381,15 @@ class JobRunner:
             with contextlib.suppress(ValueError):
                 self._waiting.get(ticket.provider, deque()).remove(ticket)
             self._tickets.pop(job_id, None)
-            self._per_user[ticket.user_id] = max(0, self._per_user.get(ticket.user_id, 1) - 1)
+            self._release_user(ticket.user_id)
             ticket.done.set()
+
+    def _release_user(self, user_id: int) -> None:
+        left = self._per_user.get(user_id, 1) - 1
+        if left > 0:
+            self._per_user[user_id] = left
+        else:
+            self._per_user.pop(user_id, None)
 
     async def _fail(
         self,
@@ -561,6 +583,15 @@ class _ProgressRelay:
 def render_error(lang: str, error: errors.DrawbridgeError) -> str:
     """The user's message for an error, with its parameters."""
     return t(lang, error.key, **error.params)
+
+
+async def _status(chat: Chat, text: str) -> MessageRef | None:
+    """Send a status line; a platform hiccup here must not fail the job."""
+    try:
+        return await chat.send_text(text)
+    except Exception:
+        log.debug("status message failed", exc_info=True)
+        return None
 
 
 async def _quietly(awaitable: Any) -> None:

@@ -356,6 +356,7 @@ async def test_per_user_limit_and_queue_position(
         await dispatch(inv("draw", "second"), b, services)  # same user: over the limit
         await dispatch(inv("draw", "third", user_id="u2"), c, services)  # waits behind the first
         assert "already have 1" in b.last_text()
+        await asyncio.sleep(0.1)  # the job's own task posts its status line
         assert "Queued #1" in c.texts()[0]
         await services.jobs.wait_idle()
         assert a.results() and c.results() and not b.results()
@@ -522,3 +523,32 @@ async def test_a_failed_jobs_preview_is_removed(services: Services) -> None:
     deleted = [s.ref for s in chat.log if s.kind == "delete"]
     assert previews[-1].ref in deleted
     assert not chat.results()
+
+
+class SlowImage:
+    """A reference that takes a while to download, like a big QQ image."""
+
+    name = "slow"
+
+    async def fetch(self, max_bytes: int) -> bytes:
+        await asyncio.sleep(0.3)
+        return png()
+
+
+async def test_two_commands_at_once_cannot_both_slip_under_the_per_user_limit(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    services = await Services.create(settings_factory(user_max_jobs=1))
+    try:
+        chats = [RecordingChat(), RecordingChat()]
+        await asyncio.gather(
+            *(
+                dispatch(inv("edit", "night", references=(SlowImage(),)), chat, services)
+                for chat in chats
+            )
+        )
+        await services.jobs.wait_idle()
+        assert sorted(bool(c.results()) for c in chats) == [False, True]
+        assert await left(services) == 4
+    finally:
+        await services.close()
