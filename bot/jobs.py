@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 STATUS_TICK = 10.0
 """Seconds between elapsed-time edits of the status message."""
+QUEUE_TICK = 3.0
+"""Seconds between checks of a waiting job's queue position."""
 PREVIEW_INTERVAL = 3.0
 """Least seconds between two partial previews (platforms rate-limit edits)."""
 
@@ -310,7 +312,12 @@ class JobRunner:
                 else t(lang, "status.started", job=job_id),
             )
             await asyncio.to_thread(self._save_references, job_id, references)
+            if position and status is not None and chat.limits.can_edit:
+                ticker = asyncio.create_task(self._watch_queue(ticket, chat, status, lang))
             async with self._slot(cred.primary):
+                if ticker is not None:
+                    ticker.cancel()
+                    ticker = None
                 self._waiting[ticket.provider].remove(ticket)
                 ticket.running = True
                 await self.store.mark_running(job_id, cred.primary.name)
@@ -423,6 +430,23 @@ class JobRunner:
                     await chat.edit_text(status, text)
                 else:
                     await chat.send_text(text)
+
+    async def _watch_queue(
+        self, ticket: _Ticket, chat: Chat, status: MessageRef, lang: str
+    ) -> None:
+        """Keep "Queued #N" true while the job waits."""
+        queue = self._waiting[ticket.provider]
+        shown = queue.index(ticket) + 1 if ticket in queue else 0
+        while True:
+            await asyncio.sleep(QUEUE_TICK)
+            try:
+                position = queue.index(ticket) + 1
+            except ValueError:
+                return
+            if position != shown:
+                shown = position
+                text = t(lang, "status.queued", position=position, job=ticket.job_id)
+                await _quietly(chat.edit_text(status, text))
 
     async def _tick(self, chat: Chat, status: MessageRef, lang: str, job_id: int) -> None:
         started = time.monotonic()

@@ -552,3 +552,25 @@ async def test_two_commands_at_once_cannot_both_slip_under_the_per_user_limit(
         assert await left(services) == 4
     finally:
         await services.close()
+
+
+async def test_queue_position_is_kept_up_to_date(
+    settings_factory: Callable[..., Settings],
+    mock_upstream: MockUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import bot.jobs
+
+    monkeypatch.setattr(bot.jobs, "QUEUE_TICK", 0.1)
+    mock_upstream.options.latency = 0.6
+    services = await Services.create(settings_factory(concurrency=1))
+    try:
+        third = RecordingChat()
+        for index, chat in enumerate((RecordingChat(), RecordingChat(), third)):
+            await dispatch(inv("draw", f"fox {index}", user_id=f"u{index}"), chat, services)
+        await services.jobs.wait_idle()
+        queued = [text for text in third.texts() if text.startswith("Queued")]
+        assert queued[0].startswith("Queued #2") and any(q.startswith("Queued #1") for q in queued)
+        assert third.results()
+    finally:
+        await services.close()
