@@ -11,7 +11,12 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramEntityTooLarge
+from aiogram.exceptions import (
+    AiogramError,
+    TelegramAPIError,
+    TelegramBadRequest,
+    TelegramEntityTooLarge,
+)
 from aiogram.methods import (
     DeleteMessage,
     EditMessageMedia,
@@ -158,7 +163,7 @@ class TelegramChat:
                 ),
                 chat_id=self.chat_id,
             )
-        except TelegramAPIError as exc:
+        except AiogramError as exc:
             log.warning("telegram: sendMessage failed: %s", type(exc).__name__)
             return None
         if self._edit_prompt_for is not None:
@@ -187,7 +192,7 @@ class TelegramChat:
                     chat_id=self.chat_id,
                     paced=False,
                 )
-            except TelegramAPIError as exc:
+            except AiogramError as exc:
                 if "not modified" not in str(exc):
                     log.info("telegram: status edit failed: %s", type(exc).__name__)
                 return
@@ -220,7 +225,7 @@ class TelegramChat:
                 chat_id=self.chat_id,
                 request_timeout=UPLOAD_TIMEOUT,
             )
-        except TelegramAPIError as exc:
+        except AiogramError as exc:
             log.info("telegram: preview failed: %s", type(exc).__name__)
         return ref
 
@@ -276,7 +281,7 @@ class TelegramChat:
         try:
             document = await self._send_document(file, None, None, reply_to=shown.message_id)
             sent.append(document.message_id)
-        except TelegramAPIError as exc:
+        except AiogramError as exc:
             # The image is in the chat; the "Original file" button can try the file again.
             log.warning("telegram: original file not sent: %s", type(exc).__name__)
         return sent
@@ -452,7 +457,7 @@ class TelegramChat:
                 chat_id=self.chat_id,
                 paced=False,
             )
-        except TelegramAPIError as exc:
+        except AiogramError as exc:
             # In groups the bot needs the "delete messages" admin right.
             log.info("telegram: could not delete the user's message: %s", type(exc).__name__)
             return False
@@ -464,7 +469,7 @@ class TelegramChat:
                 chat_id=self.chat_id,
                 paced=False,
             )
-        except TelegramAPIError as exc:
+        except AiogramError as exc:
             log.info("telegram: delete failed: %s", type(exc).__name__)
 
     # --- helpers ---

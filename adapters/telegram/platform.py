@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from aiogram import Bot, Dispatcher, F, Router
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import PRODUCTION, TelegramAPIServer
-from aiogram.exceptions import TelegramAPIError, TelegramUnauthorizedError
+from aiogram.exceptions import AiogramError, TelegramAPIError, TelegramUnauthorizedError
 from aiogram.methods import (
     AnswerCallbackQuery,
     DeleteWebhook,
@@ -166,7 +166,7 @@ class TelegramPlatform:
         # A webhook left from an earlier run would make getUpdates fail with 409.
         try:
             await self.sender.call(DeleteWebhook(drop_pending_updates=False))
-        except TelegramAPIError as exc:
+        except AiogramError as exc:
             log.warning("telegram: deleteWebhook failed: %s", type(exc).__name__)
         assert self.bot is not None
         self._polling = asyncio.create_task(
@@ -225,7 +225,7 @@ class TelegramPlatform:
             ]
             try:
                 await self.sender.call(SetMyCommands(commands=commands, language_code=code))
-            except TelegramAPIError as exc:
+            except AiogramError as exc:
                 log.warning("telegram: setMyCommands (%s) failed: %s", code, type(exc).__name__)
 
     def _describe(self, spec: CommandSpec, lang: str) -> str:
