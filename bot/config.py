@@ -68,6 +68,8 @@ class Settings(BaseSettings):
         extra="ignore",
         populate_by_name=True,
         case_sensitive=False,
+        # `DRAWBRIDGE_PROVIDERS=` (empty, as in .env.example) means "not set", not invalid JSON.
+        env_ignore_empty=True,
     )
 
     # --- upstream ---

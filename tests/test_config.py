@@ -1,0 +1,90 @@
+"""Settings: names, defaults, .env.example, providers."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bot.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def documented_names() -> set[str]:
+    text = (ROOT / ".env.example").read_text()
+    return set(re.findall(r"^#?\s?([A-Z][A-Z0-9_]+)=", text, re.M))
+
+
+def test_every_setting_is_in_env_example() -> None:
+    names = {
+        str(field.validation_alias.choices[0])  # type: ignore[union-attr]
+        for field in Settings.model_fields.values()
+    }
+    assert names - documented_names() == set()
+
+
+def test_env_example_loads_as_a_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copy(ROOT / ".env.example", tmp_path / ".env")
+    monkeypatch.chdir(tmp_path)
+    settings = Settings()
+    assert settings.model == "gpt-image-2"
+    assert [p.name for p in settings.providers()] == ["default"]
+    assert settings.enabled_platforms() == []
+    assert ("telegram", "123456789") in settings.admin_ids()
+
+
+@pytest.mark.parametrize(
+    "base", ["https://relay.example", "https://relay.example/v1", "https://relay.example/v1/"]
+)
+def test_api_base_with_or_without_v1(base: str) -> None:
+    settings = Settings(_env_file=None, api_base=base, api_key="sk-x")
+    assert settings.providers()[0].api_base == "https://relay.example"
+
+
+def test_providers_are_tried_in_order_and_inherit_defaults() -> None:
+    settings = Settings(
+        _env_file=None,
+        model="gpt-image-2",
+        stream=False,
+        providers_json=[
+            {
+                "name": "url-group",
+                "api_base": "https://a.example/v1",
+                "api_key": "sk-a",
+                "max_references": 9,
+            },
+            {
+                "name": "b64-group",
+                "api_base": "https://a.example",
+                "api_key": "sk-b",
+                "stream": True,
+            },
+        ],
+    )
+    first, second = settings.providers()
+    assert (first.name, first.max_references, first.stream) == ("url-group", 9, False)
+    assert (second.name, second.stream, second.model) == ("b64-group", True, "gpt-image-2")
+
+
+def test_environment_names_are_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRAWBRIDGE_API_BASE", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("DRAWBRIDGE_API_KEY", "sk-env")
+    monkeypatch.setenv("DRAWBRIDGE_MODEL", "gpt-image-1")
+    monkeypatch.setenv("DRAWBRIDGE_DATA_DIR", "/tmp/db-test")
+    monkeypatch.setenv("DRAWBRIDGE_STREAM", "false")
+    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", "1:x")
+    monkeypatch.setenv("QQ_ENABLED", "true")
+    monkeypatch.setenv("DISCORD_BOT_TOKEN", "d")
+    settings = Settings(_env_file=None)
+    provider = settings.providers()[0]
+    assert (provider.api_base, provider.api_key, provider.model, provider.stream) == (
+        "http://127.0.0.1:9",
+        "sk-env",
+        "gpt-image-1",
+        False,
+    )
+    assert str(settings.data_dir) == "/tmp/db-test"
+    assert settings.enabled_platforms() == ["telegram", "qq", "discord"]
