@@ -36,11 +36,15 @@ class InputError(DrawbridgeError):
 
 
 class BadOptionError(InputError):
+    """An option with a value it cannot take (`--n 50`, `--quality ultra`)."""
+
     kind = "bad_option"
     key = "error.bad_option"
 
 
 class UnknownOptionError(BadOptionError):
+    """An option that does not exist (`--style`)."""
+
     kind = "unknown_option"
     key = "error.unknown_option"
 
@@ -53,21 +57,29 @@ class InvalidSizeError(InputError):
 
 
 class EmptyPromptError(InputError):
+    """A draw or edit with nothing to draw."""
+
     kind = "empty_prompt"
     key = "error.empty_prompt"
 
 
 class PromptTooLongError(InputError):
+    """A prompt over `DRAWBRIDGE_MAX_PROMPT_CHARS`."""
+
     kind = "prompt_too_long"
     key = "error.prompt_too_long"
 
 
 class NoReferenceImageError(InputError):
+    """An /edit with no image in the message or the one it replies to."""
+
     kind = "no_reference"
     key = "error.no_reference"
 
 
 class TooManyReferencesError(InputError):
+    """More reference images than the provider accepts."""
+
     kind = "too_many_references"
     key = "error.too_many_references"
 
@@ -80,6 +92,8 @@ class ImageError(InputError):
 
 
 class UnsupportedImageError(ImageError):
+    """A file that is not an allowed image format."""
+
     kind = "unsupported_image"
     key = "error.unsupported_image"
 
@@ -117,6 +131,8 @@ class ForbiddenURLError(ImageError):
 
 
 class AccessError(DrawbridgeError):
+    """The caller may not do this."""
+
     kind = "access_denied"
     key = "error.access_denied"
 
@@ -129,32 +145,44 @@ class JobNotFoundError(AccessError):
 
 
 class BannedError(AccessError):
+    """The caller is banned."""
+
     kind = "banned"
     key = "error.banned"
 
 
 class NotAdminError(AccessError):
+    """An admin command from someone who is not an admin."""
+
     kind = "not_admin"
     key = "error.not_admin"
 
 
 class InsufficientCreditsError(DrawbridgeError):
+    """Not enough daily or granted credits for the job."""
+
     kind = "insufficient_credits"
     key = "error.insufficient_credits"
 
 
 class GroupCapReachedError(DrawbridgeError):
+    """The group has spent its daily cap."""
+
     kind = "group_cap"
     key = "error.group_cap"
 
 
 class BusyError(DrawbridgeError):
+    """The queue is full."""
+
     kind = "busy"
     key = "error.busy"
     retryable = True
 
 
 class TooManyJobsError(DrawbridgeError):
+    """The user already has as many jobs as allowed queued or running."""
+
     kind = "too_many_jobs"
     key = "error.too_many_jobs"
     retryable = True
@@ -175,12 +203,16 @@ class KeyUnreadableError(DrawbridgeError):
 
 
 class ShuttingDownError(DrawbridgeError):
+    """The bot is stopping and takes no new jobs."""
+
     kind = "shutdown"
     key = "error.shutdown"
     retryable = True
 
 
 class CancelledJobError(DrawbridgeError):
+    """The user cancelled the job while it waited."""
+
     kind = "cancelled"
     key = "error.cancelled"
 
@@ -220,6 +252,8 @@ class UpstreamError(DrawbridgeError):
 
 
 class InvalidKeyError(UpstreamError):
+    """The key was refused (invalid, expired or its quota used up)."""
+
     kind = "invalid_key"
     key = "error.invalid_key"
 
@@ -242,28 +276,38 @@ class NoChannelError(UpstreamError):
 
 
 class GroupDeniedError(UpstreamError):
+    """The key may not use its reseller group."""
+
     kind = "group_denied"
     key = "error.group_denied"
     try_next_provider = True
 
 
 class ModerationError(UpstreamError):
+    """The content policy refused the prompt or an image."""
+
     kind = "moderation"
     key = "error.moderation"
 
 
 class UpstreamSizeError(UpstreamError):
+    """The provider refused the size."""
+
     kind = "upstream_invalid_size"
     key = "error.upstream_invalid_size"
 
 
 class UnknownParameterError(UpstreamError):
+    """The provider does not accept a parameter we sent."""
+
     kind = "unknown_parameter"
     key = "error.unknown_parameter"
     try_next_provider = True
 
 
 class RateLimitedError(UpstreamError):
+    """The provider rate-limited us (429)."""
+
     kind = "rate_limited"
     key = "error.rate_limited"
     retryable = True
@@ -271,6 +315,8 @@ class RateLimitedError(UpstreamError):
 
 
 class RequestTooLargeError(UpstreamError):
+    """The request body was too large for the provider (413)."""
+
     kind = "request_too_large"
     key = "error.request_too_large"
 
@@ -301,6 +347,8 @@ class UpstreamTimeoutError(UpstreamError):
 
 
 class MalformedResponseError(UpstreamError):
+    """An answer we cannot use: not JSON, no image, bad base64, a stream cut short."""
+
     kind = "malformed_response"
     key = "error.malformed_response"
     retryable = True
