@@ -1,0 +1,483 @@
+"""/draw jobs through the real pipeline at 100 % load: how close to the ideal, at what cost.
+
+    python bench/load.py            # 500 jobs from 100 users (5 each), ideal 10 s
+    python bench/load.py --quick    # 100 jobs from 20 users, ideal 2 s
+
+Everything runs in this process, on one event loop: the mock upstream (1 s latency per image,
+single-colour 1024x1024 PNGs, streaming with 2 partial previews, as the default settings ask),
+`Services.create` over a fresh SQLite file with provider concurrency 50, and one
+`RecordingChat` per command, driven through `plugins.dispatch.dispatch` as an adapter would
+(users spread over 10 group chats). The baseline is the ideal, jobs / concurrency x latency:
+what a bot with no overhead at all would take. Two arrival patterns, in the same run:
+
+  burst   every command at the same instant (the worst case: all intake work queues up)
+  paced   the same commands evenly over the first second (500/s: still a flood, but one
+          command at a time, as platforms deliver them); its ideal is that of a perfect
+          bot fed the same arrivals (10.1 s for 500 jobs: the 50th arrives at 0.1 s)
+
+Before each run one request fills the mock's render cache, so the first 50 requests do not
+all draw the same picture at once (that would be the mock's cost, not the bot's).
+
+Per-job times come from the bench's clock around `dispatch` and `Chat.send_results`, and from
+the job rows' `started_at` / `finished_at` (`time.time()`, the same clock; the job runner
+takes `started_at` when it asks the store to mark the job running, once it holds a slot):
+
+  intake      dispatch called -> returned (user, job row, credit reservation; under load this
+              includes waiting for the store's single writer)
+  queue wait  dispatch returned -> started_at (the "queued" message, waiting for a slot)
+  in-slot     started_at -> results delivered, minus the mock's latency (recording the job
+              as running, the request, stream parsing, partial preview, files, delivery)
+  after       results delivered -> finished_at (commit + job row, still holding the slot)
+  overhead    intake + in-slot: what the bot adds to a user's wait, queueing for a slot
+              excluded (the upstream's own time is the mock's fixed latency)
+
+At the end the ledger is audited: each user's credits must be exactly the allowance minus
+their jobs, the ledger's sum must equal that change, and every job must be reserved and
+committed exactly once, delivered exactly once, and sent upstream exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import heapq
+import logging
+import sqlite3
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from _common import (
+    MB,
+    add_repo_to_path,
+    machine,
+    peak_rss_bytes,
+    percentile,
+    reset_peak_rss,
+    rss_bytes,
+    table,
+    verdict,
+)
+
+add_repo_to_path()
+
+from bot.chat import Invocation, OutFile, ResultMeta  # noqa: E402
+from bot.config import Settings  # noqa: E402
+from bot.jobs import today  # noqa: E402
+from bot.mock_upstream import MockOptions, MockUpstream  # noqa: E402
+from bot.services import Services  # noqa: E402
+from plugins.dispatch import dispatch  # noqa: E402
+from tests.recording_chat import RecordingChat  # noqa: E402
+
+API_KEY = "sk-bench-not-a-real-key"
+PROMPT = "a red fox in fresh snow"
+GROUPS = 10
+GOAL_TOTAL = 1.1
+GOAL_P99_OVERHEAD = 0.100
+
+
+class TimedChat(RecordingChat):
+    """A RecordingChat that notes when the results arrived."""
+
+    delivered_at: float | None = None
+    job_id: int | None = None
+
+    async def send_results(self, files: Sequence[OutFile], meta: ResultMeta) -> None:
+        await super().send_results(files, meta)
+        self.delivered_at = time.time()
+        self.job_id = meta.job_id
+
+
+@dataclass
+class Command:
+    """One /draw as sent, and when."""
+
+    invocation: Invocation
+    chat: TimedChat
+    sent_at: float = 0.0
+    queued_at: float = 0.0
+
+
+@dataclass
+class Outcome:
+    """What one run produced."""
+
+    jobs: int
+    users: int
+    total: float
+    ideal: float
+    commands: list[Command]
+    rows: dict[int, sqlite3.Row]
+    upstream_requests: int
+    rss_before: int
+    rss_peak: int
+    problems: list[str]
+
+
+async def run(
+    users: int,
+    per_user: int,
+    latency: float,
+    concurrency: int,
+    stream: bool,
+    spread: float,
+    tmp: Path,
+) -> Outcome:
+    """Send every command (at once, or evenly over `spread` s), wait for all, audit the ledger."""
+    jobs = users * per_user
+    allowance = per_user * 2  # enough for every job, with some left to check exactly
+    mock = MockUpstream(MockOptions(latency=latency, fast_images=True))
+    await mock.start()
+    warm_requests = await _warm_mock(mock)
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        api_base=mock.base_url,
+        api_key=API_KEY,
+        data_dir=tmp / "data",
+        concurrency=concurrency,
+        queue_size=jobs + 1,
+        user_max_jobs=per_user,
+        daily_credits=allowance,
+        stream=stream,
+        default_lang="en",
+        shutdown_grace=5.0,
+    )
+    services = await Services.create(settings)
+    try:
+        commands = [
+            Command(
+                Invocation(
+                    platform="bench",
+                    user_id=f"u{user}",
+                    chat_id=f"g{user % GROUPS}",
+                    command="draw",
+                    text=PROMPT,
+                    user_name=f"user {user}",
+                    locale="en",
+                ),
+                TimedChat(),
+            )
+            for round_ in range(per_user)
+            for user in range(users)
+        ]
+
+        async def send(command: Command, delay: float) -> None:
+            if delay:
+                await asyncio.sleep(delay)
+            command.sent_at = time.time()
+            await dispatch(command.invocation, command.chat, services)
+            command.queued_at = time.time()
+
+        rss_before = rss_bytes()
+        started = time.perf_counter()
+        await asyncio.gather(*(send(c, i * spread / jobs) for i, c in enumerate(commands)))
+        await services.jobs.wait_idle()
+        total = time.perf_counter() - started
+        rss_peak = peak_rss_bytes()
+
+        problems = await _check_credits(services, users, per_user, allowance)
+    finally:
+        await services.close(grace=5.0)
+        await mock.stop()
+    upstream_requests = len(mock.requests) - warm_requests
+    rows = _job_rows(settings.data_dir / "drawbridge.sqlite3")
+    problems += _audit(settings.data_dir / "drawbridge.sqlite3", jobs)
+    problems += _check_delivery(commands, rows, upstream_requests)
+    return Outcome(
+        jobs=jobs,
+        users=users,
+        total=total,
+        ideal=ideal_total([i * spread / jobs for i in range(jobs)], concurrency, latency),
+        commands=commands,
+        rows=rows,
+        upstream_requests=upstream_requests,
+        rss_before=rss_before,
+        rss_peak=rss_peak,
+        problems=problems,
+    )
+
+
+def ideal_total(arrivals: Sequence[float], concurrency: int, latency: float) -> float:
+    """Seconds a bot with no overhead would need for these arrivals.
+
+    Each job starts on arrival or when a slot frees, and takes exactly the upstream's latency:
+    jobs / concurrency x latency when all arrive at once.
+    """
+    free = [0.0] * concurrency
+    for arrival in sorted(arrivals):
+        start = max(arrival, heapq.heappop(free))
+        heapq.heappush(free, start + latency)
+    return max(free) - min(arrivals, default=0.0)
+
+
+async def _warm_mock(mock: MockUpstream) -> int:
+    """Fill the mock's render cache with the image every job will get; returns requests made.
+
+    Without it the first 50 requests all miss the cache at once and draw the same image 50
+    times in the thread pool, which is the mock's cost, not the bot's.
+    """
+    async with httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{mock.base_url}/v1/images/generations",
+            json={"model": "gpt-image-2", "prompt": PROMPT, "size": "1024x1024"},
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=30,
+        )
+        response.raise_for_status()
+    return len(mock.requests)
+
+
+async def _check_credits(
+    services: Services, users: int, per_user: int, allowance: int
+) -> list[str]:
+    """Each user's credits, through the store's own API: allowance - jobs, and the ledger sum."""
+    problems = []
+    day = today(services.settings)
+    for user in range(users):
+        record = await services.store.user("bench", f"u{user}")
+        credits = await services.store.credits(record.id, day, allowance)
+        if credits.total_left != allowance - per_user:
+            problems.append(
+                f"u{user}: {credits.total_left} credits left, expected {allowance - per_user}"
+            )
+        spent = await services.store.ledger_sum(record.id)
+        if spent != per_user:
+            problems.append(f"u{user}: ledger says {spent} spent, expected {per_user}")
+    return problems
+
+
+def _job_rows(db_path: Path) -> dict[int, sqlite3.Row]:
+    with sqlite3.connect(db_path) as db:
+        db.row_factory = sqlite3.Row
+        return {row["id"]: row for row in db.execute("SELECT * FROM jobs")}
+
+
+def _audit(db_path: Path, jobs: int) -> list[str]:
+    """The ledger, read straight from the file: one reserve and one commit per job, no refund."""
+    problems = []
+    with sqlite3.connect(db_path) as db:
+        statuses = Counter(status for (status,) in db.execute("SELECT status FROM jobs"))
+        if statuses != Counter(succeeded=jobs):
+            problems.append(f"job statuses {dict(statuses)}, expected {jobs} succeeded")
+        kinds = Counter(
+            {
+                kind: count
+                for kind, count in db.execute(
+                    "SELECT kind, COUNT(*) FROM ledger WHERE job_id IS NOT NULL GROUP BY kind"
+                )
+            }
+        )
+        if kinds != Counter(reserve=jobs, commit=jobs):
+            problems.append(f"ledger rows {dict(kinds)}, expected {jobs} reserve + {jobs} commit")
+        twice = db.execute(
+            "SELECT COUNT(*) FROM (SELECT job_id FROM ledger WHERE kind = 'reserve'"
+            " GROUP BY job_id HAVING COUNT(*) > 1)"
+        ).fetchone()[0]
+        if twice:
+            problems.append(f"{twice} jobs charged more than once")
+        states = Counter(state for (state,) in db.execute("SELECT state FROM reservations"))
+        if states != Counter(committed=jobs):
+            problems.append(f"reservations {dict(states)}, expected {jobs} committed")
+        mismatched = db.execute(
+            """
+            SELECT COUNT(*) FROM daily_usage AS d WHERE d.used <> (
+                SELECT COALESCE(SUM(CASE kind WHEN 'reserve' THEN daily_amount
+                                              WHEN 'refund' THEN -daily_amount ELSE 0 END), 0)
+                FROM ledger WHERE user_id = d.user_id AND day = d.day)
+            """
+        ).fetchone()[0]
+        if mismatched:
+            problems.append(f"{mismatched} users' daily usage differs from their ledger")
+    return problems
+
+
+def _check_delivery(
+    commands: Sequence[Command], rows: dict[int, sqlite3.Row], upstream_requests: int
+) -> list[str]:
+    problems = []
+    if upstream_requests != len(commands):
+        problems.append(f"{upstream_requests} upstream requests for {len(commands)} jobs")
+    undelivered = [c for c in commands if len(c.chat.results()) != 1 or c.chat.job_id is None]
+    if undelivered:
+        problems.append(f"{len(undelivered)} commands without exactly one delivered result")
+    ids = Counter(c.chat.job_id for c in commands)
+    if len(ids) != len(commands) or set(ids) != set(rows):
+        problems.append("delivered results do not match the job rows one to one")
+    return problems
+
+
+@dataclass
+class Summary:
+    """One run's figures, per phase, in seconds."""
+
+    name: str
+    outcome: Outcome
+    phases: dict[str, list[float]]
+
+    @property
+    def ratio(self) -> float:
+        return self.outcome.total / self.outcome.ideal
+
+    @property
+    def p99_overhead(self) -> float:
+        return percentile(self.phases["overhead"], 0.99)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.phases["overhead"]) == self.outcome.jobs
+
+
+def summarize(name: str, outcome: Outcome, latency: float) -> Summary:
+    """Split every job's life into the phases of the module docstring."""
+    phases: dict[str, list[float]] = {
+        "intake": [],
+        "queue wait": [],
+        "in-slot": [],
+        "after": [],
+        "overhead": [],
+    }
+    for command in outcome.commands:
+        job_id = command.chat.job_id
+        row = outcome.rows.get(job_id) if job_id is not None else None
+        if row is None or command.chat.delivered_at is None or row["started_at"] is None:
+            continue
+        intake = command.queued_at - command.sent_at
+        in_slot = command.chat.delivered_at - row["started_at"] - latency
+        phases["intake"].append(intake)
+        phases["queue wait"].append(row["started_at"] - command.queued_at)
+        phases["in-slot"].append(in_slot)
+        phases["after"].append(row["finished_at"] - command.chat.delivered_at)
+        phases["overhead"].append(intake + in_slot)
+    return Summary(name, outcome, phases)
+
+
+def report(summaries: Sequence[Summary], latency: float, concurrency: int, stream: bool) -> int:
+    """Print the figures; 0 if every goal is met and every ledger is exact."""
+    first = summaries[0].outcome
+    print(
+        f"load: {first.jobs} /draw from {first.users} users, mock upstream in-process "
+        f"({latency:g} s latency, {'streaming' if stream else 'plain JSON'}), provider "
+        f"concurrency {concurrency}; ideal = jobs / concurrency x latency (paced: a perfect "
+        "bot fed the same arrivals)"
+    )
+    print(f"machine: {machine()}")
+    print()
+    rows = []
+    for summary in summaries:
+        outcome = summary.outcome
+        overhead = summary.phases["overhead"]
+        rows.append(
+            [
+                summary.name,
+                f"{outcome.ideal:.2f}",
+                f"{outcome.total:.2f}",
+                f"{summary.ratio:.3f}",
+                verdict(summary.ratio, GOAL_TOTAL),
+                f"{percentile(overhead, 0.5) * 1e3:.1f}",
+                f"{summary.p99_overhead * 1e3:.1f}",
+                verdict(summary.p99_overhead, GOAL_P99_OVERHEAD - 1e-9),
+                f"{outcome.rss_peak / MB:.0f}",
+                "yes" if not outcome.problems else "NO",
+            ]
+        )
+    print(
+        table(
+            [
+                "arrivals",
+                "ideal s",
+                "total s",
+                "x ideal",
+                f"<= {GOAL_TOTAL}",
+                "overhead p50 ms",
+                "p99 ms",
+                f"< {GOAL_P99_OVERHEAD * 1e3:.0f}",
+                "peak RSS MB",
+                "ledger exact",
+            ],
+            rows,
+        )
+    )
+    print()
+    print("per-job phases, ms (p50 / p99 / max)")
+    names = list(summaries[0].phases)
+    phase_rows = []
+    for name in names:
+        row: list[object] = [name]
+        for summary in summaries:
+            values = summary.phases[name]
+            row.append(
+                f"{percentile(values, 0.5) * 1e3:.1f} / {percentile(values, 0.99) * 1e3:.1f}"
+                f" / {max(values, default=float('nan')) * 1e3:.1f}"
+            )
+        phase_rows.append(row)
+    print(table(["phase", *(s.name for s in summaries)], phase_rows))
+    print()
+    missed = False
+    for summary in summaries:
+        outcome = summary.outcome
+        print(
+            f"{summary.name}: RSS {outcome.rss_before / MB:.0f} MB before, peak "
+            f"{outcome.rss_peak / MB:.0f} MB (bot and mock upstream together); "
+            f"{outcome.upstream_requests} upstream requests"
+        )
+        if outcome.problems:
+            print(f"{summary.name}: ledger NOT exact:")
+            for problem in outcome.problems[:20]:
+                print(f"  {problem}")
+        else:
+            print(
+                f"{summary.name}: ledger exact: {outcome.users} users at allowance - "
+                f"{outcome.jobs // outcome.users}, ledger sums match, {outcome.jobs} jobs "
+                "reserved + committed once, no refund, delivered once"
+            )
+        missed |= (
+            summary.ratio > GOAL_TOTAL
+            or not summary.p99_overhead < GOAL_P99_OVERHEAD
+            or bool(outcome.problems)
+            or not summary.complete
+        )
+    return 1 if missed else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="100 jobs from 20 users")
+    parser.add_argument("--users", type=int, help="users (100; quick 20)")
+    parser.add_argument("--per-user", type=int, default=5, help="/draw per user (5)")
+    parser.add_argument("--latency", type=float, default=1.0, help="mock latency, s (1.0)")
+    parser.add_argument("--concurrency", type=int, default=50, help="provider slots (50)")
+    parser.add_argument(
+        "--spread", type=float, default=1.0, help="paced arrivals over this many seconds (1)"
+    )
+    parser.add_argument(
+        "--no-stream", dest="stream", action="store_false", help="ask for plain JSON answers"
+    )
+    args = parser.parse_args()
+    users = args.users or (20 if args.quick else 100)
+    logging.basicConfig(level=logging.WARNING)
+    summaries = []
+    for name, spread in (("burst", 0.0), ("paced", args.spread)):
+        reset_peak_rss()
+        with tempfile.TemporaryDirectory(prefix="drawbridge-bench-") as tmp:
+            outcome = asyncio.run(
+                run(
+                    users,
+                    args.per_user,
+                    args.latency,
+                    args.concurrency,
+                    args.stream,
+                    spread,
+                    Path(tmp),
+                )
+            )
+        summaries.append(summarize(name, outcome, args.latency))
+    return report(summaries, args.latency, args.concurrency, args.stream)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
