@@ -304,6 +304,8 @@ class JobRunner:
         ticker: asyncio.Task[None] | None = None
         progress = _ProgressRelay(chat, lang)
         status: MessageRef | None = None
+        # Bookkeeping that must not delay the upstream call; settled before commit or refund.
+        side: list[asyncio.Task[Any]] = []
         try:
             status = await _status(
                 chat,
@@ -320,16 +322,19 @@ class JobRunner:
                     ticker = None
                 self._waiting[ticket.provider].remove(ticket)
                 ticket.running = True
-                await self.store.mark_running(job_id, cred.primary.name)
+                side.append(asyncio.create_task(self.store.mark_running(job_id, cred.primary.name)))
+                if status is not None and chat.limits.can_edit and position:
+                    text = t(lang, "status.started", job=job_id)
+                    side.append(asyncio.create_task(_quietly(chat.edit_text(status, text))))
                 if status is not None and chat.limits.can_edit:
-                    await _quietly(chat.edit_text(status, t(lang, "status.started", job=job_id)))
                     ticker = asyncio.create_task(self._tick(chat, status, lang, job_id))
                 result = await cred.chain.run(request, progress)
+                await _settle(side)
                 if ticker is not None:
                     ticker.cancel()
                 if status is not None and chat.limits.can_edit:
                     await _quietly(chat.edit_text(status, t(lang, "status.uploading", job=job_id)))
-                files = self._save_results(job_id, result)
+                files = await asyncio.to_thread(self._save_results, job_id, result)
                 caption = self._caption(lang, request, result)
                 try:
                     await chat.send_results(
@@ -363,13 +368,16 @@ class JobRunner:
                 )
         except asyncio.CancelledError:
             reason = "cancelled" if not ticket.running and self._accepting else "shutdown"
+            await asyncio.shield(_settle(side))
             await asyncio.shield(self._fail(job_id, reason, "", chat, lang, status, notify=True))
             raise
         except errors.DrawbridgeError as exc:
             log.info("job %s failed: %s (%s)", job_id, exc.kind, exc.detail[:200])
+            await _settle(side)
             await self._fail(job_id, exc.kind, exc.detail, chat, lang, status, error=exc)
         except Exception as exc:
             log.exception("job %s crashed", job_id)
+            await _settle(side)
             await self._fail(
                 job_id,
                 "internal",
@@ -607,6 +615,13 @@ class _ProgressRelay:
 def render_error(lang: str, error: errors.DrawbridgeError) -> str:
     """The user's message for an error, with its parameters."""
     return t(lang, error.key, **error.params)
+
+
+async def _settle(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Wait for background bookkeeping; its failures are logged, never raised."""
+    for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            log.warning("job bookkeeping failed: %r", outcome)
 
 
 async def _status(chat: Chat, text: str) -> MessageRef | None:

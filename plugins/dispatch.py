@@ -6,6 +6,7 @@ import logging
 
 from bot import errors
 from bot.chat import Chat, Invocation
+from bot.i18n import normalize_lang
 from bot.jobs import render_error
 from bot.services import Services
 from plugins import account, admin, image
@@ -40,7 +41,7 @@ async def dispatch(inv: Invocation, chat: Chat, services: Services) -> None:
         log.debug("unknown command %r", inv.command)
         return
     user = await services.store.user(inv.platform, inv.user_id, inv.user_name)
-    lang = user.lang or await services.user_lang(inv.platform, inv.user_id, inv.locale)
+    lang = user.lang or normalize_lang(inv.locale, services.settings.default_lang)
     ctx = Context(inv, chat, services, user, lang)
     spec = find_command(inv.command)
     try:

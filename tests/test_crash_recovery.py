@@ -48,8 +48,12 @@ async def test_job_killed_mid_flight_is_refunded_on_restart(
             while not mock_upstream.requests:  # noqa: ASYNC110 - the mock has no event to wait on
                 await asyncio.sleep(0.05)
         db = settings.data_dir / "drawbridge.sqlite3"
-        with sqlite3.connect(db) as conn:
-            assert conn.execute("SELECT status FROM jobs").fetchone()[0] == "running"
+        async with asyncio.timeout(10):
+            while True:  # the job is marked running beside the upstream call, not before it
+                with sqlite3.connect(db) as conn:
+                    if conn.execute("SELECT status FROM jobs").fetchone()[0] == "running":
+                        break
+                await asyncio.sleep(0.05)
     finally:
         child.send_signal(signal.SIGKILL)
         await child.wait()

@@ -58,7 +58,8 @@ class DiscordPlatform:
         cdn_hosts: Sequence[str] = DISCORD_CDN_HOSTS,
         token_ttl: float = TOKEN_TTL,
         ready_timeout: float = 60.0,
-        guild_ready_timeout: float = 2.0,
+        # Only the guilds intent: no member chunking to wait for after the last guild.
+        guild_ready_timeout: float = 0.5,
     ) -> None:
         self.settings = settings
         self.services = services
