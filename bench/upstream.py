@@ -5,10 +5,9 @@
     python bench/upstream.py --image mock # the mock's own (small, smooth) image instead
 
 The mock upstream runs in its own process (`python -m bot mock-upstream --mode b64|url` with
-its options, on 127.0.0.1, no added latency). Its own 3840x2160 images are a smooth gradient
-that compresses to ~0.3 MB, far from gpt-image's ~20-25 MB PNGs, so by default the server
-process swaps the mock's renderer for one pre-built noisy 3840x2160 PNG (~25 MB, ~33 MB as
-base64): same routes, same JSON shape, same relay fields; only the pixels differ.
+its options, on 127.0.0.1, no added latency). By default it runs with `--noisy-images`, so a
+3840x2160 PNG carries photo-like grain and weighs what gpt-image results do (~25 MB, ~33 MB as
+base64); `--image mock` keeps its smooth gradient (~0.3 MB).
 
 Each measurement is a fresh client process that first makes one small 1024x1024 call (to
 open the connection and warm the code paths: the SDK builds its models lazily), then times
@@ -32,11 +31,8 @@ import argparse
 import asyncio
 import base64
 import gc
-import io
 import json
-import logging
 import os
-import random
 import selectors
 import subprocess
 import sys
@@ -58,7 +54,6 @@ from _common import (
     table,
     verdict,
 )
-from PIL import Image
 
 WIDTH, HEIGHT = 3840, 2160
 SIZE = f"{WIDTH}x{HEIGHT}"
@@ -77,51 +72,6 @@ MEASURE_TIMEOUT = 120.0
 # --- the noisy image and the server process ---
 
 
-def noisy_png(path: Path) -> int:
-    """Write a 3840x2160 PNG of seeded RGB noise (barely compressible); returns its bytes."""
-    pixels = random.Random(4096).randbytes(WIDTH * HEIGHT * 3)
-    Image.frombytes("RGB", (WIDTH, HEIGHT), pixels).save(path, "PNG", compress_level=1)
-    return path.stat().st_size
-
-
-def serve(png: Path | None, mock_argv: list[str]) -> None:
-    """Run the mock upstream from its CLI options, optionally serving `png` for 4K PNGs."""
-    from bot import mock_upstream
-
-    parser = argparse.ArgumentParser(prog="mock-upstream")
-    mock_upstream.add_cli_arguments(parser)
-    args = parser.parse_args(mock_argv)
-    if png is not None:
-        _swap_renderer(png)
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        asyncio.run(mock_upstream.run_from_args(args))
-    except KeyboardInterrupt:
-        pass
-
-
-def _swap_renderer(png: Path) -> None:
-    """Make the mock answer 3840x2160 PNG requests with `png` (encoded once, like its cache)."""
-    from bot import mock_upstream
-
-    data = png.read_bytes()
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        size = image.size
-        partials = mock_upstream._previews(image)
-    rendered = mock_upstream._Rendered(
-        data=data, b64=base64.b64encode(data), mime="image/png", partials=partials
-    )
-    original = mock_upstream._draw
-
-    def draw(spec: Any) -> Any:
-        if (spec.width, spec.height) == size and spec.output_format == "png":
-            return rendered
-        return original(spec)
-
-    mock_upstream._draw = draw  # looked up at call time by MockUpstream._render
-
-
 @dataclass
 class Server:
     """A mock upstream process and where it listens."""
@@ -132,15 +82,14 @@ class Server:
     log: Path
 
 
-def start_server(name: str, mode: str, stream: bool, png: Path | None, tmp: Path) -> Server:
+def start_server(name: str, mode: str, stream: bool, noisy: bool, tmp: Path) -> Server:
     """Start one mock upstream process on a free loopback port and wait for its URL."""
     mock_args = ["--host", "127.0.0.1", "--port", "0", "--mode", mode]
     if not stream:
         mock_args.append("--no-stream")
-    if png is None:
-        command = [sys.executable, "-m", "bot", "mock-upstream", *mock_args]
-    else:
-        command = [sys.executable, __file__, "--serve", "--png", str(png), "--", *mock_args]
+    if noisy:
+        mock_args.append("--noisy-images")
+    command = [sys.executable, "-m", "bot", "mock-upstream", *mock_args]
     log = tmp / f"server-{name}.log"
     with log.open("wb") as err:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err)
@@ -372,20 +321,14 @@ def main() -> int:
         "--image",
         choices=("noisy", "mock"),
         default="noisy",
-        help="noisy: a ~25 MB noise PNG (default); mock: the mock's own small gradient",
+        help="noisy: photo-like grain, ~25 MB PNGs (default); mock: a small smooth gradient",
     )
     # Internal: the server and measurement child processes.
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--png", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=CLIENTS, help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("mock_argv", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.serve:
-        serve(args.png, args.mock_argv)
-        return 0
     if args.measure:
         print(json.dumps(asyncio.run(measure(args.measure, args.base, args.trace))))
         return 0
@@ -404,17 +347,14 @@ def main() -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="drawbridge-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        png: Path | None = None
-        image_note = "the mock's own image"
-        if args.image == "noisy":
-            png = tmp / "noisy-4k.png"
-            image_note = f"noisy PNG, {noisy_png(png) / MB:.1f} MB"
+        noisy = args.image == "noisy"
+        image_note = "photo-like grain" if noisy else "the mock's smooth gradient"
         servers: dict[tuple[str, bool], Server] = {}
         try:
             for mode in MODES:
                 for stream in (False, True):
                     name = f"{mode}{'-stream' if stream else ''}"
-                    servers[(mode, stream)] = start_server(name, mode, stream, png, tmp)
+                    servers[(mode, stream)] = start_server(name, mode, stream, noisy, tmp)
             body = warm_server(servers[("b64", False)])
             for server in servers.values():
                 warm_server(server)

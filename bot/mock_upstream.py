@@ -131,6 +131,8 @@ class MockOptions:
     reject_4k: bool = False  # long edge > 2560 -> invalid size, like groups without 4K
     accept_response_format: bool = False  # else `response_format` -> 400 unknown_parameter
     fast_images: bool = False  # single-colour PNGs (still the real size) for benchmarks
+    # Photo-like grain so PNGs weigh what real results do (~25 MB at 3840x2160), for benchmarks.
+    noisy_images: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1199,6 +1201,7 @@ class _RenderSpec:
     compression: int | None
     transparent: bool
     fast: bool
+    noisy: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1227,6 +1230,7 @@ def _spec(params: _Params, index: int, options: MockOptions) -> _RenderSpec:
         compression=params.output_compression,
         transparent=params.background == "transparent" and params.output_format != "jpeg",
         fast=options.fast_images,
+        noisy=options.noisy_images,
     )
 
 
@@ -1249,6 +1253,10 @@ def _draw(spec: _RenderSpec) -> _Rendered:
     colours = _colours(spec.prompt)
     if spec.fast:
         image = Image.new("RGB", size, colours[0])
+    elif spec.noisy:
+        # Independent grain per channel: PNG cannot compress it, like a real photo's detail.
+        image = Image.merge("RGB", [Image.effect_noise(size, 64) for _ in range(3)])
+        _draw_text(image, spec)
     else:
         # A 2x2 image stretched bilinearly is a cheap full-size gradient.
         corners = Image.new("RGB", (2, 2))
@@ -1339,6 +1347,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--accept-response-format", action="store_true", help="honour response_format"
     )
     parser.add_argument("--fast-images", action="store_true", help="single-colour images")
+    parser.add_argument(
+        "--noisy-images",
+        action="store_true",
+        help="photo-like grain, so PNGs are as large as real results (benchmarks)",
+    )
 
 
 def build_parser(sub: Any) -> argparse.ArgumentParser:
@@ -1362,6 +1375,7 @@ def _options_from_args(args: argparse.Namespace) -> MockOptions:
         reject_4k=args.reject_4k,
         accept_response_format=args.accept_response_format,
         fast_images=args.fast_images,
+        noisy_images=args.noisy_images,
     )
 
 
