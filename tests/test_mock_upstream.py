@@ -89,6 +89,18 @@ async def test_generation_returns_b64_png_of_requested_size(client: httpx.AsyncC
     assert "a red fox" in body["data"][0]["revised_prompt"]
 
 
+async def test_noisy_images_weigh_like_real_photos(
+    mock_upstream: MockUpstream, client: httpx.AsyncClient
+) -> None:
+    smooth = base64.b64decode((await generate(client)).json()["data"][0]["b64_json"])
+    mock_upstream.options.noisy_images = True
+    noisy = base64.b64decode((await generate(client, prompt="b")).json()["data"][0]["b64_json"])
+
+    assert Image.open(io.BytesIO(noisy)).size == (1024, 1024)
+    # Grain does not compress: close to 3 bytes per pixel, like a real photo's PNG.
+    assert len(noisy) > 2_500_000 > 20 * len(smooth)
+
+
 async def test_b64_items_carry_relay_fields_and_empty_url(client: httpx.AsyncClient) -> None:
     item = (await generate(client)).json()["data"][0]
 
