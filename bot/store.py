@@ -2,12 +2,17 @@
 
 Every platform shares this file, and many asyncio tasks write to it at once, so:
 
-- one aiosqlite connection does all the work, behind an `asyncio.Lock` (aiosqlite runs a
-  connection on one thread; statements from two tasks must never interleave inside one
-  transaction);
+- one aiosqlite connection does all the work, on its one thread, which runs the trips queued
+  to it one at a time and in order;
 - every read-then-write runs in `BEGIN IMMEDIATE ... COMMIT`: a DEFERRED transaction that
   reads and then writes fails with SQLITE_BUSY at once, ignoring `busy_timeout`, when another
   process holds the write lock;
+- each such transaction, BEGIN to COMMIT or ROLLBACK, is one plain synchronous function run on
+  the connection's thread in a single trip (`Store._write`). A trip costs far more than the
+  SQL, and since nothing else can run on that thread in the middle of a trip, statements from
+  two tasks can never interleave inside one transaction, nor a transaction be left open. That
+  is why there is no `asyncio.Lock` here: never start a transaction any other way (such as
+  `BEGIN` through aiosqlite's own `execute`), or one will be needed again;
 - WAL, so readers in other processes (backups, `sqlite3` at a shell) never block the bot.
 
 Credits are moved only by guarded statements (`... WHERE granted >= ?`, `... WHERE state =
@@ -29,7 +34,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Set
+from collections.abc import Callable, Set
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from datetime import time as dt_time
@@ -330,7 +335,6 @@ class Store:
         self._db = db
         self._keybox = keybox
         self._admins = frozenset((platform.lower(), uid) for platform, uid in admins)
-        self._lock = asyncio.Lock()
         self._writes: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -346,15 +350,14 @@ class Store:
         # isolation_level=None: the sqlite3 module must not open transactions behind our back;
         # every transaction here is an explicit BEGIN IMMEDIATE.
         db = await aiosqlite.connect(path, isolation_level=None)
+        store = cls(db, keybox, admins)
         try:
             db.row_factory = aiosqlite.Row
-            for pragma in PRAGMAS:
-                await db.execute_fetchall(pragma)
-            await _migrate(db)
+            await store._call(_prepare)
         except BaseException:
             await db.close()
             raise
-        return cls(db, keybox, admins)
+        return store
 
     async def close(self) -> None:
         """Let transactions in flight finish, then close the connection."""
@@ -363,8 +366,8 @@ class Store:
         self._closed = True
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
-        async with self._lock:
-            await self._db.close()
+        # Reads and single writes already queued run first: the thread takes trips in order.
+        await self._db.close()
 
     async def __aenter__(self) -> Store:
         return self
@@ -376,25 +379,34 @@ class Store:
 
     async def user(self, platform: str, platform_user_id: str, name: str = "") -> User:
         """Get or create the user; refresh the stored display name when `name` differs."""
-        rows = await self._read(
-            "SELECT * FROM users WHERE platform = ? AND platform_user_id = ?",
-            (platform, platform_user_id),
-        )
-        if rows and (not name or rows[0]["name"] == name):
-            return self._user(rows[0])
 
-        # One statement, so atomic without a transaction; also right when another task
-        # created the same user a moment ago.
-        rows = await self._write_returning(
-            """
-            INSERT INTO users (platform, platform_user_id, name, created_at) VALUES (?, ?, ?, ?)
-            ON CONFLICT (platform, platform_user_id) DO UPDATE
-            SET name = CASE WHEN excluded.name <> '' THEN excluded.name ELSE users.name END
-            RETURNING *
-            """,
-            (platform, platform_user_id, name, time.time()),
-        )
-        return self._user(rows[0])
+        def get_or_create(con: sqlite3.Connection) -> sqlite3.Row:
+            rows: list[sqlite3.Row] = con.execute(
+                "SELECT * FROM users WHERE platform = ? AND platform_user_id = ?",
+                (platform, platform_user_id),
+            ).fetchall()
+            if rows and (not name or rows[0]["name"] == name):
+                return rows[0]
+            if self._closed:  # like every write: refused once close() has begun
+                raise StoreError("store is closed")
+            # One statement, so atomic without a transaction; also right when another process
+            # created the same user a moment ago. fetchall: a RETURNING statement's write is
+            # final only once the statement has run to its end.
+            rows = con.execute(
+                """
+                INSERT INTO users (platform, platform_user_id, name, created_at)
+                VALUES (?, ?, ?, ?)
+                ON CONFLICT (platform, platform_user_id) DO UPDATE
+                SET name = CASE WHEN excluded.name <> '' THEN excluded.name ELSE users.name END
+                RETURNING *
+                """,
+                (platform, platform_user_id, name, time.time()),
+            ).fetchall()
+            return rows[0]
+
+        # Every command starts here, and a new user (or a new name) would otherwise cost a
+        # second trip to the connection's thread.
+        return self._user(await self._call(get_or_create))
 
     async def find_user(self, platform: str, ref: str) -> User | None:
         """Find a user by `ref`: an id on `platform`, `"platform:id"`, or the internal `"#id"`."""
@@ -483,16 +495,14 @@ class Store:
         records the amount actually taken.
         """
 
-        async def apply(db: aiosqlite.Connection) -> int:
-            rows = list(
-                await db.execute_fetchall("SELECT granted FROM users WHERE id = ?", (user_id,))
-            )
+        def apply(con: sqlite3.Connection) -> int:
+            rows = con.execute("SELECT granted FROM users WHERE id = ?", (user_id,)).fetchall()
             if not rows:
                 raise NotFoundError(f"no user #{user_id}")
             before: int = rows[0][0]
             after = max(0, before + amount)
-            await db.execute("UPDATE users SET granted = ? WHERE id = ?", (after, user_id))
-            await db.execute(
+            con.execute("UPDATE users SET granted = ? WHERE id = ?", (after, user_id))
+            con.execute(
                 SQL_INSERT_LEDGER,
                 (None, user_id, "grant", 0, after - before, None, time.time(), note, by_user_id),
             )
@@ -559,12 +569,10 @@ class Store:
         iso_day = day.isoformat()
         allowance = max(0, daily_allowance)
 
-        async def take(db: aiosqlite.Connection) -> None:
-            rows = list(
-                await db.execute_fetchall(
-                    SQL_RESERVE_READ, (user_id, iso_day, group_key, iso_day, user_id, job_id)
-                )
-            )
+        def take(con: sqlite3.Connection) -> None:
+            rows = con.execute(
+                SQL_RESERVE_READ, (user_id, iso_day, group_key, iso_day, user_id, job_id)
+            ).fetchall()
             if not rows:
                 raise NotFoundError(f"no job #{job_id} or no user #{user_id}")
             owner, status, state, daily_used, balance, group_used = rows[0]
@@ -586,22 +594,22 @@ class Store:
             # The guards repeat the checks above inside the statements themselves, so the
             # charge is safe even if something else ever wrote between the read and here.
             if balance_part:
-                cursor = await db.execute(SQL_TAKE_BALANCE, (balance_part, user_id, balance_part))
+                cursor = con.execute(SQL_TAKE_BALANCE, (balance_part, user_id, balance_part))
                 if cursor.rowcount != 1:
                     raise InsufficientCreditsError(needed=cost, left=credits.total_left)
             if daily_part:
-                cursor = await db.execute(SQL_TAKE_DAILY, (user_id, iso_day, daily_part, allowance))
+                cursor = con.execute(SQL_TAKE_DAILY, (user_id, iso_day, daily_part, allowance))
                 if cursor.rowcount != 1:
                     raise InsufficientCreditsError(needed=cost, left=credits.total_left)
             if group_key and cost:
-                cursor = await db.execute(SQL_TAKE_GROUP, (group_key, iso_day, cost, group_cap))
+                cursor = con.execute(SQL_TAKE_GROUP, (group_key, iso_day, cost, group_cap))
                 if cursor.rowcount != 1:
                     raise GroupCapReachedError(cap=group_cap)
-            await db.execute(
+            con.execute(
                 SQL_INSERT_RESERVATION,
                 (job_id, user_id, daily_part, balance_part, iso_day, group_key),
             )
-            await db.execute(
+            con.execute(
                 SQL_INSERT_LEDGER,
                 (
                     job_id,
@@ -621,10 +629,7 @@ class Store:
     async def commit(self, job_id: int) -> bool:
         """Make the job's reservation final (spent); False if it is not reserved."""
 
-        async def settle(db: aiosqlite.Connection) -> bool:
-            return await _commit(db, job_id, "")
-
-        return await self._write(settle)
+        return await self._write(lambda con: _commit(con, job_id, ""))
 
     async def refund(self, job_id: int, reason: str) -> bool:
         """Give back everything the job's reservation took; False if it is not reserved.
@@ -634,10 +639,7 @@ class Store:
         the group. Never twice: a refunded or committed reservation is final.
         """
 
-        async def settle(db: aiosqlite.Connection) -> bool:
-            return await _refund(db, job_id, reason)
-
-        return await self._write(settle)
+        return await self._write(lambda con: _refund(con, job_id, reason))
 
     async def mark_running(self, job_id: int, provider: str) -> None:
         """The job was handed to `provider` (again, when falling back to another one)."""
@@ -707,26 +709,26 @@ class Store:
         outcome: committed if it succeeded, refunded otherwise.
         """
 
-        async def settle(db: aiosqlite.Connection) -> list[int]:
-            rows = await db.execute_fetchall(
+        def settle(con: sqlite3.Connection) -> list[int]:
+            rows = con.execute(
                 """
                 UPDATE jobs SET status = 'failed', error_kind = ?, finished_at = ?
                 WHERE status IN ('queued', 'running') RETURNING id
                 """,
                 (INTERRUPTED, time.time()),
-            )
+            ).fetchall()
             interrupted = sorted(row[0] for row in rows)
-            open_rows = await db.execute_fetchall(
+            open_rows = con.execute(
                 """
                 SELECT r.job_id, j.status FROM reservations AS r JOIN jobs AS j ON j.id = r.job_id
                 WHERE r.state = 'reserved' ORDER BY r.job_id
                 """
-            )
-            for job_id, status in list(open_rows):
+            ).fetchall()
+            for job_id, status in open_rows:
                 if status == "succeeded":
-                    await _commit(db, job_id, "recovered")
+                    _commit(con, job_id, "recovered")
                 else:
-                    await _refund(db, job_id, INTERRUPTED)
+                    _refund(con, job_id, INTERRUPTED)
             return interrupted
 
         interrupted = await self._write(settle)
@@ -842,10 +844,9 @@ class Store:
         )
 
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
-        # One statement, in autocommit mode: consistent by itself, no transaction needed. The
-        # lock keeps it from running inside another task's open transaction.
-        async with self._lock:
-            return list(await self._db.execute_fetchall(sql, params))
+        # One statement, in autocommit mode: consistent by itself, no transaction needed. It
+        # cannot run inside another task's transaction: each of those is one trip of its own.
+        return list(await self._db.execute_fetchall(sql, params))
 
     async def _write_one(self, sql: str, params: tuple[Any, ...]) -> aiosqlite.Cursor:
         """Run one write statement (read `rowcount` or `lastrowid` on the result).
@@ -856,46 +857,42 @@ class Store:
         """
         if self._closed:
             raise StoreError("store is closed")
-        async with self._lock:
-            return await self._db.execute(sql, params)
-
-    async def _write_returning(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
-        """Run one write statement with a RETURNING clause; returns its rows."""
-        if self._closed:
-            raise StoreError("store is closed")
-        async with self._lock:
-            return list(await self._db.execute_fetchall(sql, params))
+        return await self._db.execute(sql, params)
 
     async def _update_user(self, user_id: int, sql: str, params: tuple[Any, ...]) -> None:
         if (await self._write_one(sql, params)).rowcount != 1:
             raise NotFoundError(f"no user #{user_id}")
 
-    async def _write(self, body: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
-        """Run `body` in one BEGIN IMMEDIATE transaction on the writer connection.
+    async def _write(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `body` in one BEGIN IMMEDIATE transaction, in one trip to the connection's thread.
 
-        Shielded: a caller cancelled half-way (shutdown, a timeout) must not leave the
-        connection inside an open transaction, nor a half-settled ledger; the transaction
-        always runs to COMMIT or ROLLBACK.
+        `body` is plain synchronous code over the sqlite3 connection; what it raises (after
+        the ROLLBACK) reaches the caller unchanged. Shielded: the trip runs to COMMIT or
+        ROLLBACK on the thread whatever happens to the caller, and the shield keeps the task
+        that awaits it alive, so `close()` waits for it and its outcome is not lost when a
+        caller is cancelled half-way (shutdown, a timeout).
         """
         if self._closed:
             raise StoreError("store is closed")
-        task = asyncio.ensure_future(self._transaction(body))
+        task = asyncio.ensure_future(self._call(lambda con: _in_transaction(con, body)))
         self._writes.add(task)
         task.add_done_callback(_forget_write(self._writes))
         return await asyncio.shield(task)
 
-    async def _transaction(self, body: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
-        async with self._lock:
-            db = self._db
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                result = await body(db)
-                await db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    await db.execute("ROLLBACK")
-                raise
-            return result
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(connection)` on the connection's thread, in one hand-off whatever it does.
+
+        aiosqlite makes every statement its own trip to that thread, and each trip (a thread
+        wake-up and a loop wake-up) costs far more than the SQL. `Connection._execute` is
+        aiosqlite's private, long-stable way to queue a callable onto its thread (its own
+        `execute`, `commit` and `close` are built on it) and `_conn` is the sqlite3 connection
+        that thread owns; this is the one place that touches either. Every test in
+        tests/test_store.py comes through here (open() does), so an aiosqlite release that
+        changes them fails there at once.
+        """
+        # aiosqlite leaves its private method unannotated.
+        result: T = await self._db._execute(fn, self._db._conn)  # type: ignore[no-untyped-call]
+        return result
 
 
 def _forget_write(writes: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
@@ -909,43 +906,59 @@ def _forget_write(writes: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]
     return done
 
 
-async def _settle(db: aiosqlite.Connection, job_id: int, state: str) -> sqlite3.Row | None:
-    rows = list(await db.execute_fetchall(SQL_SETTLE, (state, job_id)))
+def _in_transaction(con: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
+    # Runs on the connection's thread: BEGIN, body and COMMIT or ROLLBACK in the same call,
+    # so no other statement can run inside the transaction and none is ever left open.
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        result = body(con)
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _settle(con: sqlite3.Connection, job_id: int, state: str) -> sqlite3.Row | None:
+    # fetchall, never fetchone: a RETURNING statement has done all its writes only once it
+    # has run to its end, and COMMIT refuses while a write statement is still in progress.
+    rows = con.execute(SQL_SETTLE, (state, job_id)).fetchall()
     return rows[0] if rows else None
 
 
-async def _commit(db: aiosqlite.Connection, job_id: int, note: str) -> bool:
-    row = await _settle(db, job_id, "committed")
+def _commit(con: sqlite3.Connection, job_id: int, note: str) -> bool:
+    row = _settle(con, job_id, "committed")
     if row is None:
         return False
     user_id, daily, balance, day, _group_key = row
     # The commit row repeats the amounts for reading the ledger alone; the invariants count
     # only reserve, refund and grant rows.
-    await db.execute(
+    con.execute(
         SQL_INSERT_LEDGER,
         (job_id, user_id, "commit", daily, balance, day, time.time(), note, None),
     )
     return True
 
 
-async def _refund(db: aiosqlite.Connection, job_id: int, reason: str) -> bool:
-    row = await _settle(db, job_id, "refunded")
+def _refund(con: sqlite3.Connection, job_id: int, reason: str) -> bool:
+    row = _settle(con, job_id, "refunded")
     if row is None:
         return False
     user_id, daily, balance, day, group_key = row
     if balance:
-        await db.execute("UPDATE users SET granted = granted + ? WHERE id = ?", (balance, user_id))
+        con.execute("UPDATE users SET granted = granted + ? WHERE id = ?", (balance, user_id))
     if daily:
-        await db.execute(
+        con.execute(
             "UPDATE daily_usage SET used = used - ? WHERE user_id = ? AND day = ?",
             (daily, user_id, day),
         )
     if group_key and daily + balance:
-        await db.execute(
+        con.execute(
             "UPDATE group_usage SET used = used - ? WHERE group_key = ? AND day = ?",
             (daily + balance, group_key, day),
         )
-    await db.execute(
+    con.execute(
         SQL_INSERT_LEDGER,
         (job_id, user_id, "refund", daily, balance, day, time.time(), reason, None),
     )
@@ -997,26 +1010,25 @@ def _statements(script: str) -> list[str]:
     return statements
 
 
-async def _migrate(db: aiosqlite.Connection) -> None:
-    # One transaction for all pending migrations, version check included: two processes
+def _prepare(con: sqlite3.Connection) -> None:
+    # The pragmas first: journal_mode cannot change inside a transaction.
+    for pragma in PRAGMAS:
+        con.execute(pragma).fetchall()
+    _in_transaction(con, _migrate)
+
+
+def _migrate(con: sqlite3.Connection) -> None:
+    # Run in one transaction for all pending migrations, version check included: two processes
     # starting at once cannot both apply the same script, and a failing script leaves the
     # file exactly as it was (DDL and user_version are transactional in SQLite).
-    await db.execute("BEGIN IMMEDIATE")
-    try:
-        rows = list(await db.execute_fetchall("PRAGMA user_version"))
-        version: int = rows[0][0]
-        if version > len(MIGRATIONS):
-            raise StoreError(
-                f"database schema version {version} is newer than this drawbridge "
-                f"({len(MIGRATIONS)}); upgrade drawbridge"
-            )
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            for statement in _statements(script):
-                await db.execute(statement)
-            await db.execute(f"PRAGMA user_version = {number:d}")
-            log.info("applied database migration %d", number)
-        await db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            await db.execute("ROLLBACK")
-        raise
+    version: int = con.execute("PRAGMA user_version").fetchall()[0][0]
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"database schema version {version} is newer than this drawbridge "
+            f"({len(MIGRATIONS)}); upgrade drawbridge"
+        )
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        for statement in _statements(script):
+            con.execute(statement)
+        con.execute(f"PRAGMA user_version = {number:d}")
+        log.info("applied database migration %d", number)
