@@ -332,7 +332,7 @@ def test_secret_key_list_rotates_and_passphrase_is_stable(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("key", "masked"),
     [
-        ("sk-abcdefghijklmnop1a2b", "sk-...1a2b"),
+        ("sk-fake-abcdefghijklmnop1a2b", "sk-...1a2b"),
         ("sk-proj-abcdefghijklmnopWXYZ", "sk-...WXYZ"),
         ("abcdefghijklmnop9876", "...9876"),
         ("sk-short1234", "****"),
