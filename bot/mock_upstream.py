@@ -133,6 +133,8 @@ class MockOptions:
     fast_images: bool = False  # single-colour PNGs (still the real size) for benchmarks
     # Photo-like grain so PNGs weigh what real results do (~25 MB at 3840x2160), for benchmarks.
     noisy_images: bool = False
+    # Request fields answered with 400 unknown_parameter, like relays that reject `stream`.
+    refuse_fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -626,6 +628,17 @@ def _truthy(value: Any) -> bool:
 def _validate(parsed: _Parsed, options: MockOptions, *, edit: bool) -> _Params:
     raw = parsed.raw
     mode = options.mode
+    for name in options.refuse_fields:
+        if name in raw:
+            raise _Rejected(
+                _error_response(
+                    400,
+                    f"Unknown parameter: '{name}'.",
+                    "invalid_request_error",
+                    "unknown_parameter",
+                    name,
+                )
+            )
     if "response_format" in raw:
         if not options.accept_response_format:
             raise _Rejected(
@@ -1348,6 +1361,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--fast-images", action="store_true", help="single-colour images")
     parser.add_argument(
+        "--refuse-field",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="answer requests carrying this field with 400 unknown_parameter (repeatable)",
+    )
+    parser.add_argument(
         "--noisy-images",
         action="store_true",
         help="photo-like grain, so PNGs are as large as real results (benchmarks)",
@@ -1376,6 +1396,7 @@ def _options_from_args(args: argparse.Namespace) -> MockOptions:
         accept_response_format=args.accept_response_format,
         fast_images=args.fast_images,
         noisy_images=args.noisy_images,
+        refuse_fields=tuple(args.refuse_field),
     )
 
 

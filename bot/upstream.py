@@ -719,6 +719,10 @@ def _parse_wxh(size: str | None) -> Size | None:
     return Size(int(width), int(height))
 
 
+DROPPABLE_FIELDS = frozenset({"stream", "partial_images", "user"})
+"""Optional request fields we add ourselves and may leave out when a relay refuses them."""
+
+
 class UpstreamClient:
     """The `ImageAPI` port over httpx, for ONE provider (base URL, key, model, limits).
 
@@ -731,6 +735,8 @@ class UpstreamClient:
         self._owns_http = http is None
         self.http = http or httpx.AsyncClient(headers={"User-Agent": USER_AGENT})
         self._timeout = httpx.Timeout(provider.timeout, connect=provider.connect_timeout)
+        # Optional fields this provider answered `unknown_parameter` to: left out from now on.
+        self._refused: set[str] = set()
 
     def __repr__(self) -> str:
         return f"UpstreamClient({self.provider.name!r}, {self.provider.api_base!r})"
@@ -781,7 +787,7 @@ class UpstreamClient:
         size = request.size
         fallback: str | None = None
         try:
-            answer = await self._with_retries(endpoint, request, size, on_progress)
+            answer = await self._without_refused_fields(endpoint, request, size, on_progress)
         except UpstreamSizeError:
             fallback = self._fallback_for(size)
             if fallback is None:
@@ -789,7 +795,7 @@ class UpstreamClient:
             log.info("%s refused size %s; retrying at %s", self.provider.name, size, fallback)
             await _notify(on_progress, Progress("retry", index=1, detail="size_fallback"))
             size = fallback
-            answer = await self._with_retries(endpoint, request, size, on_progress)
+            answer = await self._without_refused_fields(endpoint, request, size, on_progress)
         images = await self._materialize(answer, on_progress)
         return ImageResult(
             images=tuple(images),
@@ -801,6 +807,30 @@ class UpstreamClient:
             elapsed=time.monotonic() - started,
             fallback_size=fallback,
         )
+
+    async def _without_refused_fields(
+        self,
+        endpoint: str,
+        request: ImageRequest,
+        size: str | None,
+        on_progress: ProgressHandler | None,
+    ) -> _Answer:
+        """Drop an optional field the relay refuses as unknown, then ask again (once each).
+
+        Some relays reject `stream`/`partial_images` or `user` with `unknown_parameter`; an
+        error answer was not billed, so asking again without the field is safe. The client
+        remembers, so later requests leave it out from the start.
+        """
+        while True:
+            try:
+                return await self._with_retries(endpoint, request, size, on_progress)
+            except UnknownParameterError as error:
+                param = str(error.params.get("param") or "")
+                if param not in DROPPABLE_FIELDS or param in self._refused:
+                    raise
+                self._refused.add(param)
+                log.warning("%s refuses %r; asking without it", self.provider.name, param)
+                await _notify(on_progress, Progress("retry", detail=f"without_{param}"))
 
     def _fallback_for(self, size: str | None) -> str | None:
         parsed = _parse_wxh(size)
@@ -897,7 +927,7 @@ class UpstreamClient:
         on_progress: ProgressHandler | None,
     ) -> httpx.Request:
         provider = self.provider
-        stream = bool(provider.stream)
+        stream = bool(provider.stream) and not self._refused & {"stream", "partial_images"}
         fields: dict[str, Any] = {"model": provider.model, "prompt": request.prompt, "n": request.n}
         optional = {
             "size": size,
@@ -906,7 +936,7 @@ class UpstreamClient:
             "output_format": request.output_format,
             "output_compression": request.output_compression,
             "moderation": request.moderation,
-            "user": request.user,
+            "user": None if "user" in self._refused else request.user,
         }
         fields.update({k: v for k, v in optional.items() if v is not None})
         if stream:

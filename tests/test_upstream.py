@@ -336,6 +336,40 @@ async def test_response_format_sent_where_the_relay_wants_it(
     assert mock_upstream.requests[-1].fields["response_format"] == "b64_json"
 
 
+async def test_a_relay_refusing_stream_gets_a_plain_request_and_keeps_getting_one(
+    mock_upstream: MockUpstream, clients: Callable[..., UpstreamClient]
+) -> None:
+    mock_upstream.options.refuse_fields = ("partial_images",)
+    client = clients(mock_upstream.base_url, stream=True)
+    result = await client.generate(ImageRequest("a dog", size="1024x1024"))
+    assert_png(result, 1024, 1024)
+    first, second = mock_upstream.requests
+    assert "partial_images" in first.fields and "stream" not in second.fields
+    await client.generate(ImageRequest("a cat", size="1024x1024"))
+    assert len(mock_upstream.requests) == 3
+    assert "stream" not in mock_upstream.requests[-1].fields
+
+
+async def test_a_relay_refusing_user_gets_the_request_without_it(
+    mock_upstream: MockUpstream, clients: Callable[..., UpstreamClient]
+) -> None:
+    mock_upstream.options.refuse_fields = ("user",)
+    client = clients(mock_upstream.base_url)
+    result = await client.generate(ImageRequest("a dog", size="1024x1024", user="abc"))
+    assert_png(result, 1024, 1024)
+    assert [("user" in r.fields) for r in mock_upstream.requests] == [True, False]
+
+
+async def test_a_refused_required_field_is_not_dropped(
+    mock_upstream: MockUpstream, clients: Callable[..., UpstreamClient]
+) -> None:
+    mock_upstream.options.refuse_fields = ("quality",)
+    client = clients(mock_upstream.base_url)
+    with pytest.raises(errors.UnknownParameterError):
+        await client.generate(ImageRequest("a dog", size="1024x1024", quality="high"))
+    assert len(mock_upstream.requests) == 1
+
+
 # --- size fallback ---
 
 

@@ -478,7 +478,7 @@ class TelegramChat:
         return _reply_to(self._reply_to)
 
     async def _action(self) -> None:
-        with contextlib.suppress(TelegramAPIError):
+        with contextlib.suppress(AiogramError):
             await self._sender.call(
                 SendChatAction(chat_id=self.chat_id, action="upload_photo"),
                 chat_id=self.chat_id,
