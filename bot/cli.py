@@ -15,7 +15,7 @@ from bot import errors
 from bot.config import Settings
 from bot.i18n import normalize_lang, t
 from bot.images import extension_for_format, prepare_references
-from bot.logs import setup_logging
+from bot.logs import add_secrets, settings_secrets, setup_logging
 from bot.sizes import parse_size
 from bot.upstream import ImageRequest, Progress, ProviderChain, build_clients
 
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     settings = Settings()
     setup_logging(settings.log_level)
+    add_secrets(settings_secrets(settings))
     if args.command == "run":
         from bot.runner import run
 

@@ -26,6 +26,7 @@ from bot.chat import Chat, ImageSource, Invocation, MessageRef, OutFile, ResultM
 from bot.config import ProviderConfig, Settings
 from bot.i18n import t
 from bot.images import Reference, extension_for_format, prepare_references, to_jpeg_partial
+from bot.logs import add_secrets
 from bot.sizes import Size
 from bot.store import Store, User
 from bot.upstream import ImageRequest, ImageResult, Progress, ProviderChain, UpstreamClient
@@ -182,6 +183,8 @@ class JobRunner:
         if not self._accepting:
             raise errors.ShuttingDownError()
         own_key = await self.store.get_api_key(user.id) if user.has_key else None
+        if own_key:
+            add_secrets([own_key])
         job_id = await self.store.create_job(
             user_id=user.id,
             platform=inv.platform,

@@ -5,6 +5,12 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bot.config import Settings
 
 _PATTERNS = (
     # API keys: OpenAI/new-api style "sk-...".
@@ -17,8 +23,41 @@ _PATTERNS = (
 )
 
 
+# Known secret values (shared keys, bot tokens, users' keys once used): redacted verbatim,
+# whatever their shape, since not every relay's keys start with "sk-".
+_literals: tuple[str, ...] = ()
+_literals_lock = threading.Lock()
+_MIN_SECRET_LENGTH = 8
+
+
+def add_secrets(values: Iterable[str]) -> None:
+    """Redact these exact values from every log line from now on (short ones are ignored)."""
+    global _literals
+    with _literals_lock:
+        known = set(_literals) | {v for v in values if v and len(v) >= _MIN_SECRET_LENGTH}
+        # Longest first, so a key containing another secret is removed whole.
+        _literals = tuple(sorted(known, key=len, reverse=True))
+
+
+def settings_secrets(settings: Settings) -> set[str]:
+    """Every secret value in the settings that could end up in a log line verbatim."""
+    values = {
+        settings.api_key,
+        settings.secret_key,
+        settings.onebot_access_token,
+        settings.telegram_bot_token,
+        settings.telegram_webhook_secret,
+        settings.discord_bot_token,
+    }
+    values.update(provider.api_key for provider in settings.providers())
+    return {v for v in values if v}
+
+
 def redact(text: str) -> str:
-    """`text` with API keys, bot tokens and `/token` arguments replaced."""
+    """`text` with known secrets, API keys, bot tokens and `/token` arguments replaced."""
+    for literal in _literals:
+        if literal in text:
+            text = text.replace(literal, "***")
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return text

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 
 from bot.config import Settings
+from bot.logs import add_secrets, settings_secrets
 from bot.platform import Platform
 from bot.services import Services
 
@@ -45,6 +46,7 @@ def missing_platforms_message() -> str:
 
 async def run(settings: Settings) -> int:
     """Start every configured platform, serve until SIGINT/SIGTERM, then shut down cleanly."""
+    add_secrets(settings_secrets(settings))
     names = settings.enabled_platforms()
     if not names:
         print(missing_platforms_message(), file=sys.stderr)

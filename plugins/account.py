@@ -7,6 +7,7 @@ import re
 
 from bot.i18n import LANGUAGES
 from bot.jobs import today
+from bot.logs import add_secrets
 from bot.secrets import mask_key
 from plugins.context import Context
 from plugins.registry import COMMANDS
@@ -32,6 +33,7 @@ async def token(ctx: Context) -> None:
         else:
             await ctx.reply("token.none", ephemeral=True)
         return
+    add_secrets([arg])
     if not ctx.inv.is_private:
         # The key is already visible to the group: remove it and never bind a leaked key.
         deleted = await ctx.chat.delete_invocation()
@@ -42,6 +44,7 @@ async def token(ctx: Context) -> None:
     if not _KEY_SHAPE.match(arg):
         await ctx.reply("token.bad_format", ephemeral=True)
         return
+    add_secrets([arg])
     await store.set_api_key(ctx.user.id, arg)
     # Private chats: still try to remove the key from the chat history.
     await ctx.chat.delete_invocation()

@@ -120,3 +120,32 @@ def test_redaction_catches_full_width_and_spaceless_token_commands() -> None:
     for text in (f"／token {KEY}", "/令牌abcdefgh12345678", f"/ token {KEY}", f"/token@bot {KEY}"):
         cleaned = redact(text)
         assert KEY not in cleaned and "abcdefgh12345678" not in cleaned, cleaned
+
+
+async def test_a_key_of_any_shape_is_kept_out_of_logs(
+    services: Services, mock_upstream: MockUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    odd_key = "relay_Zq8wK3mN5pR7tV9xB2dF4hJ6"  # no "sk-" prefix for the patterns to catch
+    caplog.set_level(logging.DEBUG)
+    await run(services, inv("token", odd_key))
+    logging.getLogger("drawbridge.test").warning("upstream said: key %s refused", odd_key)
+    assert mock_upstream.requests == []
+    record = caplog.records[-1]
+    RedactingFilter().filter(record)
+    assert odd_key not in record.getMessage()
+
+
+def test_settings_secrets_are_redacted_verbatim() -> None:
+    from bot.config import Settings
+    from bot.logs import add_secrets, settings_secrets
+
+    settings = Settings(
+        _env_file=None,
+        api_base="http://x",
+        api_key="shared-key-without-prefix-123",
+        telegram_bot_token="tg-token-abcdefgh",
+        discord_bot_token="discord.token.value",
+    )
+    add_secrets(settings_secrets(settings))
+    line = redact("shared-key-without-prefix-123 tg-token-abcdefgh discord.token.value")
+    assert "shared-key" not in line and "tg-token" not in line and "discord.token" not in line

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from bot.config import Settings
-from bot.logs import redact
+from bot.logs import redact, settings_secrets
 
 if TYPE_CHECKING:
     from loguru import Message, Record
@@ -37,16 +37,7 @@ _MIN_SECRET_LENGTH = 8
 
 def secrets_of(settings: Settings) -> set[str]:
     """Every secret value in the settings that could end up in a log line verbatim."""
-    values = {
-        settings.api_key,
-        settings.secret_key,
-        settings.onebot_access_token,
-        settings.telegram_bot_token,
-        settings.telegram_webhook_secret,
-        settings.discord_bot_token,
-    }
-    values.update(provider.api_key for provider in settings.providers())
-    return {v for v in values if len(v) >= _MIN_SECRET_LENGTH}
+    return {v for v in settings_secrets(settings) if len(v) >= _MIN_SECRET_LENGTH}
 
 
 class Redactor:
