@@ -27,6 +27,11 @@ def _image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", "-n", type=int, default=1, help="how many images (1-10)")
     parser.add_argument("--quality", "-q", choices=("low", "medium", "high", "auto"), default=None)
     parser.add_argument("--format", "-f", dest="output_format", choices=("png", "jpeg", "webp"))
+    parser.add_argument(
+        "--compression", type=int, choices=range(0, 101), metavar="0-100", help="jpeg/webp only"
+    )
+    parser.add_argument("--background", choices=("transparent", "opaque", "auto"))
+    parser.add_argument("--moderation", choices=("low", "auto"))
     parser.add_argument("--output", "-o", type=Path, default=Path("."), help="folder for the files")
     parser.add_argument("--no-stream", action="store_true", help="do not ask for streaming")
 
@@ -113,6 +118,9 @@ async def _terminal_job(args: argparse.Namespace, settings: Settings) -> int:
         n=args.n,
         quality=args.quality,
         output_format=args.output_format,
+        output_compression=args.compression,
+        background=args.background,
+        moderation=args.moderation,
         references=tuple(references),
     )
     args.output.mkdir(parents=True, exist_ok=True)

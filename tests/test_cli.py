@@ -130,3 +130,28 @@ async def test_run_without_platforms_names_the_settings_and_fails(tmp_path: Path
     assert code != 0
     for name in ("TELEGRAM_BOT_TOKEN", "QQ_ENABLED", "DISCORD_BOT_TOKEN"):
         assert name in err
+
+
+async def test_draw_passes_background_compression_and_moderation(
+    mock_process: str, tmp_path: Path
+) -> None:
+    env = clean_env(DRAWBRIDGE_API_BASE=mock_process, DRAWBRIDGE_API_KEY="sk-cli-test-key")
+    code, _, err = await drawbridge(
+        "draw",
+        "a sticker",
+        "--format",
+        "webp",
+        "--compression",
+        "70",
+        "--background",
+        "transparent",
+        "--moderation",
+        "low",
+        "-o",
+        "out",
+        env=env,
+        cwd=tmp_path,
+    )
+    assert code == 0, err
+    [path] = sorted((tmp_path / "out").glob("drawbridge-*-1.webp"))
+    assert Image.open(path).format == "WEBP"
