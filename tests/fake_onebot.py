@@ -6,7 +6,8 @@
 actions drawbridge uses with `{"status", "retcode", "data", "echo"}`. It keeps every message
 (pushed or sent by the bot) so `get_msg` can return it, turns the bot's `base64://` images
 into links on the image host as QQ does, records every action for assertions, and injects
-failures with `fail_next` (an error answer) or `stall_next` (no answer at all: a timeout).
+failures with `fail_next` (an error answer) or `stall_next` (no answer at all: a timeout);
+actions named in `unsupported` are answered as unknown, like a minimal implementation would.
 
 `ImageHost` serves image bytes over HTTP on 127.0.0.1 and records each request.
 """
@@ -175,6 +176,8 @@ class FakeOneBot:
         self.calls: list[ApiCall] = []
         self.messages: dict[int, Stored] = {}
         self.can_recall = True
+        # Actions answered as unknown (retcode 1404), as a minimal implementation would.
+        self.unsupported: set[str] = set()
         self._ids = itertools.count(5001)
         self._faults: list[_Fault] = []
         self._session: aiohttp.ClientSession | None = None
@@ -336,7 +339,7 @@ class FakeOneBot:
             self._faults.remove(fault)
             return None if fault.failure is None else _failed(*fault.failure)
         handler = getattr(self, "_do_" + call.action, None)
-        if handler is None:
+        if handler is None or call.action in self.unsupported:
             return _failed(1404, f"unsupported action {call.action}")
         result: dict[str, Any] = handler(call.params)
         return result

@@ -336,3 +336,37 @@ async def test_implementation_with_a_wrong_access_token_is_refused(running: Runn
         await intruder.connect(running.url, "not-the-token")
     with pytest.raises(aiohttp.WSServerHandshakeError):
         await intruder.connect(running.url, None)
+
+
+async def test_minimal_implementation_without_send_msg_and_get_msg_still_draws_and_rerolls(
+    running: Running,
+) -> None:
+    # A second implementation on the same endpoint (its own connection, its own Bot) that
+    # knows only send_group_msg among the send actions and cannot look messages up.
+    minimal = FakeOneBot(SELF_ID + 7, images=running.images)
+    minimal.unsupported = {"send_msg", "get_msg"}
+    await minimal.connect(running.url, ACCESS_TOKEN)
+    try:
+        await running.wait_output(rf"Bot {SELF_ID + 7}.* connected")
+        user = next(_users)
+
+        def results_for(message_id: int) -> Finder:
+            return lambda calls: [
+                c
+                for c in calls
+                if c.action == "send_group_msg" and c.reply_to() == message_id and c.images()
+            ]
+
+        async def until(found: Finder) -> list[ApiCall]:
+            await minimal.wait_for(lambda calls: bool(found(calls)), within=15)
+            return found(minimal.calls)
+
+        first = await minimal.group_message(GROUP, user, [text("/画 a tin robot")])
+        [result] = await until(results_for(first))
+        assert result.params["group_id"] == GROUP
+        mid = await minimal.group_message(GROUP, user, [reply(result.message_id), text("/reroll")])
+        await until(results_for(mid))
+        prompts = [r.fields.get("prompt") for r in running.upstream.requests[-2:]]
+        assert prompts == ["a tin robot", "a tin robot"]
+    finally:
+        await minimal.close()

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from loguru import logger
 from nonebot.adapters.onebot.v11 import (
+    ActionFailed,
     Bot,
     GroupMessageEvent,
     Message,
@@ -465,3 +466,142 @@ async def test_grant_names_the_target_by_at_mention(
         ctx.should_call_api("send_msg", to_group(granted), {"message_id": 1})
     credits = await qq_services.store.credits(target.id, date.today(), 0)
     assert credits.balance == 7
+
+
+async def test_reply_segment_alone_finds_the_result_when_get_msg_gave_nothing(
+    app: App, matcher: type[Matcher], qq_services: Services, mock_upstream: MockUpstream
+) -> None:
+    # An implementation whose get_msg fails leaves `event.reply` empty and the reply segment
+    # in the message; the segment's id is all /reroll needs (no get_msg call is announced).
+    job = await _job(qq_services)
+    await qq_services.remember_result("qq", f"group:{GROUP}", "777", job)
+    reroll = group_event([MessageSegment.reply(777), MessageSegment.text("/reroll")])
+    async with app.test_api() as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF_ID))
+        ctx.should_call_api("send_msg", to_group(Matching()), {"message_id": 778})
+        ctx.should_call_api(
+            "send_msg",
+            to_group(Matching(replies_with_image(reroll.message_id))),
+            {"message_id": 779},
+        )
+        ctx.should_call_api("delete_msg", {"message_id": 778}, None)
+        await handle_event(bot, reroll)
+        await qq_services.jobs.wait_idle()
+    assert mock_upstream.requests[-1].fields.get("prompt") == "x"
+    second = await qq_services.job_for_message("qq", f"group:{GROUP}", "779")
+    assert second is not None and second != job
+
+
+async def test_quoted_message_in_a_loose_get_msg_answer_still_gives_its_image(
+    app: App,
+    matcher: type[Matcher],
+    images: ImageHost,
+    qq_services: Services,
+    mock_upstream: MockUpstream,
+) -> None:
+    # No time, real_id or sender, and the message as CQ codes: nonebot's Reply model refuses
+    # this answer, the image in it is still there.
+    url = images.add("loose.png", png(44, 33))
+    event = group_event([MessageSegment.reply(9200), MessageSegment.text("/edit add a hat")])
+    loose = {"message_id": 9200, "message": f"[CQ:image,file=loose.png,url={url}]"}
+    async with app.test_api() as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF_ID))
+        ctx.should_call_api("get_msg", {"message_id": 9200}, loose)
+        ctx.should_call_api("send_msg", to_group(Matching()), {"message_id": 921})
+        ctx.should_call_api(
+            "send_msg",
+            to_group(Matching(replies_with_image(event.message_id))),
+            {"message_id": 922},
+        )
+        ctx.should_call_api("delete_msg", {"message_id": 921}, None)
+        await handle_event(bot, event)
+        await qq_services.jobs.wait_idle()
+    assert images.requests == ["loose.png"]
+    assert [(f.width, f.height) for f in mock_upstream.requests[-1].files] == [(44, 33)]
+
+
+async def test_implementation_without_send_msg_is_answered_with_send_group_msg(
+    app: App, qq_services: Services
+) -> None:
+    first = Matching(lambda m: plain(m) == "one")
+    second = Matching(lambda m: plain(m) == "two")
+    unknown = ActionFailed(status="failed", retcode=1404, message="unsupported action")
+    async with app.test_api() as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF_ID))
+        chat = _chat(bot, qq_services)
+        ctx.should_call_api("send_msg", to_group(Matching()), exception=unknown)
+        ctx.should_call_api(
+            "send_group_msg", {"group_id": GROUP, "message": first}, {"message_id": 31}
+        )
+        # Known from now on: straight to send_group_msg.
+        ctx.should_call_api(
+            "send_group_msg", {"group_id": GROUP, "message": second}, {"message_id": 32}
+        )
+        refs = [await chat.send_text("one"), await chat.send_text("two")]
+    assert [r.id if r else None for r in refs] == ["31", "32"]
+
+
+async def test_other_send_refusals_are_not_taken_for_a_missing_action(
+    app: App, qq_services: Services
+) -> None:
+    muted = ActionFailed(status="failed", retcode=100, message="bot is muted in this group")
+    async with app.test_api() as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF_ID))
+        chat = _chat(bot, qq_services)
+        ctx.should_call_api("send_msg", to_group(Matching()), exception=muted)
+        assert await chat.send_text("hello") is None
+
+
+async def test_refused_result_image_goes_once_more_as_a_preview_with_the_original_as_a_file(
+    app: App, qq_services: Services
+) -> None:
+    original = png(300, 200, (30, 160, 90))
+    refused = ActionFailed(status="failed", retcode=1200, message="rich media transfer failed")
+    preview = Matching(lambda m: len(image_bytes(m)) == 1)
+    upload = Matching(lambda f: f == "base64://" + base64.b64encode(original).decode())
+    async with app.test_api() as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF_ID))
+        chat = _chat(bot, qq_services)
+        ctx.should_call_api("send_msg", to_group(Matching()), exception=refused)
+        ctx.should_call_api("send_msg", to_group(preview), {"message_id": 812})
+        ctx.should_call_api(
+            "upload_group_file", {"group_id": GROUP, "file": upload, "name": "r.png"}, None
+        )
+        job = await _job(qq_services)
+        await chat.send_results(
+            [OutFile(original, "r.png", "image/png", 300, 200)], ResultMeta(job)
+        )
+    assert Image.open(io.BytesIO(image_bytes(preview.seen[0])[0])).format == "JPEG"
+    assert await qq_services.job_for_message("qq", f"group:{GROUP}", "812") == job
+
+
+async def test_originals_go_as_images_where_group_file_upload_is_refused(
+    app: App, qq_services: Services
+) -> None:
+    original = png(64, 48, (1, 2, 3))
+    unknown = ActionFailed(status="failed", retcode=1404, message="unsupported action")
+    sent = Matching(lambda m: image_bytes(m) == [original])
+    async with app.test_api() as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF_ID))
+        chat = _chat(bot, qq_services)
+        ctx.should_call_api(
+            "upload_group_file",
+            {"group_id": GROUP, "file": Matching(), "name": "o.png"},
+            exception=unknown,
+        )
+        ctx.should_call_api("send_msg", to_group(sent), {"message_id": 841})
+        job = await _job(qq_services)
+        await chat.send_results(
+            [OutFile(original, "o.png", "image/png", 64, 48)],
+            ResultMeta(job, originals=True, actions=False),
+        )
+    assert len(sent.seen) == 1
+
+
+async def test_the_bots_own_messages_reported_back_are_never_commands(
+    app: App, matcher: type[Matcher]
+) -> None:
+    async with app.test_matcher(matcher) as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF_ID))
+        ctx.receive_event(bot, group_event("/help", user_id=SELF_ID))
+        ctx.should_not_pass_rule(matcher)

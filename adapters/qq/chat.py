@@ -17,6 +17,7 @@ import base64
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -58,6 +59,24 @@ MAX_EDGE = 4096
 MAX_ASPECT = 4.0
 """Longer-than-this images are cut or refused by QQ clients."""
 PREVIEW_EDGE = 2560
+
+
+_UNSUPPORTED_RETCODES = frozenset({1404, 404, 10002})
+"""OneBot v11's "unsupported action" (1404), and what some implementations answer instead."""
+_UNSUPPORTED_WORDS = ("unsupported", "not support", "not_found", "unknown action", "不支持")
+
+_UNSUPPORTED: weakref.WeakKeyDictionary[Bot, set[str]] = weakref.WeakKeyDictionary()
+"""Actions each connected implementation said it lacks (a reconnect is a new `Bot`)."""
+
+
+def is_unsupported(exc: ActionFailed) -> bool:
+    """Whether the implementation refused because it does not know the action at all."""
+    info = getattr(exc, "info", {}) or {}
+    retcode = str(info.get("retcode", "")).strip()
+    if retcode.isdigit() and int(retcode) in _UNSUPPORTED_RETCODES:
+        return True
+    words = f"{info.get('message', '')} {info.get('msg', '')} {info.get('wording', '')}".lower()
+    return any(w in words for w in _UNSUPPORTED_WORDS)
 
 
 def chat_id_of(event: MessageEvent) -> str:
@@ -127,20 +146,35 @@ class QQChat:
 
     async def send_results(self, files: Sequence[OutFile], meta: ResultMeta) -> None:
         if meta.originals:
-            for file in files:
-                async with self._pacer.turn(self.chat_id):
-                    await self._deliver(self._upload(file), "original file")
-            return
+            files = [f for f in files if not await self._upload_original(f)]
+            if not files:
+                return
         for index, file in enumerate(files):
             image, original = await self._shape(file)
-            message = self._reply_head() + MessageSegment.image(image)
-            if index == 0 and meta.caption:
-                message += MessageSegment.text("\n" + meta.caption)
-            async with self._pacer.turn(self.chat_id):
-                ref = await self._deliver(self._send(message), "result image")
+            caption = meta.caption if index == 0 else ""
+            try:
+                async with self._pacer.turn(self.chat_id):
+                    ref = await self._send(self._result_message(image, caption))
+            except ActionFailed as exc:
+                # A refusal is an answer (nothing was sent), unlike a timeout: QQ's rich media
+                # upload failing (retcode 1200) on an image within our limits still leaves a
+                # smaller copy worth one more try.
+                if original is not None:
+                    raise DeliveryError(f"qq result image: {exc!r}") from exc
+                log.info("qq: result refused in %s (%r); sending a preview", self.chat_id, exc)
+                image = await make_preview(
+                    file.data, max_bytes=self._limits.photo_bytes // 2, max_edge=PREVIEW_EDGE
+                )
+                original = file
+                async with self._pacer.turn(self.chat_id):
+                    ref = await self._deliver(
+                        self._send(self._result_message(image, caption)), "result preview"
+                    )
+            except ONEBOT_ERRORS as exc:
+                raise DeliveryError(f"qq result image: {type(exc).__name__}") from exc
             if ref is not None:
                 await self._remember(ref, meta.job_id)
-            if original is not None:
+            if original is not None and not meta.originals:
                 await self._upload_quietly(original)
 
     async def delete_invocation(self) -> bool:
@@ -165,15 +199,54 @@ class QQChat:
     def _reply_head(self) -> Message:
         return Message(MessageSegment.reply(self._event.message_id))
 
+    def _result_message(self, image: bytes, caption: str) -> Message:
+        message = self._reply_head() + MessageSegment.image(image)
+        if caption:
+            message += MessageSegment.text("\n" + caption)
+        return message
+
     def _target(self) -> dict[str, Any]:
         if self._group_id is not None:
             return {"message_type": "group", "group_id": self._group_id}
         return {"message_type": "private", "user_id": self._event.user_id}
 
     async def _send(self, message: Message) -> MessageRef | None:
-        result = await self._bot.call_api("send_msg", **self._target(), message=message)
-        message_id = result.get("message_id") if isinstance(result, dict) else None
-        return MessageRef(str(message_id)) if message_id is not None else None
+        """Send with `send_msg`, or `send_group_msg`/`send_private_msg` where it is missing."""
+        target = self._target()
+        specific = f"send_{target.pop('message_type')}_msg"
+        unsupported = _UNSUPPORTED.setdefault(self._bot, set())
+        result: Any = None
+        if "send_msg" in unsupported:
+            result = await self._bot.call_api(specific, **target, message=message)
+        else:
+            try:
+                result = await self._bot.call_api("send_msg", **self._target(), message=message)
+            except ActionFailed as exc:
+                if not is_unsupported(exc):
+                    raise
+                log.info("qq: %s has no send_msg (%r); using %s", self._bot.self_id, exc, specific)
+                unsupported.add("send_msg")
+                result = await self._bot.call_api(specific, **target, message=message)
+        # OneBot answers `{"message_id": n}`; a bare id or nothing is taken as well.
+        message_id = result.get("message_id") if isinstance(result, dict) else result
+        if isinstance(message_id, bool) or not isinstance(message_id, int | str):
+            return None
+        return MessageRef(str(message_id)) if str(message_id).strip() else None
+
+    async def _upload_original(self, file: OutFile) -> bool:
+        """Upload `file` as a file; False when the implementation refused (send an image)."""
+        try:
+            async with self._pacer.turn(self.chat_id):
+                await self._upload(file)
+        except (ActionFailed, DeliveryError) as exc:
+            # Refused (no group files here, or too big for one message): nothing was sent.
+            log.info(
+                "qq: original file refused in %s (%r); sending it as an image", self.chat_id, exc
+            )
+            return False
+        except ONEBOT_ERRORS as exc:
+            raise DeliveryError(f"qq original file: {type(exc).__name__}") from exc
+        return True
 
     async def _upload(self, file: OutFile) -> None:
         if len(file.data) > self._limits.file_bytes:

@@ -12,8 +12,7 @@ import asyncio
 import logging
 
 from nonebot import on_message
-from nonebot.adapters.onebot.v11 import Bot, MessageEvent
-from nonebot.adapters.onebot.v11.event import Reply
+from nonebot.adapters.onebot.v11 import Bot, Message, MessageEvent
 from nonebot.compat import type_validate_python
 from nonebot.matcher import Matcher
 
@@ -62,18 +61,23 @@ class QQHandler:
             self._running.add(task)
         try:
             chat_id = chat_id_of(event)
-            reply = event.reply or await _quoted(bot, event)
+            quoted_ids = _quoted_ids(event)
             reply_job = None
-            if reply is not None:
-                reply_job = await self.services.job_for_message(
-                    PLATFORM, chat_id, str(reply.message_id)
-                )
+            for quoted_id in quoted_ids:
+                reply_job = await self.services.job_for_message(PLATFORM, chat_id, quoted_id)
+                if reply_job is not None:
+                    break
             references: tuple[ImageSource, ...] = ()
             if spec.max_images:
                 urls = image_urls(event.message)
                 # A result's own images are better taken from the job's stored originals.
-                if reply is not None and reply_job is None:
-                    urls += [u for u in image_urls(reply.message) if u not in urls]
+                if quoted_ids and reply_job is None:
+                    quoted = (
+                        event.reply.message
+                        if event.reply is not None
+                        else await _quoted_message(bot, quoted_ids[0])
+                    )
+                    urls += [u for u in image_urls(quoted) if u not in urls]
                 references = await prefetch(urls, self.policy)
             sender = event.sender
             invocation = Invocation(
@@ -107,7 +111,13 @@ class QQHandler:
 
 
 async def is_command(event: MessageEvent) -> bool:
-    """The matcher's rule: the message starts with a declared command."""
+    """The matcher's rule: the message starts with a declared command, sent by someone else.
+
+    Implementations set to report the bot's own messages (NapCat's `reportSelfMessage`)
+    post them as message events; the bot must never take its own text as a command.
+    """
+    if str(event.user_id) == str(event.self_id):
+        return False
     return split_command(event.get_plaintext()) is not None
 
 
@@ -120,17 +130,37 @@ def build_matcher(handler: QQHandler) -> type[Matcher]:
     return on_message(rule=is_command, handlers=[on_command], priority=PRIORITY, block=True)
 
 
-async def _quoted(bot: Bot, event: MessageEvent) -> Reply | None:
-    """The quoted message when the adapter could not fetch it (its `get_msg` failed)."""
-    segment = next((s for s in event.message if s.type == "reply"), None)
-    if segment is None:
-        return None
+def _quoted_ids(event: MessageEvent) -> list[str]:
+    """The id of the quoted message, as the reply segment and as `get_msg` gave it.
+
+    The reply segment is enough to find one of our results: an implementation whose
+    `get_msg` fails, or answers in a shape nonebot rejects, leaves `event.reply` empty, and
+    `/reroll` must still work. nonebot drops the segment from `message` once it has the
+    reply, so it is looked for in `original_message`.
+    """
+    ids = [
+        str(seg.data.get("id")).strip()
+        for seg in event.original_message
+        if seg.type == "reply" and seg.data.get("id") is not None
+    ][:1]
+    if event.reply is not None and str(event.reply.message_id) not in ids:
+        ids.append(str(event.reply.message_id))
+    return ids
+
+
+async def _quoted_message(bot: Bot, message_id: str) -> Message:
+    """The quoted message when the adapter could not fetch it (its `get_msg` failed).
+
+    Only `message` is needed, so this takes answers nonebot's strict `Reply` model refuses
+    (no `real_id`, no `sender`, `message` as a CQ-code string).
+    """
     try:
-        data = await bot.call_api("get_msg", message_id=int(segment.data["id"]))
-        return type_validate_python(Reply, data)
-    except (*ONEBOT_ERRORS, ValueError, KeyError, TypeError) as exc:
-        log.info("qq: quoted message %s unavailable: %r", segment.data.get("id"), exc)
-        return None
+        data = await bot.call_api("get_msg", message_id=int(message_id))
+        raw = data.get("message") if isinstance(data, dict) else None
+        return type_validate_python(Message, raw) if raw else Message()
+    except (*ONEBOT_ERRORS, ValueError, TypeError) as exc:
+        log.info("qq: quoted message %s unavailable: %r", message_id, exc)
+        return Message()
 
 
 def _mentioned(event: MessageEvent) -> list[str]:
