@@ -249,6 +249,11 @@ class FakeDiscord:
         self.token = token
         self.attachment_size_limit = attachment_size_limit
         self.guild_ready = guild_ready
+        # False: interaction callbacks get "204 No Content", as Discord answers them without
+        # `with_response` and as a minimal peer may answer them always.
+        self.callback_with_body = True
+        # False: followups get "204 No Content" even when the bot asked to `wait` for them.
+        self.followup_with_body = True
         self.application_id = snowflake()
         self.bot = FakeUser(self.application_id, "drawbridge", bot=True)
         self.guild_id = snowflake()
@@ -422,9 +427,12 @@ class FakeDiscord:
         user: FakeUser | None = None,
         locale: str = "en-US",
         attachment_size_limit: int | None = None,
+        omit: Iterable[str] = (),
         **options: Any,
     ) -> FakeInteraction:
-        """Invoke a synced slash command; `FakeAttachment` values become attachment options."""
+        """Invoke a synced slash command; `FakeAttachment` values become attachment options.
+
+        `omit` drops top-level fields from the event, as a minimal peer might not send them."""
         command = self.command(name)
         types = {opt["name"]: opt["type"] for opt in command.get("options", [])}
         data_options: list[dict[str, Any]] = []
@@ -451,6 +459,7 @@ class FakeDiscord:
             user=user,
             locale=locale,
             attachment_size_limit=attachment_size_limit,
+            omit=omit,
         )
 
     async def message_command(
@@ -542,6 +551,7 @@ class FakeDiscord:
         locale: str,
         message: FakeMessage | None = None,
         attachment_size_limit: int | None = None,
+        omit: Iterable[str] = (),
     ) -> FakeInteraction:
         user = user or self.user
         interaction_id = snowflake()
@@ -577,6 +587,7 @@ class FakeDiscord:
         }
         if message is not None:
             payload["message"] = message.payload(self.guild_id)
+        sent = {k: v for k, v in payload.items() if k not in set(omit)}
         interaction = FakeInteraction(
             id=interaction_id,
             token=token,
@@ -586,7 +597,7 @@ class FakeDiscord:
             user=user,
         )
         self.interactions[interaction_id] = interaction
-        await self.dispatch("INTERACTION_CREATE", payload)
+        await self.dispatch("INTERACTION_CREATE", sent)
         return interaction
 
     async def dispatch(self, event: str, data: Mapping[str, Any]) -> None:
@@ -916,6 +927,8 @@ class FakeDiscord:
         }
         if kind != CB_DEFERRED_UPDATE:
             answer["resource"] = resource
+        if not self.callback_with_body:
+            return web.Response(status=204)
         return _json_response(answer)
 
     def _component_message(self, interaction: FakeInteraction) -> FakeMessage | None:
@@ -925,7 +938,7 @@ class FakeDiscord:
     def _limit_of(self, interaction: FakeInteraction | None) -> int:
         if interaction is None:
             return self.attachment_size_limit
-        return int(interaction.payload["attachment_size_limit"])
+        return int(interaction.payload.get("attachment_size_limit", self.attachment_size_limit))
 
     def _webhook_interaction(self, request: web.Request) -> FakeInteraction | web.Response:
         if request.match_info["app"] != str(self.application_id):
@@ -978,7 +991,7 @@ class FakeDiscord:
             self.messages[message.id] = message
             interaction.followup_ids.append(message.id)
         await self._notify()
-        if request.query.get("wait") in ("true", "1", "True"):
+        if self.followup_with_body and request.query.get("wait") in ("true", "1", "True"):
             return _json_response(message.payload(self.guild_id))
         return web.Response(status=204)
 

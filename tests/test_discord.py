@@ -542,6 +542,94 @@ async def test_token_refused_by_discord_falls_back_to_the_channel(
     )
 
 
+# --- a peer that answers or sends a little differently ---------------------------------------
+
+
+async def test_interaction_without_channel_object_or_size_limit_is_still_served(
+    bot: Bot, mock_upstream: MockUpstream
+) -> None:
+    # Only the documented `channel_id` (no partial `channel`), and no `attachment_size_limit`.
+    interaction = await bot.fake.slash(
+        "draw", prompt="a quiet harbour", omit=("channel", "attachment_size_limit")
+    )
+    message = await bot.result(interaction)
+    await bot.settle()
+
+    assert message.via == "original" and message.filenames == ["drawbridge-1-1.png"]
+    # The result is remembered under the real channel, so "Edit image" on it finds the job.
+    assert await bot.job_of(message) == 1
+
+
+async def test_unreadable_interaction_does_not_end_the_gateway_session(
+    bot: Bot, mock_upstream: MockUpstream
+) -> None:
+    await bot.fake.wait_identified()
+    # No token, no id: nothing discord.py can build an Interaction from.
+    await bot.fake.dispatch("INTERACTION_CREATE", {"type": 2, "data": {"name": "draw"}})
+    interaction = await bot.fake.slash("draw", prompt="still here")
+    message = await bot.result(interaction)
+    await bot.settle()
+
+    assert message.content.startswith("still here")
+    assert len(bot.fake.identifies) == 1
+
+
+async def test_callbacks_answered_without_a_body_still_deliver_results_and_modals(
+    bot: Bot, mock_upstream: MockUpstream
+) -> None:
+    bot.fake.callback_with_body = False
+    interaction = await bot.fake.slash("draw", prompt="a kite over the dunes")
+    message = await bot.result(interaction)
+    await bot.settle()
+    assert message.via == "original" and message.buttons()
+    assert await bot.job_of(message) == 1
+
+    opened = await bot.fake.slash("token")
+    await bot.fake.wait_for(lambda: opened.modal)
+    submit = await bot.fake.submit_modal(opened, OWN_KEY)
+    answer = await bot.answer(submit)
+    await bot.settle()
+    assert answer.ephemeral and "cdef" in answer.content
+
+
+async def test_status_line_is_removed_through_the_channel_when_the_callback_named_no_message(
+    bot: Bot, mock_upstream: MockUpstream
+) -> None:
+    bot.fake.callback_with_body = False
+    mock_upstream.options = replace(mock_upstream.options, latency=0.6)
+    interaction = await bot.fake.slash("draw", prompt="a comet")
+    status = await bot.answer(interaction)  # the status line is up
+    interaction.expired = True
+
+    await bot.fake.wait_message(lambda m: m.via == "channel" and has_results(m))
+    await bot.settle()
+    # The old status line ("uploading...") does not stay behind next to the result.
+    assert bot.fake.messages[status.id].deleted
+
+
+async def test_followup_answered_without_a_body_counts_as_sent(
+    bot: Bot, mock_upstream: MockUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    bot.fake.callback_with_body = False
+    bot.fake.followup_with_body = False
+    user = await bot.services.store.user("discord", str(bot.fake.user.id))
+    await bot.services.store.set_role(user.id, "banned")
+
+    interaction = await bot.fake.slash("draw", prompt="anything")
+    refusal = await bot.fake.wait_message(
+        lambda m: m.interaction_id == interaction.id and m.ephemeral
+    )
+    await bot.settle()
+    await asyncio.sleep(0.05)
+
+    assert refusal.content == bot.t("error.banned")
+    answers = [m for m in bot.fake.channel_messages() if m.interaction_id == interaction.id]
+    assert answers == [refusal]
+    # The refusal went out: nothing may treat it as a failed send.
+    assert "could not send" not in caplog.text
+
+
 # --- `drawbridge run` --------------------------------------------------------------------
 
 

@@ -39,6 +39,10 @@ TEXT_LIMIT = 2000
 
 # States of the original (deferred) response.
 _LOADING, _STATUS, _RESULT, _GONE = "loading", "status", "result", "gone"
+# What discord.py raises reading a 2xx answer it cannot parse (an empty "204" where it waited
+# for a message, say): the message was sent, only its id is unknown. HTTP errors raise
+# `discord.HTTPException` instead.
+_UNREADABLE = (KeyError, TypeError, ValueError, AttributeError)
 # Webhook answers meaning the interaction token is no longer valid.
 _TOKEN_GONE_STATUS = 401
 _UNKNOWN_WEBHOOK = 10015
@@ -128,7 +132,7 @@ class InteractionChat:
             except discord.HTTPException as exc:
                 log.warning("discord: could not send a message: %s", _describe(exc))
                 return None
-            if self._home is None and not ephemeral:
+            if self._home is None and not ephemeral and ref is not None:
                 self._home = ref
             return ref
 
@@ -136,6 +140,8 @@ class InteractionChat:
         async with self._lock:
             try:
                 await self._edit(ref, content=clip(text))
+            except _UNREADABLE:
+                pass  # edited; only the answer describing the message was unreadable
             except discord.HTTPException as exc:
                 log.debug("discord: could not edit a message: %s", _describe(exc))
 
@@ -148,6 +154,8 @@ class InteractionChat:
                     return ref
                 new_ref, _ = await self._post(files=[_file("preview.jpg", image)])
                 return new_ref
+            except _UNREADABLE:
+                return ref  # shown; only the answer describing the message was unreadable
             except discord.HTTPException as exc:
                 log.debug("discord: could not show a preview: %s", _describe(exc))
                 return ref
@@ -182,12 +190,17 @@ class InteractionChat:
                 if view is not None and index == len(groups) - 1:
                     fields["view"] = view
                 try:
-                    message = await self._deliver(fields)
+                    message_id = await self._deliver(fields)
                 except discord.HTTPException as exc:
                     raise DeliveryError(_describe(exc)) from exc
+                if message_id is None:
+                    log.warning(
+                        "discord: result of job %s sent; its message id is unknown", meta.job_id
+                    )
+                    continue
                 try:
                     await self._services.remember_result(
-                        PLATFORM, self.chat_id, str(message.id), meta.job_id
+                        PLATFORM, self.chat_id, str(message_id), meta.job_id
                     )
                 except Exception:
                     # Delivered all the same: only "Edit image" on this message loses its job.
@@ -226,6 +239,12 @@ class InteractionChat:
         )
         return channel
 
+    def _learn_original(self, message: discord.Message) -> None:
+        # The deferral's answer may not have named the message (a peer answering "204"): it is
+        # needed to edit or remove the status line through the channel once the token is gone.
+        if self._original_id is None:
+            self._original_id = message.id
+
     def _original_ref(self) -> MessageRef:
         return MessageRef(str(self._original_id or "@original"), {"kind": "original"})
 
@@ -233,8 +252,9 @@ class InteractionChat:
         labels = {a: self._services.t(self._lang, key) for a, key in BUTTON_KEYS.items()}
         return result_view(job_id, labels)
 
-    async def _deliver(self, fields: dict[str, Any]) -> discord.Message:
-        """Send one result message: into the original response while it is ours to fill."""
+    async def _deliver(self, fields: dict[str, Any]) -> int | None:
+        """Send one result message: into the original response while it is ours to fill.
+        Returns the message's id (None when Discord's answer did not say)."""
         if self._state in (_LOADING, _STATUS) and not self._expired():
             try:
                 message: discord.Message = await self._interaction.edit_original_response(
@@ -243,44 +263,62 @@ class InteractionChat:
                     view=fields.get("view"),
                 )
                 self._state = _RESULT
-                return message
+                self._learn_original(message)
+                return message.id
+            except _UNREADABLE:
+                self._state = _RESULT
+                return self._original_id
             except discord.HTTPException as exc:
                 if not self._token_gone(exc):
                     raise
                 # discord.File objects are spent once sent (or tried): make fresh ones.
                 fields = {**fields, "files": [_file(f.filename, _data(f)) for f in fields["files"]]}
-        _, message = await self._post(**fields)
-        return message
+        _, message_id = await self._post(**fields)
+        return message_id
 
     async def _post(
         self, *, ephemeral: bool = False, **fields: Any
-    ) -> tuple[MessageRef, discord.Message]:
-        """Send a new message the best way the interaction still allows (lock held)."""
+    ) -> tuple[MessageRef | None, int | None]:
+        """Send a new message the best way the interaction still allows (lock held).
+
+        Returns a reference to it and its id; both None when it was sent but Discord's
+        answer did not say which message it became (it can then not be edited)."""
         message: discord.Message
         if not self._expired():
             try:
                 if self._state == _LOADING and (self._ephemeral or not ephemeral):
                     edit = {("attachments" if k == "files" else k): v for k, v in fields.items()}
-                    message = await self._interaction.edit_original_response(**edit)
+                    try:
+                        message = await self._interaction.edit_original_response(**edit)
+                    except _UNREADABLE:
+                        self._state = _STATUS
+                        return self._original_ref(), self._original_id
                     self._state = _STATUS
-                    return self._original_ref(), message
+                    self._learn_original(message)
+                    return self._original_ref(), message.id
                 if self._state == _LOADING:
                     # Only the user may see this, but "thinking..." was posted for all: drop
                     # it, so the followup below is a new ephemeral message.
                     await self._interaction.delete_original_response()
                     self._state = _GONE
-                message = await self._interaction.followup.send(
-                    wait=True, ephemeral=ephemeral, **fields
-                )
+                try:
+                    message = await self._interaction.followup.send(
+                        wait=True, ephemeral=ephemeral, **fields
+                    )
+                except _UNREADABLE:
+                    return None, None
                 ref = MessageRef(str(message.id), {"kind": "followup", "ephemeral": ephemeral})
-                return ref, message
+                return ref, message.id
             except discord.HTTPException as exc:
                 if not self._token_gone(exc):
                     raise
                 if "files" in fields:
                     fields["files"] = [_file(f.filename, _data(f)) for f in fields["files"]]
-        message = await self._channel().send(**fields)
-        return MessageRef(str(message.id), {"kind": "channel"}), message
+        try:
+            message = await self._channel().send(**fields)
+        except _UNREADABLE:
+            return None, None
+        return MessageRef(str(message.id), {"kind": "channel"}), message.id
 
     async def _edit(self, ref: MessageRef, **fields: Any) -> None:
         kind = ref.extra.get("kind")

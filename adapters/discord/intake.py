@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
+from typing import Any, TypeVar
 
 import discord
 
@@ -27,8 +27,29 @@ from .views import TextModal
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 IMAGE_COMMANDS = frozenset({"draw", "edit", "reroll"})
 """Commands answered in public; all others (account, admin, help) only to the caller."""
+
+
+async def acknowledge(interaction: discord.Interaction[Any], response: Awaitable[T]) -> T | None:
+    """Await the first response to an interaction; None when Discord took it but its answer
+    could not be read.
+
+    discord.py asks for the callback's resource (`with_response`) and parses it after the
+    interaction is already answered; a peer that answers "204 No Content" (or a partial body)
+    would otherwise leave the user with "thinking..." for good.
+    """
+    try:
+        return await response
+    except discord.HTTPException:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError):
+        if not interaction.response.is_done():
+            raise
+        log.debug("discord: interaction %s answered; the reply was unreadable", interaction.id)
+        return None
 
 
 class DiscordIntake:
@@ -85,8 +106,11 @@ class DiscordIntake:
         )
         if job is None and not message.attachments:
             lang = await self._lang(interaction)
-            await interaction.response.send_message(
-                self.services.t(lang, NoReferenceImageError.key), ephemeral=True
+            await acknowledge(
+                interaction,
+                interaction.response.send_message(
+                    self.services.t(lang, NoReferenceImageError.key), ephemeral=True
+                ),
             )
             return
         # On one of our results, the job's kept originals beat the (maybe shrunk) attachments.
@@ -137,8 +161,11 @@ class DiscordIntake:
         if self.accepting:
             return True
         lang = await self._lang(interaction)
-        await interaction.response.send_message(
-            self.services.t(lang, ShuttingDownError.key), ephemeral=True
+        await acknowledge(
+            interaction,
+            interaction.response.send_message(
+                self.services.t(lang, ShuttingDownError.key), ephemeral=True
+            ),
         )
         return False
 
@@ -151,7 +178,10 @@ class DiscordIntake:
         self, interaction: discord.Interaction[Any], *, ephemeral: bool
     ) -> InteractionChat:
         """Say "thinking..." now, within Discord's 3 seconds; answer through the chat later."""
-        response = await interaction.response.defer(thinking=True, ephemeral=ephemeral)
+        response = await acknowledge(
+            interaction, interaction.response.defer(thinking=True, ephemeral=ephemeral)
+        )
+        # Unknown when the peer did not name the message: the chat learns it on its first edit.
         original_id = response.message_id if response is not None else None
         return InteractionChat(
             interaction,
@@ -213,7 +243,7 @@ class DiscordIntake:
                 max_length=self.services.settings.max_prompt_chars,
                 default=default,
             )
-        await interaction.response.send_modal(modal)
+        await acknowledge(interaction, interaction.response.send_modal(modal))
 
     async def _invoke(
         self,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import discord
 from discord import app_commands
@@ -21,6 +22,52 @@ from .intake import DiscordIntake
 from .views import ResultButton
 
 log = logging.getLogger(__name__)
+
+DEFAULT_FILESIZE_LIMIT = 10 * 1024 * 1024
+"""Discord's upload limit without boosts: assumed when an interaction does not tell its own."""
+# Guild channel types whose discord.py objects need a name and a position (text, voice,
+# category, news, stage, forum, media).
+_NAMED_GUILD_CHANNELS = frozenset({0, 2, 4, 5, 13, 15, 16})
+_DM = 1
+
+
+def normalize_interaction(data: dict[str, Any]) -> dict[str, Any]:
+    """An INTERACTION_CREATE payload with the fields discord.py insists on filled in.
+
+    discord.py 2.7 requires `attachment_size_limit` and takes the channel only from the
+    partial `channel` object, while a peer may send just the documented `channel_id`, or a
+    `channel` without name and position: without this the interaction is lost (or, worse,
+    the gateway session with it).
+    """
+    data = dict(data)
+    data.setdefault("attachment_size_limit", DEFAULT_FILESIZE_LIMIT)
+    data.setdefault("version", 1)
+    guild_id = data.get("guild_id")
+    channel = data.get("channel")
+    if not isinstance(channel, dict) and data.get("channel_id") is not None:
+        channel = {"id": data["channel_id"], "type": 0 if guild_id is not None else _DM}
+    if isinstance(channel, dict):
+        channel = dict(channel)
+        if guild_id is not None and channel.get("type") in _NAMED_GUILD_CHANNELS:
+            channel.setdefault("name", "")
+            channel.setdefault("position", 0)
+        data["channel"] = channel
+    return data
+
+
+def guard_interaction_parser(parsers: dict[str, Callable[[Any], None]]) -> None:
+    """Wrap discord.py's INTERACTION_CREATE parser: normalized input, and an event it cannot
+    read is logged and dropped (an exception there would end the whole gateway session)."""
+    parse = parsers["INTERACTION_CREATE"]
+
+    def parse_interaction(data: Any) -> None:
+        try:
+            parse(normalize_interaction(data) if isinstance(data, dict) else data)
+        except Exception:
+            keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+            log.exception("discord: dropped an interaction discord.py could not read: %s", keys)
+
+    parsers["INTERACTION_CREATE"] = parse_interaction
 
 
 class DrawbridgeClient(discord.Client):
@@ -39,6 +86,8 @@ class DrawbridgeClient(discord.Client):
         )
         self.intake = intake
         self.tree: app_commands.CommandTree[DrawbridgeClient] = app_commands.CommandTree(self)
+        # The gateway reads events through this very dict (`ws._discord_parsers`).
+        guard_interaction_parser(self._connection.parsers)
 
     async def setup_hook(self) -> None:
         # Buttons of results sent before a restart still work: matched by custom id.
