@@ -88,6 +88,8 @@ class FakeTelegram:
     can_delete: dict[int, bool] = field(default_factory=dict)
     # `--local` mode: getFile answers with absolute paths of files written here.
     local_dir: Path | None = None
+    # The bot's id in getMe and on its messages; by default the token's numeric prefix.
+    bot_user_id: int | None = None
 
     calls: list[ApiCall] = field(default_factory=list)
     messages: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
@@ -99,7 +101,7 @@ class FakeTelegram:
     base_url: str = ""
 
     def __post_init__(self) -> None:
-        self.bot_id = int(self.token.split(":", 1)[0])
+        self.bot_id = self.bot_user_id or int(self.token.split(":", 1)[0])
         self._updates: list[dict[str, Any]] = []
         self._update_ids = itertools.count(1)
         self._message_ids: dict[int, itertools.count[int]] = {}

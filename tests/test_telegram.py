@@ -678,3 +678,135 @@ async def test_admin_grant_in_reply_to_someone_names_them(
     answer = await fake.wait_call("sendMessage")
 
     assert "telegram:2002" in answer.fields["text"] and "balance is 7" in answer.fields["text"]
+
+
+# --- a server that answers a little differently ---
+
+
+async def test_429_with_retry_after_only_in_the_description_is_retried(
+    platform: TelegramPlatform, fake: FakeTelegram
+) -> None:
+    alice = fake.user(1001)
+    chat = fake.private_chat(alice)
+    # No `parameters` object: aiogram raises a plain TelegramAPIError for this 429.
+    fake.fail_next("sendMessage", error_code=429, description="Too Many Requests: retry after 1")
+    fake.send_message(chat, alice, "/quota")
+
+    answer = await fake.wait_call("sendMessage")
+
+    refused = fake.calls_of("sendMessage")[0]
+    assert refused.status == 429
+    assert answer.at - refused.at >= 1.0
+
+
+async def test_reply_to_the_edit_prompt_works_when_the_server_leaves_out_from(
+    platform: TelegramPlatform, fake: FakeTelegram, mock_upstream: MockUpstream
+) -> None:
+    alice = fake.user(1001)
+    chat = fake.private_chat(alice)
+    first = await _draw(fake, chat, alice)
+    fake.press_button(chat, alice, result_message(fake, chat["id"]), buttons(first)["edit"])
+    await fake.wait_call(
+        "sendMessage", where=lambda c: "force_reply" in c.fields.get("reply_markup", "")
+    )
+    prompt = [m for m in fake.bot_messages(chat["id"]) if m.get("text") == t("en", "edit.hint")][-1]
+    # `from` is optional in the Bot API's Message: a reply may quote the prompt without it.
+    quoted = {k: v for k, v in prompt.items() if k != "from"}
+    fake.send_message(chat, alice, "make it night time", reply_to=quoted)
+
+    await fake.wait_call("sendPhoto", where=with_buttons(chat["id"]), count=2)
+    edit = mock_upstream.requests[-1]
+    assert edit.path == "/v1/images/edits"
+    assert edit.fields["prompt"].startswith("make it night time")
+
+
+async def test_edit_replying_to_one_photo_of_an_album_uses_the_whole_album(
+    platform: TelegramPlatform, fake: FakeTelegram, mock_upstream: MockUpstream
+) -> None:
+    alice = fake.user(1001)
+    chat = fake.private_chat(alice)
+    sizes = [(640, 480), (512, 512), (480, 640)]
+    parts = [fake.send_message(chat, alice, photo=make_png(*s), media_group_id="A7") for s in sizes]
+    await asyncio.sleep(0.5)  # the album has arrived (album_wait is 0.3 s)
+    fake.send_message(chat, alice, "/edit one picture of all three", reply_to=parts[1])
+
+    await fake.wait_call("sendPhoto", where=with_buttons(chat["id"]))
+
+    (request,) = mock_upstream.requests
+    assert sorted((f.width, f.height) for f in request.files) == sorted(sizes)
+
+
+async def test_edit_replying_to_a_result_uses_the_kept_original_not_getfile(
+    platform: TelegramPlatform, fake: FakeTelegram, mock_upstream: MockUpstream
+) -> None:
+    alice = fake.user(1001)
+    chat = fake.private_chat(alice)
+    await _draw(fake, chat, alice)
+    fake.send_message(chat, alice, "/edit add a hat", reply_to=result_message(fake, chat["id"]))
+
+    await fake.wait_call("sendPhoto", where=with_buttons(chat["id"]), count=2)
+
+    # The chat holds Telegram's recompressed copy; the original is kept by the bot.
+    assert fake.calls_of("getFile") == []
+    edit = mock_upstream.requests[-1]
+    assert edit.path == "/v1/images/edits"
+    assert [(f.width, f.height) for f in edit.files] == [(1024, 1024)]
+
+
+async def test_album_refused_by_the_server_is_sent_photo_by_photo(
+    platform: TelegramPlatform, fake: FakeTelegram
+) -> None:
+    chat = TelegramChat(platform.link, 1001, user_id="1001", locale="en")
+    fake.fail_next("sendMediaGroup", error_code=404, description="Not Found: method not found")
+    files = [OutFile(make_png(300 + i, 200), f"r{i}.png", "image/png") for i in range(2)]
+
+    await chat.send_results(files, ResultMeta(11, "two results"))
+
+    photos = fake.ok_calls("sendPhoto")
+    assert [p.attachment(p.fields["photo"]).data for p in photos] == [f.data for f in files]
+    assert photos[0].fields["caption"] == "two results"
+    (under,) = [c for c in fake.ok_calls("sendMessage") if "reply_markup" in c.fields]
+    assert job_of(under) == 11
+
+
+async def test_bot_id_comes_from_getme_not_the_token(
+    settings_factory: Callable[..., Settings], services: Any
+) -> None:
+    async with FakeTelegram(bot_user_id=555000111) as other:
+        settings = settings_factory(
+            telegram_bot_token=other.token, telegram_api_server=other.base_url
+        )
+        tg = TelegramPlatform(settings, services, flood=FAST, polling_timeout=5)
+        await tg.start()
+        try:
+            boss = other.user(1001, first_name="Boss")
+            group = other.group_chat()
+            admin = await services.store.user("telegram", "1001")
+            await services.store.set_role(admin.id, "admin")
+            other.send_message(group, boss, "/quota")
+            await other.wait_call("sendMessage")
+            from_bot = other.bot_messages(group["id"])[-1]
+            # "/grant 7" replying to the bot itself must not name the bot as the target.
+            other.send_message(group, boss, "/grant 7", reply_to=from_bot)
+            answer = await other.wait_call("sendMessage", count=2)
+        finally:
+            await tg.stop()
+        assert tg.bot_id == 555000111
+        assert "telegram:555000111" not in answer.fields["text"]
+
+
+async def test_button_under_an_old_inaccessible_result_still_works(
+    platform: TelegramPlatform, fake: FakeTelegram
+) -> None:
+    alice = fake.user(1001)
+    chat = fake.private_chat(alice)
+    first = await _draw(fake, chat, alice)
+    shown = result_message(fake, chat["id"])
+    # Telegram sends only chat, id and date 0 for a message older than 48 hours.
+    old = {"chat": shown["chat"], "message_id": shown["message_id"], "date": 0}
+    fake.press_button(chat, alice, old, buttons(first)["orig"])
+
+    document = await fake.wait_call("sendDocument")
+
+    sent = document.attachment(document.fields["document"]).data
+    assert sent == first.attachment(first.fields["photo"]).data

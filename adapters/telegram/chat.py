@@ -16,6 +16,7 @@ from aiogram.exceptions import (
     TelegramAPIError,
     TelegramBadRequest,
     TelegramEntityTooLarge,
+    TelegramNotFound,
 )
 from aiogram.methods import (
     DeleteMessage,
@@ -319,13 +320,25 @@ class TelegramChat:
                         caption=chunk_caption if index == 0 else None,
                     )
                 )
-            messages = await self._sender.call(
-                SendMediaGroup(
-                    chat_id=self.chat_id, media=media, reply_parameters=self._reply_parameters()
-                ),
-                chat_id=self.chat_id,
-                request_timeout=UPLOAD_TIMEOUT,
-            )
+            try:
+                messages = await self._sender.call(
+                    SendMediaGroup(
+                        chat_id=self.chat_id, media=media, reply_parameters=self._reply_parameters()
+                    ),
+                    chat_id=self.chat_id,
+                    request_timeout=UPLOAD_TIMEOUT,
+                )
+            except (TelegramBadRequest, TelegramNotFound, TelegramEntityTooLarge) as exc:
+                # Refused outright (a server without albums, or one rule we did not foresee):
+                # nothing was posted, so the results go one by one instead.
+                log.info("telegram: album refused (%s), sending one by one", exc.message[:80])
+                for index, file in enumerate(chunk):
+                    single = await self._send_single(
+                        file, chunk_caption if index == 0 else None, None
+                    )
+                    sent += single
+                    first = first or single[0]
+                continue
             sent += [m.message_id for m in messages]
             first = first or messages[0].message_id
             if too_big:

@@ -10,18 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from aiogram import Bot
-from aiogram.exceptions import TelegramRetryAfter
+from aiogram.exceptions import TelegramAPIError, TelegramRetryAfter
 from aiogram.methods import TelegramMethod
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# A 429 whose JSON lacks `parameters.retry_after` reaches us as a plain `TelegramAPIError`;
+# its description still says "Too Many Requests: retry after N".
+_TOO_MANY = re.compile(r"too many requests", re.I)
+_RETRY_AFTER = re.compile(r"retry after (\d+(?:\.\d+)?)", re.I)
+# The wait when a 429 names no time at all.
+DEFAULT_RETRY_AFTER = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,20 +145,34 @@ class TelegramSender:
                 await self.pacer.wait(chat_id)
             try:
                 return await self.bot(method, request_timeout=request_timeout)
-            except TelegramRetryAfter as exc:
+            except TelegramAPIError as exc:
+                retry_after = _retry_after(exc)
                 attempt += 1
                 if (
-                    attempt > self.policy.max_retries
-                    or exc.retry_after > self.policy.max_retry_after
+                    retry_after is None
+                    or attempt > self.policy.max_retries
+                    or retry_after > self.policy.max_retry_after
                 ):
                     raise
                 log.warning(
                     "telegram: 429 on %s, retrying in %ss (attempt %d)",
                     method.__api_method__,
-                    exc.retry_after,
+                    retry_after,
                     attempt,
                 )
                 if chat_id is not None:
-                    self.pacer.defer(chat_id, exc.retry_after)
+                    self.pacer.defer(chat_id, retry_after)
                 else:
-                    await asyncio.sleep(exc.retry_after)
+                    await asyncio.sleep(retry_after)
+
+
+def _retry_after(exc: TelegramAPIError) -> float | None:
+    """Seconds to wait when `exc` is a 429, else None."""
+    if isinstance(exc, TelegramRetryAfter):
+        return float(exc.retry_after)
+    message = exc.message or ""
+    if type(exc) is not TelegramAPIError or not _TOO_MANY.search(message):
+        # Subclasses are other statuses (400, 403, 5xx, network), never a 429.
+        return None
+    found = _RETRY_AFTER.search(message)
+    return float(found.group(1)) if found else DEFAULT_RETRY_AFTER

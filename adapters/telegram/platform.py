@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 BUTTON_COMMANDS = {"reroll": "reroll", "edit": "edit_hint", "orig": "original"}
 COMMAND_DESCRIPTION_LIMIT = 256
 STOP_TIMEOUT = 5.0
+# Albums remembered so that a reply to any one photo of an album brings the whole album.
+ALBUMS_REMEMBERED = 512
 
 
 @dataclass(slots=True)
@@ -80,6 +83,7 @@ class TelegramPlatform:
         self._polling_timeout = polling_timeout
         self._prompts = EditPrompts()
         self._albums: dict[tuple[int, str], _Album] = {}
+        self._seen_albums: OrderedDict[tuple[int, str], list[Message]] = OrderedDict()
         self._inflight: set[asyncio.Task[Any]] = set()
         self._polling: asyncio.Task[None] | None = None
         self._web: web.AppRunner | None = None
@@ -88,6 +92,8 @@ class TelegramPlatform:
         self._stopped = False
         self.bot: Bot | None = None
         self.username = ""
+        # From getMe: a server need not use the token's numeric prefix as the bot's id.
+        self.bot_id = 0
 
     # --- lifecycle ---
 
@@ -116,6 +122,7 @@ class TelegramPlatform:
             except TelegramAPIError as exc:
                 raise RuntimeError(f"cannot reach the Telegram Bot API: {exc}") from None
             self.username = me.username or ""
+            self.bot_id = me.id
             await self._register_commands()
             if settings.telegram_webhook_url:
                 await self._start_webhook()
@@ -264,6 +271,7 @@ class TelegramPlatform:
         """Collect one album's updates; the first handler waits for the rest, then handles."""
         assert message.media_group_id is not None
         key = (message.chat.id, message.media_group_id)
+        self._remember_album_part(key, message)
         album = self._albums.get(key)
         if album is not None:
             album.parts.append(message)
@@ -285,6 +293,23 @@ class TelegramPlatform:
         lead = next((m for m in parts if m.caption or m.text), parts[0])
         await self._handle(lead, parts)
 
+    def _remember_album_part(self, key: tuple[int, str], message: Message) -> None:
+        parts = self._seen_albums.setdefault(key, [])
+        self._seen_albums.move_to_end(key)
+        if all(part.message_id != message.message_id for part in parts):
+            parts.append(message)
+        while len(self._seen_albums) > ALBUMS_REMEMBERED:
+            self._seen_albums.popitem(last=False)
+
+    def _album_of(self, message: Message) -> list[Message]:
+        """`message` and, when it is part of an album seen before, every other part."""
+        if message.media_group_id is None:
+            return [message]
+        parts = self._seen_albums.get((message.chat.id, message.media_group_id), [])
+        if all(part.message_id != message.message_id for part in parts):
+            parts = [*parts, message]
+        return sorted(parts, key=lambda m: m.message_id)
+
     async def _handle(self, message: Message, parts: Sequence[Message]) -> None:
         user = message.from_user
         if user is None or user.is_bot:
@@ -292,13 +317,14 @@ class TelegramPlatform:
         chat_id = message.chat.id
         text = message.text or message.caption or ""
         target = message.reply_to_message
-        assert self.bot is not None
         to_bot = (
             target is not None
             and target.from_user is not None
-            and (target.from_user.id == self.bot.id)
+            and (target.from_user.id == self.bot_id)
         )
-        prompt_job = self._prompts.job(chat_id, target.message_id) if target and to_bot else None
+        # Message ids are unique per chat and only the bot's own messages are recorded, so
+        # these lookups need no `from` (a field servers may leave out of the replied message).
+        prompt_job = self._prompts.job(chat_id, target.message_id) if target else None
         parsed = self._parse(text)
         if parsed is not None:
             command, body = parsed[0].name, parsed[1]
@@ -312,16 +338,20 @@ class TelegramPlatform:
             command, body = "edit", text.strip()
         else:
             return
-        references: list[TelegramFile] = []
-        for part in parts:
-            references += message_images(part, self.sender)
-        if target is not None:
-            references += message_images(target, self.sender)
         reply_job = prompt_job
-        if reply_job is None and target is not None and to_bot:
+        if reply_job is None and target is not None:
             reply_job = await self.services.job_for_message(
                 PLATFORM, str(chat_id), str(target.message_id)
             )
+        references: list[TelegramFile] = []
+        for part in parts:
+            references += message_images(part, self.sender)
+        # /edit on a result with no other image uses the kept originals (the plugin's
+        # fallback); other commands keep the photo as before.
+        originals = command == "edit" and not references and self._has_originals(target, reply_job)
+        if target is not None and not originals:
+            for part in self._album_of(target):
+                references += message_images(part, self.sender)
         inv = Invocation(
             platform=PLATFORM,
             user_id=str(user.id),
@@ -349,6 +379,18 @@ class TelegramPlatform:
         )
         await dispatch(inv, chat, self.services)
 
+    def _has_originals(self, target: Message | None, job_id: int | None) -> bool:
+        """Whether a reply to `target` can use the kept originals of the job it shows.
+
+        The photo in the chat is Telegram's recompressed copy (or a preview of a large
+        result), and fetching it needs `getFile` on the bot's own upload; the kept files are
+        the originals. An album part stays itself: the job's other results are not wanted.
+        """
+        if target is None or job_id is None or target.media_group_id is not None:
+            return False
+        folder = self.services.jobs.job_dir(job_id)
+        return folder.is_dir() and any(folder.glob("out*"))
+
     async def _on_button(self, query: CallbackQuery) -> None:
         # Stop the button's spinner first; the answer comes as a message.
         with contextlib.suppress(TelegramAPIError):
@@ -356,7 +398,9 @@ class TelegramPlatform:
         action, _, raw_job = (query.data or "").partition(":")[2].partition(":")
         command = BUTTON_COMMANDS.get(action)
         message = query.message
-        if command is None or not raw_job.isdigit() or not isinstance(message, Message):
+        # An old result (over 48 h) arrives as an InaccessibleMessage: it still names the
+        # chat and the message, which is all a button needs.
+        if command is None or not raw_job.isdigit() or message is None:
             return
         job_id = int(raw_job)
         user = query.from_user
