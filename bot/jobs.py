@@ -51,6 +51,7 @@ class JobSpec:
     n: int = 1
     quality: str | None = None
     output_format: str | None = None
+    background: str | None = None
     references: tuple[ImageSource, ...] = ()
 
     def options(self) -> dict[str, Any]:
@@ -60,6 +61,7 @@ class JobSpec:
             "n": self.n,
             "quality": self.quality,
             "format": self.output_format,
+            "background": self.background,
         }
 
 
@@ -246,6 +248,7 @@ class JobRunner:
             n=spec.n,
             quality=spec.quality,
             output_format=spec.output_format,
+            background=spec.background,
             references=tuple(references),
             user=hashlib.sha256(f"{inv.platform}:{inv.user_id}".encode()).hexdigest()[:16],
         )

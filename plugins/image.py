@@ -49,6 +49,7 @@ async def _image_job(ctx: Context, kind: str) -> None:
         n=opts.n,
         quality=opts.quality,
         output_format=opts.output_format,
+        background=opts.background,
         references=inv.references,
     )
     await jobs.submit(
@@ -78,6 +79,7 @@ async def reroll(ctx: Context) -> None:
         n=int(options.get("n") or 1),
         quality=options.get("quality"),
         output_format=options.get("format"),
+        background=options.get("background"),
         references=references,
     )
     await jobs.submit(inv=ctx.inv, user=ctx.user, chat=ctx.chat, spec=spec, lang=ctx.lang)

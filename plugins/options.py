@@ -27,8 +27,11 @@ _ALIASES = {
     "format": "format",
     "f": "format",
     "fmt": "format",
+    "background": "background",
+    "bg": "background",
 }
 QUALITIES = ("low", "medium", "high", "auto")
+BACKGROUNDS = ("transparent", "opaque", "auto")
 FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
 
 
@@ -41,6 +44,7 @@ class ImageOptions:
     n: int
     quality: str | None
     output_format: str | None
+    background: str | None = None
 
 
 def parse_image_args(
@@ -98,4 +102,16 @@ def parse_image_args(
                 f"format={output_format}", option="format", value=output_format
             )
         output_format = fmt
-    return ImageOptions(prompt, size, n, quality, output_format)
+    background = raw.get("background")
+    if background is not None:
+        background = background.lower()
+        if background not in BACKGROUNDS:
+            raise errors.BadOptionError(
+                f"background={background}", option="background", value=background
+            )
+        if background == "transparent" and output_format == "jpeg":
+            # JPEG has no alpha channel: the API would refuse the pair.
+            raise errors.BadOptionError(
+                "transparent jpeg", option="background", value="transparent + jpeg"
+            )
+    return ImageOptions(prompt, size, n, quality, output_format, background)

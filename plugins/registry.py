@@ -48,12 +48,14 @@ class CommandSpec:
 SIZE_CHOICES = ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "2k", "4k", "16:9 4k", "auto")
 QUALITY_CHOICES = ("low", "medium", "high", "auto")
 FORMAT_CHOICES = ("png", "jpeg", "webp")
+BACKGROUND_CHOICES = ("transparent", "opaque", "auto")
 
 IMAGE_OPTIONS = (
     OptionSpec("size", "str", "opt.size", choices=SIZE_CHOICES),
     OptionSpec("quality", "str", "opt.quality", choices=QUALITY_CHOICES),
     OptionSpec("n", "int", "opt.n", min_value=1, max_value=10),
     OptionSpec("format", "str", "opt.format", choices=FORMAT_CHOICES),
+    OptionSpec("background", "str", "opt.background", choices=BACKGROUND_CHOICES),
 )
 
 DRAW = CommandSpec(

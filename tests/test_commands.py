@@ -574,3 +574,14 @@ async def test_queue_position_is_kept_up_to_date(
         assert third.results()
     finally:
         await services.close()
+
+
+async def test_background_reaches_the_upstream_and_rerolls_keep_it(
+    services: Services, mock_upstream: MockUpstream
+) -> None:
+    first = await run(services, inv("draw", "a sticker --background transparent"))
+    assert mock_upstream.requests[-1].fields["background"] == "transparent"
+    meta = first.results()[0].meta
+    assert meta is not None
+    await run(services, inv("reroll", reply_to_job=meta.job_id))
+    assert mock_upstream.requests[-1].fields["background"] == "transparent"

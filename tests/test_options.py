@@ -64,3 +64,12 @@ def test_split_command_handles_aliases_mentions_and_newlines() -> None:
     assert split_command("/draw\na fox\non two lines") == (DRAW, "a fox\non two lines")
     assert split_command("hello /draw") is None
     assert split_command("/unknown x") is None
+
+
+def test_background_option_and_its_jpeg_conflict() -> None:
+    assert parse("a sticker --bg transparent --format png").background == "transparent"
+    assert parse("a sticker", background="opaque").background == "opaque"
+    with pytest.raises(errors.BadOptionError):
+        parse("a sticker --background glass")
+    with pytest.raises(errors.BadOptionError):
+        parse("a sticker --background transparent --format jpeg")

@@ -19,7 +19,7 @@ MESSAGES: dict[str, str] = {
     "help.line": "/{name}{aliases} {args}: {text}",
     "help.options": (
         "Options: --size 16:9 | 9:16 | 1:1 | 4:3 | 3:2 | 2k | 4k | 16:9@4k | 1536x1024, "
-        "--n 1-{max_n}, --quality low|medium|high, --format png|jpeg|webp"
+        "--n 1-{max_n}, --quality low|medium|high, --format png|jpeg|webp, --background transparent"
     ),
     "help.footer": "Each image costs credits from your daily allowance ({daily} a day) "
     "unless you bind your own key with /token in a private chat.",
@@ -28,6 +28,7 @@ MESSAGES: dict[str, str] = {
     "opt.quality": "Quality: low, medium, high or auto",
     "opt.n": "How many images",
     "opt.format": "File format: png, jpeg or webp",
+    "opt.background": "Background: transparent, opaque or auto",
     "opt.lang": "Language",
     "opt.user": "User id (or platform:id)",
     "opt.credits": "Credits to add (negative to take away)",
@@ -95,7 +96,7 @@ MESSAGES: dict[str, str] = {
     "error.internal": "Something went wrong on my side. Nothing was charged; please try again.",
     "error.bad_input": "I couldn't understand that request.",
     "error.bad_option": "Invalid value for --{option}: {value}. See /help.",
-    "error.unknown_option": "Unknown option {option}. Options are --size, --n, --quality, --format.",
+    "error.unknown_option": "Unknown option {option}. Options are --size, --n, --quality, --format, --background.",
     "error.invalid_size": "Size {size} is not allowed for this model. Try {suggestion}.",
     "error.empty_prompt": "Tell me what to draw, e.g. /draw a red fox in the snow.",
     "error.prompt_too_long": "Your prompt has {length} characters; the limit is {limit}. Please shorten it.",

@@ -19,7 +19,7 @@ MESSAGES: dict[str, str] = {
     "help.line": "/{name}{aliases} {args}:{text}",
     "help.options": (
         "参数:--size 16:9 | 9:16 | 1:1 | 4:3 | 3:2 | 2k | 4k | 16:9@4k | 1536x1024,"
-        "--n 1-{max_n},--quality low|medium|high,--format png|jpeg|webp"
+        "--n 1-{max_n},--quality low|medium|high,--format png|jpeg|webp,--background transparent"
     ),
     "help.footer": "每张图消耗额度,每天赠送 {daily} 点;在私聊中用 /token 绑定自己的密钥则不消耗额度。",
     "help.examples": "例如:/画 雪地里的一只红狐狸 --size 16:9",
@@ -27,6 +27,7 @@ MESSAGES: dict[str, str] = {
     "opt.quality": "质量:low、medium、high 或 auto",
     "opt.n": "生成几张",
     "opt.format": "文件格式:png、jpeg 或 webp",
+    "opt.background": "背景:transparent(透明)、opaque 或 auto",
     "opt.lang": "语言",
     "opt.user": "用户 ID(或 平台:ID)",
     "opt.credits": "增加的额度(负数为扣除)",
@@ -93,7 +94,7 @@ MESSAGES: dict[str, str] = {
     "error.internal": "我这边出了点问题,未扣除额度,请重试。",
     "error.bad_input": "我没看懂这个请求。",
     "error.bad_option": "--{option} 的值无效:{value}。请查看 /help。",
-    "error.unknown_option": "未知参数 {option}。可用参数:--size、--n、--quality、--format。",
+    "error.unknown_option": "未知参数 {option}。可用参数:--size、--n、--quality、--format、--background。",
     "error.invalid_size": "该模型不支持尺寸 {size},试试 {suggestion}。",
     "error.empty_prompt": "请告诉我要画什么,例如:/画 雪地里的一只红狐狸",
     "error.prompt_too_long": "描述有 {length} 个字符,上限是 {limit},请缩短。",
