@@ -17,3 +17,8 @@ class Platform(Protocol):
     async def stop(self) -> None:
         """Stop taking commands and close connections; safe to call twice."""
         ...
+
+    async def wait_ended(self) -> None:
+        """Return if the platform's connection ends by itself after `start` (never while it
+        is healthy), so `drawbridge run` can stop and let a supervisor restart it."""
+        ...

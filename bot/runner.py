@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from typing import Any
 
 from bot.config import Settings
 from bot.logs import add_secrets, settings_secrets
@@ -79,7 +80,7 @@ async def run(settings: Settings) -> int:
             log.info("%s ready", name)
         else:
             log.info("drawbridge ready: %s", ", ".join(names))
-            await stop.wait()
+            code = await _serve_until_stopped(stop, started)
             log.info("stopping: no new jobs; running jobs get %.0fs", settings.shutdown_grace)
     except Exception:
         log.exception("failed to start")
@@ -98,3 +99,27 @@ async def run(settings: Settings) -> int:
             loop.remove_signal_handler(sig)
         log.info("stopped")
     return code
+
+
+async def _serve_until_stopped(stop: asyncio.Event, platforms: list[Platform]) -> int:
+    """Wait for a signal (exit 0) or a platform whose connection ended by itself (exit 1).
+
+    A dead platform inside a live process would look healthy to a supervisor; stopping
+    lets systemd, Docker or a shell loop start the bot again.
+    """
+    signal_task: asyncio.Task[Any] = asyncio.create_task(stop.wait())
+    ended: dict[asyncio.Task[Any], Platform] = {
+        asyncio.create_task(p.wait_ended(), name=p.name): p for p in platforms
+    }
+    try:
+        done, _ = await asyncio.wait({signal_task, *ended}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (signal_task, *ended):
+            task.cancel()
+    for task in done:
+        if task in ended:
+            log.error(
+                "%s stopped by itself; shutting down so it can be restarted", ended[task].name
+            )
+            return 1
+    return 0

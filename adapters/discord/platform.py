@@ -135,6 +135,11 @@ class DiscordPlatform:
             raise
         log.info("discord: logged in as %s (%d guilds)", client.user, len(client.guilds))
 
+    async def wait_ended(self) -> None:
+        """Return if the gateway connection gives up (discord.py reconnects by itself)."""
+        if self._connection is not None:
+            await asyncio.wait({self._connection})
+
     async def _sync(self, client: DrawbridgeClient) -> None:
         guilds = self.settings.discord_guilds()
         try:

@@ -101,6 +101,11 @@ class QQPlatform:
         host, port = self.address
         log.info("qq: OneBot v11 endpoint at ws://%s:%d%s", _url_host(host), port, WS_PATH)
 
+    async def wait_ended(self) -> None:
+        """Return if the OneBot endpoint stops serving by itself."""
+        if self._serving is not None:
+            await asyncio.wait({self._serving})
+
     async def stop(self) -> None:
         """Stop taking commands, let those being handled finish, close the endpoint."""
         if self._matcher is not None:

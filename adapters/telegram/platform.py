@@ -169,6 +169,13 @@ class TelegramPlatform:
             await self.bot.session.close()
         log.info("telegram: stopped")
 
+    async def wait_ended(self) -> None:
+        """Return if polling stops by itself (a webhook server runs until `stop`)."""
+        if self._polling is not None:
+            await asyncio.wait({self._polling})
+        else:
+            await asyncio.Event().wait()
+
     async def _start_polling(self) -> None:
         # A webhook left from an earlier run would make getUpdates fail with 409.
         try:
