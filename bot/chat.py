@@ -6,7 +6,7 @@ Nothing here imports a chat library.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -158,6 +158,3 @@ class Chat(Protocol):
     async def delete(self, ref: MessageRef) -> None:
         """Delete a message the bot sent (a status line), best effort."""
         ...
-
-
-ProgressCallback = Callable[[str, Mapping[str, Any]], Awaitable[None]]

@@ -373,26 +373,22 @@ class JobRunner:
                     len(files),
                 )
         except asyncio.CancelledError:
-            reason = "cancelled" if not ticket.running and self._accepting else "shutdown"
+            stopped: errors.DrawbridgeError = (
+                errors.CancelledJobError(job=job_id)
+                if not ticket.running and self._accepting
+                else errors.ShuttingDownError()
+            )
             await asyncio.shield(_settle(side))
-            await asyncio.shield(self._fail(job_id, reason, "", chat, lang, status, notify=True))
+            await asyncio.shield(self._fail(job_id, stopped, chat, lang, status))
             raise
         except errors.DrawbridgeError as exc:
             log.info("job %s failed: %s (%s)", job_id, exc.kind, exc.detail[:200])
             await _settle(side)
-            await self._fail(job_id, exc.kind, exc.detail, chat, lang, status, error=exc)
+            await self._fail(job_id, exc, chat, lang, status)
         except Exception as exc:
             log.exception("job %s crashed", job_id)
             await _settle(side)
-            await self._fail(
-                job_id,
-                "internal",
-                type(exc).__name__,
-                chat,
-                lang,
-                status,
-                error=errors.DrawbridgeError(),
-            )
+            await self._fail(job_id, errors.DrawbridgeError(type(exc).__name__), chat, lang, status)
         finally:
             if ticker is not None:
                 ticker.cancel()
@@ -415,29 +411,21 @@ class JobRunner:
     async def _fail(
         self,
         job_id: int,
-        kind: str,
-        detail: str,
+        error: errors.DrawbridgeError,
         chat: Chat,
         lang: str,
         status: MessageRef | None,
-        *,
-        error: errors.DrawbridgeError | None = None,
-        notify: bool = True,
     ) -> None:
-        refunded = await self.store.refund(job_id, kind)
+        """Refund (at most once: the ledger guards it), record why, and tell the user."""
+        refunded = await self.store.refund(job_id, error.kind)
         await self.store.finish_job(
             job_id,
-            status="cancelled" if kind == "cancelled" else "failed",
-            error_kind=kind,
-            error_detail=detail[:500] or None,
+            status="cancelled" if isinstance(error, errors.CancelledJobError) else "failed",
+            error_kind=error.kind,
+            error_detail=error.detail[:500] or None,
         )
-        if not notify:
-            return
-        if error is None:
-            text = t(lang, f"error.{kind}", job=job_id)
-        else:
-            text = render_error(lang, error)
         log.debug("job %s refunded: %s", job_id, refunded)
+        text = render_error(lang, error)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(10):
                 if status is not None and chat.limits.can_edit:
