@@ -117,6 +117,7 @@ class JobRunner:
         self._per_user: dict[int, int] = {}
         # Jobs admitted but still being validated or charged (not yet in a queue).
         self._intake = 0
+        self._intake_idle = asyncio.Event()
         self._accepting = True
         self.files_dir = settings.data_dir / "jobs"
 
@@ -224,18 +225,23 @@ class JobRunner:
                 group_key=None if cred.own_key else inv.group_id,
                 group_cap=self.settings.group_daily_cap,
             )
+            if not self._accepting:
+                # Shutdown began while this job was being checked and charged: give it back
+                # now (the except below refunds) rather than start work nobody will wait for.
+                raise errors.ShuttingDownError()
         except BaseException as exc:
             if admitted:
-                self._intake -= 1
                 self._release_user(user.id)
             kind = exc.kind if isinstance(exc, errors.DrawbridgeError) else "internal"
             detail = exc.detail[:500] if isinstance(exc, errors.DrawbridgeError) else None
-            await asyncio.shield(
-                self.store.finish_job(job_id, status="failed", error_kind=kind, error_detail=detail)
-            )
+            # Cancelled mid-reserve, the shielded reservation may still have committed: a
+            # refund is a no-op when nothing was reserved, and exact when something was.
+            await asyncio.shield(self._settle_refused(job_id, kind, detail))
             raise
+        finally:
+            if admitted:
+                self._intake_settled()
 
-        self._intake -= 1
         ticket = _Ticket(job_id, user.id, cred.primary.name)
         queue = self._waiting.setdefault(ticket.provider, deque())
         queue.append(ticket)
@@ -417,14 +423,18 @@ class JobRunner:
         status: MessageRef | None,
     ) -> None:
         """Refund (at most once: the ledger guards it), record why, and tell the user."""
-        refunded = await self.store.refund(job_id, error.kind)
-        await self.store.finish_job(
-            job_id,
-            status="cancelled" if isinstance(error, errors.CancelledJobError) else "failed",
-            error_kind=error.kind,
-            error_detail=error.detail[:500] or None,
-        )
-        log.debug("job %s refunded: %s", job_id, refunded)
+        try:
+            refunded = await self.store.refund(job_id, error.kind)
+            await self.store.finish_job(
+                job_id,
+                status="cancelled" if isinstance(error, errors.CancelledJobError) else "failed",
+                error_kind=error.kind,
+                error_detail=error.detail[:500] or None,
+            )
+            log.debug("job %s refunded: %s", job_id, refunded)
+        except Exception:
+            # The next start's recovery refunds it; the user must hear about the failure now.
+            log.exception("job %s: could not record its failure", job_id)
         text = render_error(lang, error)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(10):
@@ -563,9 +573,31 @@ class JobRunner:
         """Refuse new jobs from now on (shutdown has begun)."""
         self._accepting = False
 
+    async def _settle_refused(self, job_id: int, kind: str, detail: str | None) -> None:
+        """Record a job that never started, returning any credits it had reserved."""
+        try:
+            await self.store.refund(job_id, kind)
+            await self.store.finish_job(
+                job_id, status="failed", error_kind=kind, error_detail=detail
+            )
+        except Exception:
+            # The original refusal matters more; recovery at the next start settles the row.
+            log.exception("job %s: could not record its refusal", job_id)
+
+    def _intake_settled(self) -> None:
+        self._intake -= 1
+        if self._intake == 0:
+            self._intake_idle.set()
+
     async def shutdown(self, grace: float) -> None:
         """Stop intake, let running jobs finish for `grace` seconds, refund the rest."""
         self._accepting = False
+        # Commands still being checked or charged either queue or give their credits back.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                while self._intake:
+                    self._intake_idle.clear()
+                    await self._intake_idle.wait()
         tasks = [tk.task for tk in self._tickets.values() if tk.task is not None]
         if not tasks:
             return

@@ -585,3 +585,26 @@ async def test_background_reaches_the_upstream_and_rerolls_keep_it(
     assert meta is not None
     await run(services, inv("reroll", reply_to_job=meta.job_id))
     assert mock_upstream.requests[-1].fields["background"] == "transparent"
+
+
+async def test_a_command_still_being_checked_at_shutdown_is_refunded_and_told(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    services = await Services.create(settings_factory())
+    chat = RecordingChat()
+    dispatching = asyncio.create_task(
+        dispatch(inv("edit", "night", references=(SlowImage(),)), chat, services)
+    )
+    await asyncio.sleep(0.1)  # the reference is still downloading
+    await services.close(grace=5)
+    await dispatching
+    assert "restarting" in chat.last_text()
+    assert mock_upstream.requests == []
+    services = await Services.create(settings_factory())
+    try:
+        job = await services.store.job(1)
+        assert job is not None and (job.status, job.error_kind) == ("failed", "shutdown")
+        assert job.ledger_state in (None, "refunded")
+        assert await left(services) == 5
+    finally:
+        await services.close()
