@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 _PATTERNS = (
     # API keys: OpenAI/new-api style "sk-...".
     (re.compile(r"sk-[A-Za-z0-9_\-]{6,}"), "sk-***"),
-    # Telegram bot tokens "123456:ABC...".
-    (re.compile(r"\b\d{5,}:[A-Za-z0-9_\-]{30,}\b"), "***:***"),
+    # Telegram bot tokens "123456:ABC...", also inside URLs ("/bot123456:ABC...").
+    (re.compile(r"(?<!\d)\d{5,}:[A-Za-z0-9_\-]{30,}"), "***:***"),
     # Whatever follows /token in a message, in any language alias.
     (re.compile(r"([/／]\s*(?:token|令牌)(?:@\w+)?)\s*[^\s*]\S*"), r"\1 ***"),
     (re.compile(r"(Bearer)\s+\S+", re.IGNORECASE), r"\1 ***"),
@@ -78,10 +78,20 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class RedactingFormatter(logging.Formatter):
+    """Redacts the whole formatted record, tracebacks and stack traces included.
+
+    The filter above cleans the message; an exception's text is only rendered here, later.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 def setup_logging(level: str = "INFO") -> None:
     """Log to stderr through the redacting filter; quiet noisy libraries."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     for old in list(root.handlers):

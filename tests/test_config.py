@@ -33,7 +33,7 @@ def test_env_example_loads_as_a_dotenv(tmp_path: Path, monkeypatch: pytest.Monke
     assert settings.model == "gpt-image-2"
     assert [p.name for p in settings.providers()] == ["default"]
     assert settings.enabled_platforms() == []
-    assert ("telegram", "123456789") in settings.admin_ids()
+    assert settings.admin_ids() == set()  # nobody is an admin until the operator says so
 
 
 @pytest.mark.parametrize(

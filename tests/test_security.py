@@ -149,3 +149,29 @@ def test_settings_secrets_are_redacted_verbatim() -> None:
     add_secrets(settings_secrets(settings))
     line = redact("shared-key-without-prefix-123 tg-token-abcdefgh discord.token.value")
     assert "shared-key" not in line and "tg-token" not in line and "discord.token" not in line
+
+
+def test_tracebacks_are_redacted_too() -> None:
+    import io
+
+    from bot.logs import RedactingFormatter, add_secrets
+
+    add_secrets(["relay-secret-in-a-traceback-1234"])
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(RedactingFormatter("%(message)s"))
+    logger = logging.getLogger("drawbridge.test.traceback")
+    logger.addHandler(handler)
+    try:
+        try:
+            raise RuntimeError(
+                "GET https://api.telegram.org/bot123456:" + "A" * 35 + " with "
+                "relay-secret-in-a-traceback-1234"
+            )
+        except RuntimeError:
+            logger.exception("request failed")
+    finally:
+        logger.removeHandler(handler)
+    output = stream.getvalue()
+    assert "Traceback" in output
+    assert "A" * 35 not in output and "relay-secret-in-a-traceback-1234" not in output
