@@ -18,6 +18,13 @@ class Platform(Protocol):
         """Stop taking commands and close connections; safe to call twice."""
         ...
 
+    async def notify(self, chat_id: str, text: str) -> None:
+        """Post `text` in a chat on the bot's own initiative (a job a restart interrupted).
+
+        `chat_id` is the `Invocation.chat_id` the adapter gave; raises if it cannot send.
+        """
+        ...
+
     async def wait_ended(self) -> None:
         """Return if the platform's connection ends by itself after `start` (never while it
         is healthy), so `drawbridge run` can stop and let a supervisor restart it."""

@@ -11,6 +11,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from bot.config import Settings
+from bot.i18n import t
 from bot.logs import add_secrets, settings_secrets
 from bot.platform import Platform
 from bot.services import Services
@@ -80,7 +81,11 @@ async def run(settings: Settings) -> int:
             log.info("%s ready", name)
         else:
             log.info("drawbridge ready: %s", ", ".join(names))
-            code = await _serve_until_stopped(stop, started)
+            announcing = asyncio.create_task(announce_recovered(services, started))
+            try:
+                code = await _serve_until_stopped(stop, started)
+            finally:
+                announcing.cancel()
             log.info("stopping: no new jobs; running jobs get %.0fs", settings.shutdown_grace)
     except Exception:
         log.exception("failed to start")
@@ -123,3 +128,27 @@ async def _serve_until_stopped(stop: asyncio.Event, platforms: list[Platform]) -
             )
             return 1
     return 0
+
+
+async def announce_recovered(services: Services, platforms: list[Platform]) -> int:
+    """Tell each chat whose job the last stop interrupted that it was refunded.
+
+    Best effort and one message per job; returns how many were sent.
+    """
+    by_name = {p.name: p for p in platforms}
+    sent = 0
+    for job_id in services.recovered:
+        job = await services.store.job(job_id)
+        platform = by_name.get(job.platform) if job is not None else None
+        if job is None or platform is None:
+            continue
+        user = await services.store.find_user(job.platform, f"#{job.user_id}")
+        lang = (user.lang if user else None) or services.settings.default_lang
+        prompt = job.prompt if len(job.prompt) <= 60 else job.prompt[:57] + "..."
+        text = t(lang, "error.interrupted", job=job_id, prompt=prompt)
+        try:
+            await asyncio.wait_for(platform.notify(job.chat_id, text), timeout=90)
+            sent += 1
+        except Exception as exc:
+            log.warning("could not tell %s chat about job %s: %r", job.platform, job_id, exc)
+    return sent

@@ -27,6 +27,9 @@ class Services:
         self.store = store
         self.jobs = jobs
         self.http = http
+        # Jobs the last stop interrupted (refunded by recovery); their chats are told once
+        # the platforms are up.
+        self.recovered: list[int] = []
         self._closed = False
 
     @classmethod
@@ -46,7 +49,9 @@ class Services:
         )
         jobs = JobRunner(settings, store, build_clients(settings.providers(), http=http))
         jobs.prune_files()
-        return cls(settings, store, jobs, http)
+        services = cls(settings, store, jobs, http)
+        services.recovered = recovered
+        return services
 
     async def close(self, grace: float | None = None) -> None:
         """Stop intake, let running jobs finish for the grace period, refund the rest, close."""

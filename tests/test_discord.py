@@ -694,3 +694,10 @@ async def test_drawbridge_run_serves_discord_and_stops_on_sigterm(
     assert code == 0, output
     assert fake_discord.token not in output
     assert "stopped" in output
+
+
+async def test_notify_posts_in_the_channel(start_bot: Callable[..., Awaitable[Bot]]) -> None:
+    bot = await start_bot()
+    await bot.platform.notify(str(bot.fake.channel_id), "job 7 was interrupted and refunded")
+    message = await bot.fake.wait_message(lambda m: m.via == "channel")
+    assert message.content == "job 7 was interrupted and refunded"

@@ -810,3 +810,13 @@ async def test_button_under_an_old_inaccessible_result_still_works(
 
     sent = document.attachment(document.fields["document"]).data
     assert sent == first.attachment(first.fields["photo"]).data
+
+
+async def test_notify_posts_a_message_in_the_chat(
+    platform: TelegramPlatform, fake: FakeTelegram
+) -> None:
+    group = fake.group_chat()
+    await platform.notify(str(group["id"]), "job 7 was interrupted and refunded")
+    call = await fake.wait_call("sendMessage")
+    assert call.fields["chat_id"] == str(group["id"])
+    assert call.fields["text"] == "job 7 was interrupted and refunded"

@@ -135,6 +135,17 @@ class DiscordPlatform:
             raise
         log.info("discord: logged in as %s (%d guilds)", client.user, len(client.guilds))
 
+    async def notify(self, chat_id: str, text: str) -> None:
+        """Post a message in a channel (chat ids are channel ids)."""
+        if self.client is None:
+            raise RuntimeError("discord is not connected")
+        channel = self.client.get_channel(int(chat_id)) or await self.client.fetch_channel(
+            int(chat_id)
+        )
+        if not isinstance(channel, discord.abc.Messageable):
+            raise RuntimeError(f"channel {chat_id} cannot take messages")
+        await channel.send(text, allowed_mentions=discord.AllowedMentions.none())
+
     async def wait_ended(self) -> None:
         """Return if the gateway connection gives up (discord.py reconnects by itself)."""
         if self._connection is not None:

@@ -101,6 +101,19 @@ class QQPlatform:
         host, port = self.address
         log.info("qq: OneBot v11 endpoint at ws://%s:%d%s", _url_host(host), port, WS_PATH)
 
+    async def notify(self, chat_id: str, text: str) -> None:
+        """Post a message in a group or private chat once a OneBot client is connected."""
+        kind, _, number = chat_id.partition(":")
+        # Right after start NapCat may not have connected yet: wait for it a little.
+        async with asyncio.timeout(60):
+            while not nonebot.get_bots():  # noqa: ASYNC110 - nonebot offers no event for it
+                await asyncio.sleep(0.5)
+        bot = next(iter(nonebot.get_bots().values()))
+        if kind == "group":
+            await bot.call_api("send_group_msg", group_id=int(number), message=text)
+        else:
+            await bot.call_api("send_private_msg", user_id=int(number), message=text)
+
     async def wait_ended(self) -> None:
         """Return if the OneBot endpoint stops serving by itself."""
         if self._serving is not None:

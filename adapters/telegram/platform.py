@@ -20,6 +20,7 @@ from aiogram.methods import (
     AnswerCallbackQuery,
     DeleteWebhook,
     GetMe,
+    SendMessage,
     SetMyCommands,
     SetWebhook,
 )
@@ -168,6 +169,11 @@ class TelegramPlatform:
         if self.bot is not None:
             await self.bot.session.close()
         log.info("telegram: stopped")
+
+    async def notify(self, chat_id: str, text: str) -> None:
+        """Post a message in a chat (paced and 429-aware like every send)."""
+        chat = int(chat_id)
+        await self.sender.call(SendMessage(chat_id=chat, text=text), chat_id=chat)
 
     async def wait_ended(self) -> None:
         """Return if polling stops by itself (a webhook server runs until `stop`)."""

@@ -126,7 +126,7 @@ MESSAGES: dict[str, str] = {
     "error.cancelled": "Job {job} was cancelled. Nothing was charged.",
     "error.delivery_failed": "The image was made but I couldn't send it here. "
     "Nothing was charged; please try again.",
-    "error.interrupted": "This job was interrupted by a restart and refunded. Nothing was charged.",
+    "error.interrupted": 'Job {job} ("{prompt}") was interrupted by a restart. Your credits were refunded; please send it again.',
     "error.upstream": "The image service failed. Nothing was charged; please try again.",
     "error.invalid_key": "The API key was refused (invalid, expired or used up). "
     "If it is your own key, bind a new one with /token in a private chat; otherwise tell the admin. Nothing was charged.",

@@ -119,7 +119,7 @@ MESSAGES: dict[str, str] = {
     "error.shutdown": "机器人正在重启,你的任务已停止,未扣除额度。请一分钟后重试。",
     "error.cancelled": "任务 {job} 已取消,未扣除额度。",
     "error.delivery_failed": "图片已生成,但无法发送到这里。未扣除额度,请重试。",
-    "error.interrupted": "该任务因重启而中断,额度已退还。",
+    "error.interrupted": "任务 {job}(“{prompt}”)因机器人重启而中断,额度已退还,请重新发送。",
     "error.upstream": "画图服务出错,未扣除额度,请重试。",
     "error.invalid_key": "API 密钥被拒绝(无效、过期或额度用尽)。"
     "如果是你自己的密钥,请在私聊中用 /token 重新绑定;否则请联系管理员。未扣除额度。",
