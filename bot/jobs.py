@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 STATUS_TICK = 10.0
 """Seconds between elapsed-time edits of the status message."""
+UPSTREAM_MAY_HAVE_BILLED = frozenset(
+    {"timeout", "malformed_response", "result_download_failed", "delivery_failed", "shutdown"}
+)
+"""Failures after the upstream may have made (and billed) the image."""
 QUEUE_TICK = 3.0
 """Seconds between checks of a waiting job's queue position."""
 PREVIEW_INTERVAL = 3.0
@@ -75,6 +79,7 @@ class _Ticket:
     task: asyncio.Task[None] | None = None
     running: bool = False
     outcome: str = ""
+    own_key: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -242,7 +247,7 @@ class JobRunner:
             if admitted:
                 self._intake_settled()
 
-        ticket = _Ticket(job_id, user.id, cred.primary.name)
+        ticket = _Ticket(job_id, user.id, cred.primary.name, own_key=cred.own_key)
         queue = self._waiting.setdefault(ticket.provider, deque())
         queue.append(ticket)
         self._tickets[job_id] = ticket
@@ -385,16 +390,25 @@ class JobRunner:
                 else errors.ShuttingDownError()
             )
             await asyncio.shield(_settle(side))
-            await asyncio.shield(self._fail(job_id, stopped, chat, lang, status))
+            await asyncio.shield(
+                self._fail(job_id, stopped, chat, lang, status, own_key=ticket.own_key)
+            )
             raise
         except errors.DrawbridgeError as exc:
             log.info("job %s failed: %s (%s)", job_id, exc.kind, exc.detail[:200])
             await _settle(side)
-            await self._fail(job_id, exc, chat, lang, status)
+            await self._fail(job_id, exc, chat, lang, status, own_key=ticket.own_key)
         except Exception as exc:
             log.exception("job %s crashed", job_id)
             await _settle(side)
-            await self._fail(job_id, errors.DrawbridgeError(type(exc).__name__), chat, lang, status)
+            await self._fail(
+                job_id,
+                errors.DrawbridgeError(type(exc).__name__),
+                chat,
+                lang,
+                status,
+                own_key=ticket.own_key,
+            )
         finally:
             if ticker is not None:
                 ticker.cancel()
@@ -421,6 +435,8 @@ class JobRunner:
         chat: Chat,
         lang: str,
         status: MessageRef | None,
+        *,
+        own_key: bool = False,
     ) -> None:
         """Refund (at most once: the ledger guards it), record why, and tell the user."""
         try:
@@ -436,6 +452,9 @@ class JobRunner:
             # The next start's recovery refunds it; the user must hear about the failure now.
             log.exception("job %s: could not record its failure", job_id)
         text = render_error(lang, error)
+        if own_key and error.kind in UPSTREAM_MAY_HAVE_BILLED:
+            # "Nothing was charged" covers our credits; the user's own key is another matter.
+            text += "\n" + t(lang, "note.own_key_maybe_billed")
         with contextlib.suppress(Exception):
             async with asyncio.timeout(10):
                 if status is not None and chat.limits.can_edit:

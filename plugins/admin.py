@@ -8,6 +8,8 @@ from bot.jobs import today
 from bot.store import User
 from plugins.context import Context
 
+MAX_GRANT = 1_000_000_000
+
 
 async def _target(ctx: Context, ref: str) -> User | None:
     ref = ref.strip().lstrip("@")
@@ -29,6 +31,9 @@ async def grant(ctx: Context) -> None:
     try:
         amount = int(amount_text)
     except ValueError:
+        amount = MAX_GRANT + 1
+    if abs(amount) > MAX_GRANT:
+        # Beyond SQLite's integers, and certainly a typo.
         await ctx.reply("admin.usage_grant")
         return
     user = await _target(ctx, ref)

@@ -608,3 +608,27 @@ async def test_a_command_still_being_checked_at_shutdown_is_refunded_and_told(
         assert await left(services) == 5
     finally:
         await services.close()
+
+
+async def test_own_key_users_are_warned_their_key_may_be_billed_after_a_timeout(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    services = await Services.create(settings_factory(timeout=0.5))
+    try:
+        await run(services, inv("token", OWN_KEY))
+        chat = await run(services, inv("draw", "slow fox [fail:timeout]"))
+        assert "may still have been billed" in chat.last_text()
+        chat = await run(services, inv("draw", "a fox [fail:moderation]"))
+        assert "billed" not in chat.last_text()  # an error answer is never billed
+    finally:
+        await services.close()
+
+
+async def test_grant_refuses_absurd_amounts_with_its_usage(services: Services) -> None:
+    admin = await services.store.user("test", "boss")
+    await services.store.set_role(admin.id, "admin")
+    await run(services, inv("quota"))
+    for amount in ("99999999999999999999999", "ten"):
+        chat = await run(services, inv("grant", f"u1 {amount}", user_id="boss"))
+        assert "Usage: /grant" in chat.last_text()
+    assert await left(services) == 5

@@ -77,7 +77,7 @@ async def test_429_with_retry_after_is_retried_then_explained(
     assert await outcome(services) == (5, "failed", "rate_limited")
 
 
-async def test_second_provider_takes_over_when_the_first_has_no_channel(
+async def test_second_provider_takes_over_when_the_first_is_unreachable(
     settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
 ) -> None:
     dead = f"http://127.0.0.1:{closed_port()}"
@@ -118,3 +118,28 @@ async def test_sqlite_busy_from_a_second_writer_is_waited_out(services: Services
     thread.join()
     assert chat.results()
     assert await outcome(services) == (4, "succeeded", None)
+
+
+async def test_second_provider_takes_over_when_the_first_has_no_channel(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    from bot.mock_upstream import MockOptions
+    from bot.mock_upstream import MockUpstream as Mock
+
+    empty_group = Mock(MockOptions(fail="no_channel"))
+    await empty_group.start()
+    providers = [
+        {"name": "empty", "api_base": empty_group.base_url, "api_key": "sk-a-000000000000"},
+        {"name": "alive", "api_base": mock_upstream.base_url, "api_key": "sk-b-000000000000"},
+    ]
+    services = await Services.create(settings_factory(providers_json=providers))
+    try:
+        chat = await draw(services, "a fox")
+        assert chat.results()
+        assert len(empty_group.requests) == 1 and len(mock_upstream.requests) == 1
+        job = await services.store.job(1)
+        assert job is not None and job.provider == "alive"
+        assert await outcome(services) == (4, "succeeded", None)
+    finally:
+        await services.close()
+        await empty_group.stop()

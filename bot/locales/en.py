@@ -93,6 +93,7 @@ MESSAGES: dict[str, str] = {
     "admin.stats": "Today: {jobs} jobs ({succeeded} ok, {failed} failed), {images} images, "
     "{credits} credits spent, {running} running now. Users: {users}.",
     # --- errors (each names what happened and what to do) ---
+    "note.own_key_maybe_billed": "(Your own API key may still have been billed by its provider for this attempt.)",
     "error.internal": "Something went wrong on my side. Nothing was charged; please try again.",
     "error.bad_input": "I couldn't understand that request.",
     "error.bad_option": "Invalid value for --{option}: {value}. See /help.",

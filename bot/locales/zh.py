@@ -91,6 +91,7 @@ MESSAGES: dict[str, str] = {
     "admin.stats": "今日:{jobs} 个任务(成功 {succeeded},失败 {failed}),{images} 张图,"
     "消耗 {credits} 点额度,{running} 个进行中。用户数:{users}。",
     # --- 错误(说明发生了什么、该怎么做) ---
+    "note.own_key_maybe_billed": "(你自己的 API 密钥可能仍被服务商计费了这次请求。)",
     "error.internal": "我这边出了点问题,未扣除额度,请重试。",
     "error.bad_input": "我没看懂这个请求。",
     "error.bad_option": "--{option} 的值无效:{value}。请查看 /help。",
