@@ -40,6 +40,7 @@ from _common import REPO, add_repo_to_path, machine, median, table
 add_repo_to_path()
 
 from bot.mock_upstream import MockUpstream  # noqa: E402
+from tests.bot_process import FOREIGN_ENV as _FOREIGN_ENV  # noqa: E402
 
 SCENARIOS: dict[str, tuple[str, ...]] = {
     "telegram": ("telegram",),
@@ -57,12 +58,6 @@ ACCESS_TOKEN = "onebot-bench-token-0000"
 API_KEY = "sk-bench-not-a-real-key"
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
-# Settings and nonebot variables from the developer's environment must not reach the bot.
-_FOREIGN_ENV = re.compile(
-    r"^(DRAWBRIDGE_|TELEGRAM_|DISCORD_|QQ_|ONEBOT_|HOST$|PORT$|ENVIRONMENT$|DRIVER$|LOG_LEVEL$"
-    r"|API_TIMEOUT$)",
-    re.IGNORECASE,
-)
 _READY = re.compile(r"\b(telegram|qq|discord) ready\b")
 _ALL_READY = re.compile(r"drawbridge ready: ")
 _ONEBOT_CONNECTED = re.compile(rf"Bot {SELF_ID}.* connected")

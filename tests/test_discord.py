@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import os
-import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +23,7 @@ from bot.config import Settings
 from bot.mock_upstream import MockUpstream
 from bot.services import Services
 from plugins.registry import QUALITY_CHOICES, SIZE_CHOICES
+from tests.bot_process import BotProcess, bot_env
 from tests.fake_discord import (
     CB_DEFERRED_MESSAGE,
     CB_MESSAGE,
@@ -636,12 +634,7 @@ async def test_followup_answered_without_a_body_counts_as_sent(
 async def test_drawbridge_run_serves_discord_and_stops_on_sigterm(
     fake_discord: FakeDiscord, mock_upstream: MockUpstream, tmp_path: Path
 ) -> None:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DRAWBRIDGE_", "TELEGRAM_", "DISCORD_", "QQ_"))
-    }
-    env.update(
+    env = bot_env(
         DRAWBRIDGE_DATA_DIR=str(tmp_path / "data"),
         DRAWBRIDGE_API_BASE=mock_upstream.base_url,
         DRAWBRIDGE_API_KEY="sk-test-run-000000",
@@ -651,49 +644,19 @@ async def test_drawbridge_run_serves_discord_and_stops_on_sigterm(
         DISCORD_API_BASE=fake_discord.api_base,
         DISCORD_GATEWAY_URL=fake_discord.gateway_url,
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot",
-        "run",
-        cwd=tmp_path,
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    lines: list[str] = []
-    ready = asyncio.Event()
-
-    async def drain() -> None:
-        assert proc.stderr is not None
-        async for raw in proc.stderr:
-            line = raw.decode(errors="replace")
-            lines.append(line)
-            if "discord ready" in line:
-                ready.set()
-
-    reader = asyncio.create_task(drain())
+    bot = BotProcess(env, tmp_path)
     try:
-        async with asyncio.timeout(20):
-            await ready.wait()
+        await bot.start(ready="discord ready", within=20)
         interaction = await fake_discord.slash("draw", prompt="a lighthouse at dusk")
         message = await fake_discord.wait_message(
             lambda m: m.interaction_id == interaction.id and has_results(m), within=20
         )
         assert message.content.startswith("a lighthouse at dusk")
-        proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(30):
-            code = await proc.wait()
-        await reader
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        reader.cancel()
-    output = "".join(lines)
-    assert code == 0, output
-    assert fake_discord.token not in output
-    assert "stopped" in output
+        code = await bot.stop(within=30)
+    assert code == 0, bot.log
+    assert fake_discord.token not in bot.log
+    assert "stopped" in bot.log
 
 
 async def test_notify_posts_in_the_channel(start_bot: Callable[..., Awaitable[Bot]]) -> None:

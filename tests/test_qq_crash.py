@@ -4,40 +4,17 @@ the job was refunded, and the ledger shows the refund."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sqlite3
-import sys
 from pathlib import Path
 
 from bot.mock_upstream import MockOptions, MockUpstream
+from tests.bot_process import BotProcess, bot_env
 from tests.fake_onebot import FakeOneBot, ImageHost, text
-from tests.test_qq_e2e import _FOREIGN_ENV, REPO, _collect, _free_port
+from tests.test_qq_e2e import _free_port
 
 SELF_ID = 10001
 GROUP = 40002
-
-
-async def _start(
-    env: dict[str, str], workdir: Path, output: list[str]
-) -> asyncio.subprocess.Process:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot",
-        "run",
-        cwd=workdir,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    assert process.stdout is not None
-    asyncio.get_running_loop().create_task(_collect(process.stdout, output))
-    async with asyncio.timeout(30):
-        while not any("qq ready" in line for line in output):
-            assert process.returncode is None, "".join(output[-30:])
-            await asyncio.sleep(0.05)
-    return process
 
 
 async def test_killed_mid_job_then_restarted_tells_the_group_and_refunds(tmp_path: Path) -> None:
@@ -46,10 +23,7 @@ async def test_killed_mid_job_then_restarted_tells_the_group_and_refunds(tmp_pat
     images = ImageHost()
     await images.start()
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not _FOREIGN_ENV.match(k)}
-    env.update(
-        PYTHONPATH=str(REPO),
-        PYTHONUNBUFFERED="1",
+    env = bot_env(
         QQ_ENABLED="true",
         HOST="127.0.0.1",
         PORT=str(port),
@@ -60,24 +34,21 @@ async def test_killed_mid_job_then_restarted_tells_the_group_and_refunds(tmp_pat
         DRAWBRIDGE_DAILY_CREDITS="5",
     )
     url = f"ws://127.0.0.1:{port}/onebot/v11/ws"
-    first: asyncio.subprocess.Process | None = None
-    second: asyncio.subprocess.Process | None = None
+    first = BotProcess(env, tmp_path)
+    second = BotProcess(env, tmp_path)
     try:
-        output: list[str] = []
-        first = await _start(env, tmp_path, output)
+        await first.start(ready="qq ready")
         onebot = FakeOneBot(SELF_ID, images=images)
         await onebot.connect(url)
         await onebot.group_message(GROUP, 777, [text("/画 a fox that never arrives")])
         async with asyncio.timeout(20):
             while not upstream.requests:  # noqa: ASYNC110 - the mock has no event to wait on
                 await asyncio.sleep(0.05)
-        first.send_signal(signal.SIGKILL)
-        await first.wait()
+        assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
         await onebot.close()
 
         upstream.options.latency = 0
-        output = []
-        second = await _start(env, tmp_path, output)
+        await second.start(ready="qq ready")
         onebot = FakeOneBot(SELF_ID, images=images)
         await onebot.connect(url)
         told = await onebot.wait_for(
@@ -96,12 +67,8 @@ async def test_killed_mid_job_then_restarted_tells_the_group_and_refunds(tmp_pat
         assert (status, kind) == ("failed", "interrupted")
         assert kinds == ["reserve", "refund"]
     finally:
-        for process in (first, second):
-            if process is not None and process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(process.wait(), 20)
-                except TimeoutError:
-                    process.kill()
+        for bot in (first, second):
+            if bot.process is not None:
+                await bot.stop()
         await images.stop()
         await upstream.stop()

@@ -10,16 +10,12 @@ One bot process serves the whole module; each test speaks as its own user.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import os
 import re
-import signal
 import socket
 import sqlite3
-import sys
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -27,41 +23,33 @@ import pytest
 
 from bot.i18n import t
 from bot.mock_upstream import MockUpstream
+from tests.bot_process import BotProcess, bot_env
 from tests.fake_onebot import ApiCall, FakeOneBot, ImageHost, Segment, at, image, png, reply, text
 
-REPO = Path(__file__).resolve().parents[1]
 SELF_ID = 10001
 GROUP = 40001
 ACCESS_TOKEN = "onebot-e2e-token-4b1d9c"
 SHARED_KEY = "sk-e2e-shared-7Yh2Qm9LxPz"
 _users = itertools.count(50001)
 
-# Settings and nonebot variables a developer's environment must not bring into the bot.
-_FOREIGN_ENV = re.compile(
-    r"^(DRAWBRIDGE_|TELEGRAM_|DISCORD_|QQ_|ONEBOT_|HOST$|PORT$|ENVIRONMENT$|DRIVER$|LOG_LEVEL$"
-    r"|API_TIMEOUT$)",
-    re.IGNORECASE,
-)
-
 
 @dataclass
 class Running:
     """The bot process and everything it talks to."""
 
-    process: asyncio.subprocess.Process
+    bot: BotProcess
     onebot: FakeOneBot
     images: ImageHost
     upstream: MockUpstream
     url: str
     data_dir: Path
-    output: list[str] = field(default_factory=list)
+
+    @property
+    def output(self) -> list[str]:
+        return self.bot.output
 
     async def wait_output(self, pattern: str, within: float = 20.0) -> None:
-        async with asyncio.timeout(within):
-            while not any(re.search(pattern, line) for line in self.output):
-                if self.process.returncode is not None:
-                    raise AssertionError("the bot exited:\n" + "".join(self.output[-40:]))
-                await asyncio.sleep(0.05)
+        await self.bot.wait_output(pattern, within)
 
     def db(self) -> sqlite3.Connection:
         return sqlite3.connect(f"file:{self.data_dir / 'drawbridge.sqlite3'}?mode=ro", uri=True)
@@ -71,11 +59,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-async def _collect(stream: asyncio.StreamReader, into: list[str]) -> None:
-    while line := await stream.readline():
-        into.append(line.decode("utf-8", "replace"))
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +74,7 @@ async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Run
     (workdir / ".env").write_text(
         f"DRAWBRIDGE_API_KEY={SHARED_KEY}\nONEBOT_ACCESS_TOKEN={ACCESS_TOKEN}\n", "utf-8"
     )
-    env = {k: v for k, v in os.environ.items() if not _FOREIGN_ENV.match(k)}
-    env.update(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        PYTHONUNBUFFERED="1",
+    env = bot_env(
         QQ_ENABLED="true",
         HOST="127.0.0.1",
         PORT=str(port),
@@ -108,41 +88,22 @@ async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Run
         # nonebot's own setting: how long a OneBot action may take before NetworkError.
         API_TIMEOUT="2",
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot",
-        "run",
-        cwd=workdir,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    assert process.stdout is not None
+    process = BotProcess(env, workdir)
     onebot = FakeOneBot(SELF_ID, images=images)
     bot = Running(
         process, onebot, images, upstream, f"ws://127.0.0.1:{port}/onebot/v11/ws", workdir / "data"
     )
-    reader = asyncio.create_task(_collect(process.stdout, bot.output))
     try:
-        await bot.wait_output(r"\bqq ready\b")
+        await process.start(ready=r"\bqq ready\b")
         await onebot.connect(bot.url, ACCESS_TOKEN)
         await bot.wait_output(rf"Bot {SELF_ID}.* connected")
         yield bot
     finally:
         await onebot.close()
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 20)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(reader, 5)
+        code = await process.stop() if process.process is not None else None
         await images.stop()
         await upstream.stop()
-    assert process.returncode == 0, "".join(bot.output[-40:])
+    assert code == 0, "".join(bot.output[-40:])
     # No key, token or access token in anything the process wrote, at any level.
     for secret in (SHARED_KEY, ACCESS_TOKEN, *_posted_keys):
         assert _leaks(bot.output, secret) == []
