@@ -25,7 +25,13 @@ from bot import errors
 from bot.chat import Chat, ImageSource, Invocation, MessageRef, OutFile, ResultMeta
 from bot.config import ProviderConfig, Settings
 from bot.i18n import t
-from bot.images import Reference, extension_for_format, prepare_references, to_jpeg_partial
+from bot.images import (
+    Reference,
+    extension_for_format,
+    mime_for_format,
+    prepare_references,
+    to_jpeg_partial,
+)
 from bot.logs import add_secrets
 from bot.sizes import Size
 from bot.store import Store, User
@@ -535,24 +541,32 @@ class JobRunner:
             files.append(OutFile(image.data, name, image.mime, image.width, image.height))
         return files
 
-    def stored_results(self, job_id: int) -> list[OutFile]:
-        """A finished job's result files, if still kept."""
+    def has_results(self, job_id: int) -> bool:
+        """Whether a job's result files are still kept."""
+        folder = self.job_dir(job_id)
+        return folder.is_dir() and any(folder.glob("out*"))
+
+    async def stored_results(self, job_id: int) -> list[OutFile]:
+        """A finished job's result files, if still kept (read off the event loop)."""
+        return await asyncio.to_thread(self._read_results, job_id)
+
+    def _read_results(self, job_id: int) -> list[OutFile]:
         folder = self.job_dir(job_id)
         files = []
         for path in sorted(folder.glob("out*")) if folder.is_dir() else []:
             ext = path.suffix.lstrip(".")
-            mime = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}.get(
-                ext, "image/png"
-            )
-            files.append(
-                OutFile(path.read_bytes(), f"drawbridge-{job_id}-{path.stem[3:]}.{ext}", mime)
-            )
+            name = f"drawbridge-{job_id}-{path.stem[3:]}.{ext}"
+            files.append(OutFile(path.read_bytes(), name, mime_for_format(ext)))
         return files
 
-    def stored_references(self, job_id: int) -> list[bytes]:
-        """A job's prepared reference images, if still kept."""
+    async def stored_references(self, job_id: int) -> list[bytes]:
+        """A job's prepared reference images, if still kept (read off the event loop)."""
         folder = self.job_dir(job_id)
-        return [p.read_bytes() for p in sorted(folder.glob("ref*"))] if folder.is_dir() else []
+
+        def read() -> list[bytes]:
+            return [p.read_bytes() for p in sorted(folder.glob("ref*"))] if folder.is_dir() else []
+
+        return await asyncio.to_thread(read)
 
     def prune_files(self) -> int:
         """Delete kept job files older than `DRAWBRIDGE_KEEP_HOURS`; returns how many folders."""

@@ -44,7 +44,6 @@ async def token(ctx: Context) -> None:
     if not _KEY_SHAPE.match(arg):
         await ctx.reply("token.bad_format", ephemeral=True)
         return
-    add_secrets([arg])
     await store.set_api_key(ctx.user.id, arg)
     # Private chats: still try to remove the key from the chat history.
     await ctx.chat.delete_invocation()

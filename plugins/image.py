@@ -39,7 +39,7 @@ async def _image_job(ctx: Context, kind: str) -> None:
     extra: list[bytes] = []
     if kind == "edit" and not inv.references and inv.reply_to_job is not None:
         job = await _visible_job(ctx, inv.reply_to_job)
-        extra = [f.data for f in jobs.stored_results(job.id)]
+        extra = [f.data for f in await jobs.stored_results(job.id)]
         if not extra:
             raise errors.NoReferenceImageError("result files gone")
     spec = JobSpec(
@@ -66,7 +66,7 @@ async def reroll(ctx: Context) -> None:
     jobs = ctx.services.jobs
     references: tuple[BytesImage, ...] = ()
     if job.kind == "edit":
-        stored = jobs.stored_references(job.id)
+        stored = await jobs.stored_references(job.id)
         if not stored:
             await ctx.reply("result.gone")
             return
@@ -91,7 +91,7 @@ async def original(ctx: Context) -> None:
         await ctx.reply("reroll.need_reply")
         return
     job = await _visible_job(ctx, ctx.inv.reply_to_job)
-    files = ctx.services.jobs.stored_results(job.id)
+    files = await ctx.services.jobs.stored_results(job.id)
     if not files:
         await ctx.reply("result.gone")
         return

@@ -305,7 +305,7 @@ async def test_result_over_the_upload_limit_goes_as_a_preview_with_a_note(
     await bot.settle()
 
     # The real result is larger than the limit (else this test proves nothing).
-    original = bot.services.jobs.stored_results(1)[0]
+    original = (await bot.services.jobs.stored_results(1))[0]
     assert len(original.data) > limit
     [attachment] = message.attachments
     assert attachment.filename == "drawbridge-1-1-preview.jpg"
@@ -353,7 +353,7 @@ async def test_edit_image_menu_on_a_shrunk_result_edits_the_kept_original(
     await bot.result(submit)
     await bot.settle()
 
-    original = bot.services.jobs.stored_results(1)[0]
+    original = (await bot.services.jobs.stored_results(1))[0]
     [reference] = mock_upstream.requests[-1].files
     assert (reference.width, reference.height) == image_size(original.data)
     assert (reference.width, reference.height) != image_size(result.attachments[0].data)

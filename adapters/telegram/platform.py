@@ -401,8 +401,7 @@ class TelegramPlatform:
         """
         if target is None or job_id is None or target.media_group_id is not None:
             return False
-        folder = self.services.jobs.job_dir(job_id)
-        return folder.is_dir() and any(folder.glob("out*"))
+        return self.services.jobs.has_results(job_id)
 
     async def _on_button(self, query: CallbackQuery) -> None:
         # Stop the button's spinner first; the answer comes as a message.
