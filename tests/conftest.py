@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +15,29 @@ SHARED_KEY = "sk-test-shared-0000"
 
 
 @pytest.fixture
-async def mock_upstream() -> AsyncIterator[MockUpstream]:
-    """A started mock image API on 127.0.0.1 (b64 mode, streaming, no latency)."""
-    mock = MockUpstream(MockOptions())
-    await mock.start()
+async def mock_factory() -> AsyncIterator[Callable[..., Awaitable[MockUpstream]]]:
+    """Start extra mock image APIs (`await mock_factory(fail="no_channel")`); all stopped after."""
+    started: list[MockUpstream] = []
+
+    async def start(**options: Any) -> MockUpstream:
+        mock = MockUpstream(MockOptions(**options))
+        await mock.start()
+        started.append(mock)
+        return mock
+
     try:
-        yield mock
+        yield start
     finally:
-        await mock.stop()
+        for mock in started:
+            await mock.stop()
+
+
+@pytest.fixture
+async def mock_upstream(
+    mock_factory: Callable[..., Awaitable[MockUpstream]],
+) -> MockUpstream:
+    """A started mock image API on 127.0.0.1 (b64 mode, streaming, no latency)."""
+    return await mock_factory()
 
 
 @pytest.fixture

@@ -632,3 +632,34 @@ async def test_grant_refuses_absurd_amounts_with_its_usage(services: Services) -
         chat = await run(services, inv("grant", f"u1 {amount}", user_id="boss"))
         assert "Usage: /grant" in chat.last_text()
     assert await left(services) == 5
+
+
+async def test_without_a_shared_key_users_are_told_to_bind_their_own(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    services = await Services.create(settings_factory(api_key=""))
+    try:
+        chat = await run(services, inv("draw", "a fox"))
+        assert "No API key is configured" in chat.last_text()
+        assert mock_upstream.requests == []
+        await run(services, inv("token", OWN_KEY))
+        chat = await run(services, inv("draw", "a fox"))
+        assert chat.results()
+        assert mock_upstream.requests[-1].authorization == f"Bearer {OWN_KEY}"
+    finally:
+        await services.close()
+
+
+async def test_more_references_than_the_provider_takes_cost_nothing(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    providers = [{"name": "b64-group", "max_references": 2}]
+    services = await Services.create(settings_factory(providers_json=providers))
+    try:
+        refs = tuple(BytesImage(png(color=c), c) for c in ("red", "green", "blue"))
+        chat = await run(services, inv("edit", "merge them", references=refs))
+        assert "You sent 3 images; this provider takes at most 2" in chat.last_text()
+        assert mock_upstream.requests == []
+        assert await left(services) == 5
+    finally:
+        await services.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from bot.config import Settings
 from bot.jobs import today
@@ -121,13 +121,11 @@ async def test_sqlite_busy_from_a_second_writer_is_waited_out(services: Services
 
 
 async def test_second_provider_takes_over_when_the_first_has_no_channel(
-    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+    settings_factory: Callable[..., Settings],
+    mock_upstream: MockUpstream,
+    mock_factory: Callable[..., Awaitable[MockUpstream]],
 ) -> None:
-    from bot.mock_upstream import MockOptions
-    from bot.mock_upstream import MockUpstream as Mock
-
-    empty_group = Mock(MockOptions(fail="no_channel"))
-    await empty_group.start()
+    empty_group = await mock_factory(fail="no_channel")
     providers = [
         {"name": "empty", "api_base": empty_group.base_url, "api_key": "sk-a-000000000000"},
         {"name": "alive", "api_base": mock_upstream.base_url, "api_key": "sk-b-000000000000"},
@@ -142,4 +140,3 @@ async def test_second_provider_takes_over_when_the_first_has_no_channel(
         assert await outcome(services) == (4, "succeeded", None)
     finally:
         await services.close()
-        await empty_group.stop()

@@ -20,7 +20,7 @@ from PIL import Image
 from bot import errors
 from bot.config import ProviderConfig
 from bot.images import Reference
-from bot.mock_upstream import MockOptions, MockUpstream
+from bot.mock_upstream import MockUpstream
 from bot.upstream import (
     USER_AGENT,
     ImageRequest,
@@ -554,13 +554,8 @@ async def test_connection_refused_retries_then_unavailable(
 
 
 @pytest.fixture
-async def second_mock() -> AsyncIterator[MockUpstream]:
-    mock = MockUpstream(MockOptions())
-    await mock.start()
-    try:
-        yield mock
-    finally:
-        await mock.stop()
+async def second_mock(mock_factory: Callable[..., Awaitable[MockUpstream]]) -> MockUpstream:
+    return await mock_factory()
 
 
 async def chain_of(*providers: ProviderConfig) -> ProviderChain:
