@@ -262,6 +262,14 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (platform, chat_id, message_id)
     ) WITHOUT ROWID;
     """,
+    # 3: what each provider (relay) was found to support: streaming, edits, 4K, its balance.
+    """
+    CREATE TABLE provider_capabilities (
+        provider   TEXT NOT NULL PRIMARY KEY,
+        data       TEXT NOT NULL DEFAULT '{}',
+        updated_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 PRAGMAS = (
@@ -758,6 +766,40 @@ class Store:
             (platform, str(chat_id), str(message_id)),
         )
         return int(rows[0][0]) if rows else None
+
+    # --- provider capabilities ---
+
+    async def provider_capabilities(self, provider: str) -> dict[str, Any]:
+        """What was learned about a provider (a JSON object; empty when nothing is known)."""
+        rows = await self._read(
+            "SELECT data FROM provider_capabilities WHERE provider = ?", (provider,)
+        )
+        if not rows:
+            return {}
+        value = json.loads(rows[0][0])
+        return value if isinstance(value, dict) else {}
+
+    async def update_provider_capabilities(
+        self, provider: str, changes: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Merge `changes` into a provider's learned capabilities; returns the whole object.
+
+        One statement (json_patch), so two processes learning at once cannot lose an update.
+        A key whose value is None is removed.
+        """
+        rows = await self._write_one(
+            """
+            INSERT INTO provider_capabilities (provider, data, updated_at)
+            VALUES (?1, json_patch('{}', ?2), ?3)
+            ON CONFLICT (provider) DO UPDATE
+                SET data = json_patch(data, ?2), updated_at = ?3
+            RETURNING data
+            """,
+            (provider, _dumps(changes), time.time()),
+        )
+        row = await rows.fetchone()
+        value = json.loads(row[0]) if row is not None else {}
+        return value if isinstance(value, dict) else {}
 
     # --- numbers ---
 

@@ -700,3 +700,18 @@ async def test_cancelled_caller_leaves_no_half_transaction(store: Store, db_path
     assert await store.commit(extra)
     counts = assert_ledger_exact(db_path)
     assert 11 <= counts["reservations"] <= 21
+
+
+async def test_provider_capabilities_merge_and_survive_reopen(
+    tmp_path: Path, db_path: Path, store: Store
+) -> None:
+    assert await store.provider_capabilities("relay") == {}
+    await store.update_provider_capabilities("relay", {"stream": False, "stream_checked": 1.5})
+    merged = await store.update_provider_capabilities(
+        "relay", {"edits": True, "stream_checked": None}
+    )
+    assert merged == {"stream": False, "edits": True}
+    assert await store.provider_capabilities("other") == {}
+    await store.close()
+    async with await Store.open(db_path, keybox=KeyBox.load(tmp_path)) as again:
+        assert await again.provider_capabilities("relay") == {"stream": False, "edits": True}
