@@ -115,6 +115,17 @@ _MIME: Final[Mapping[str, str]] = {"png": "image/png", "jpeg": "image/jpeg", "we
 _PARTIAL_EDGE = 256
 _RENDER_CACHE_SIZE = 8
 _MODELS: Final = ("gpt-image-2", "gpt-image-1.5", "gpt-image-1", "gpt-image-1-mini")
+BILLING_KINDS: Final = ("new-api", "one-api", "none")
+TOKEN_USAGE_PATH: Final = "/api/usage/token"
+SUBSCRIPTION_PATH: Final = "/v1/dashboard/billing/subscription"
+USAGE_PATH: Final = "/v1/dashboard/billing/usage"
+# new-api's and one-api's default QuotaPerUnit: raw quota per USD.
+_QUOTA_PER_UNIT: Final = 500_000
+_UNLIMITED_AMOUNT: Final = 100_000_000.0
+# gpt-image-2 list prices, USD per token (upstream-api.md "Cost").
+_PRICE_OUTPUT: Final = 30 / 1_000_000
+_PRICE_IMAGE_INPUT: Final = 8 / 1_000_000
+_PRICE_TEXT_INPUT: Final = 5 / 1_000_000
 
 
 @dataclass
@@ -135,6 +146,15 @@ class MockOptions:
     noisy_images: bool = False
     # Request fields answered with 400 unknown_parameter, like relays that reject `stream`.
     refuse_fields: tuple[str, ...] = ()
+    # What `GET /v1/models` lists; leave gpt-image-2 out to imitate a key whose group lacks it.
+    models: tuple[str, ...] = _MODELS
+    # Which relay's balance endpoints to imitate: "new-api" (token usage endpoint plus the
+    # billing pair, subscription = left + used), "one-api" (billing pair only, subscription =
+    # left) or "none" (404, like litellm or a bare upstream).
+    billing: str = "new-api"
+    # The key's balance in USD; every request that passes validation spends its list price.
+    balance: float = 25.0
+    unlimited: bool = False  # an unlimited token (both relays report 100000000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +194,8 @@ class MockUpstream:
         self._flaky: Counter[str] = Counter()
         self._renders: OrderedDict[_RenderSpec, _Rendered] = OrderedDict()
         self._wildcard_host = False
+        # USD spent by requests that passed validation, for the balance endpoints.
+        self.spent: float = 0.0
 
     async def __aenter__(self) -> MockUpstream:
         await self.start()
@@ -195,6 +217,14 @@ class MockUpstream:
         app.router.add_post(GENERATIONS_PATH, self._generations)
         app.router.add_post(EDITS_PATH, self._edits)
         app.router.add_get("/v1/models", self._models)
+        # Both relays serve the billing pair with and without the /v1 prefix; new-api's token
+        # endpoint is registered with a trailing slash (gin redirects the bare path).
+        for path in (SUBSCRIPTION_PATH, SUBSCRIPTION_PATH.removeprefix("/v1")):
+            app.router.add_get(path, self._subscription)
+        for path in (USAGE_PATH, USAGE_PATH.removeprefix("/v1")):
+            app.router.add_get(path, self._usage)
+        app.router.add_get(TOKEN_USAGE_PATH + "/", self._token_usage)
+        app.router.add_get(TOKEN_USAGE_PATH, self._token_usage)
         app.router.add_get("/files/{name}", self._download)
         # A short shutdown timeout: stop() cancels handlers itself and must never hang.
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
@@ -272,9 +302,78 @@ class MockUpstream:
                 "owned_by": "openai",
                 "supported_endpoint_types": ["image-generation"],
             }
-            for name in _MODELS
+            for name in self.options.models
         ]
         return web.json_response({"object": "list", "data": data, "success": True})
+
+    # --- balance endpoints (shapes from new-api's and one-api's controller/billing.go) ---
+
+    def _left(self) -> float:
+        return max(0.0, self.options.balance - self.spent)
+
+    async def _subscription(self, request: web.Request) -> web.StreamResponse:
+        options = self.options
+        if options.billing not in ("new-api", "one-api"):
+            return web.Response(status=404, text="404 page not found")
+        rejected = self._check_auth(request.headers.get("Authorization", ""))
+        if rejected is not None:
+            return rejected
+        if options.unlimited:
+            amount = _UNLIMITED_AMOUNT
+        elif options.billing == "new-api":
+            amount = self._left() + self.spent  # new-api: remain + used
+        else:
+            amount = self._left()  # one-api: what is left
+        return web.json_response(
+            {
+                "object": "billing_subscription",
+                "has_payment_method": True,
+                "soft_limit_usd": amount,
+                "hard_limit_usd": amount,
+                "system_hard_limit_usd": amount,
+                "access_until": 0,
+            }
+        )
+
+    async def _usage(self, request: web.Request) -> web.StreamResponse:
+        if self.options.billing not in ("new-api", "one-api"):
+            return web.Response(status=404, text="404 page not found")
+        rejected = self._check_auth(request.headers.get("Authorization", ""))
+        if rejected is not None:
+            return rejected
+        # Hundredths of the display unit, like OpenAI's cents.
+        return web.json_response({"object": "list", "total_usage": self.spent * 100})
+
+    async def _token_usage(self, request: web.Request) -> web.StreamResponse:
+        if self.options.billing != "new-api":
+            return web.Response(status=404, text="404 page not found")
+        authorization = request.headers.get("Authorization", "")
+        if not authorization:
+            return web.json_response(
+                {"success": False, "message": "No Authorization header"}, status=401
+            )
+        rejected = self._check_auth(authorization)
+        if rejected is not None:
+            return rejected
+        left = round(self._left() * _QUOTA_PER_UNIT)
+        used = round(self.spent * _QUOTA_PER_UNIT)
+        return web.json_response(
+            {
+                "code": True,
+                "message": "ok",
+                "data": {
+                    "object": "token_usage",
+                    "name": "drawbridge",
+                    "total_granted": left + used,
+                    "total_used": used,
+                    "total_available": left,
+                    "unlimited_quota": self.options.unlimited,
+                    "model_limits": {},
+                    "model_limits_enabled": False,
+                    "expires_at": 0,
+                },
+            }
+        )
 
     async def _download(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["name"].rsplit(".", 1)[0]
@@ -320,6 +419,8 @@ class MockUpstream:
         except _Rejected as rejected:
             await self._sleep(options.latency)
             return rejected.response
+        # Relays charge once a request reaches the model, whatever happens to the answer.
+        self.spent += _price(_usage(params))
 
         stream = params.stream and options.stream
         if stream:
@@ -1200,6 +1301,16 @@ def _usage(params: _Params) -> dict[str, Any]:
     }
 
 
+def _price(usage: Mapping[str, Any]) -> float:
+    """USD at gpt-image-2 list prices for one request's usage."""
+    details = usage.get("input_tokens_details") or {}
+    return float(
+        usage.get("output_tokens", 0) * _PRICE_OUTPUT
+        + details.get("image_tokens", 0) * _PRICE_IMAGE_INPUT
+        + details.get("text_tokens", 0) * _PRICE_TEXT_INPUT
+    )
+
+
 # --- drawing ---
 
 
@@ -1368,6 +1479,18 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="answer requests carrying this field with 400 unknown_parameter (repeatable)",
     )
     parser.add_argument(
+        "--models",
+        default=",".join(_MODELS),
+        help="comma-separated model ids GET /v1/models lists (leave one out to test)",
+    )
+    parser.add_argument(
+        "--billing",
+        choices=BILLING_KINDS,
+        default="new-api",
+        help="which relay's balance endpoints to imitate (none: 404)",
+    )
+    parser.add_argument("--balance", type=float, default=25.0, help="the key's balance in USD")
+    parser.add_argument(
         "--noisy-images",
         action="store_true",
         help="photo-like grain, so PNGs are as large as real results (benchmarks)",
@@ -1397,6 +1520,9 @@ def _options_from_args(args: argparse.Namespace) -> MockOptions:
         fast_images=args.fast_images,
         noisy_images=args.noisy_images,
         refuse_fields=tuple(args.refuse_field),
+        models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+        billing=args.billing,
+        balance=args.balance,
     )
 
 

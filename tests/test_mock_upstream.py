@@ -814,3 +814,86 @@ async def test_run_from_args_serves_and_prints_base_url(capsys: pytest.CaptureFi
         server.cancel()
         with pytest.raises(asyncio.CancelledError):
             await server
+
+
+# --- /v1/models options and the balance endpoints (new-api / one-api shapes) ---
+
+
+async def test_models_list_can_leave_the_model_out(mock_factory: Any) -> None:
+    mock = await mock_factory(models=("gpt-image-1",))
+    async with httpx.AsyncClient(base_url=mock.base_url, headers=AUTH) as c:
+        ids = [m["id"] for m in (await c.get("/v1/models")).json()["data"]]
+    assert ids == ["gpt-image-1"]
+
+
+async def test_new_api_billing_reports_total_as_hard_limit_and_spending_as_usage(
+    client: httpx.AsyncClient, mock_upstream: MockUpstream
+) -> None:
+    assert (await generate(client, quality="low")).status_code == 200
+    spent = mock_upstream.spent
+    # 196 output tokens at $30/M plus a few text tokens at $5/M.
+    assert 196 * 30 / 1e6 < spent < 0.0065
+    sub = (await client.get("/v1/dashboard/billing/subscription")).json()
+    assert sub["object"] == "billing_subscription"
+    assert sub["hard_limit_usd"] == pytest.approx(25.0)  # new-api: left + used
+    usage = (await client.get("/dashboard/billing/usage")).json()
+    assert usage == {"object": "list", "total_usage": pytest.approx(spent * 100)}
+    token = (await client.get("/api/usage/token/")).json()
+    assert token["code"] is True and token["data"]["object"] == "token_usage"
+    assert token["data"]["total_available"] == round((25.0 - spent) * 500_000)
+    assert token["data"]["total_granted"] == token["data"]["total_available"] + round(
+        spent * 500_000
+    )
+
+
+async def test_one_api_billing_reports_what_is_left_and_has_no_token_endpoint(
+    mock_factory: Any,
+) -> None:
+    mock = await mock_factory(billing="one-api", balance=3.0)
+    async with httpx.AsyncClient(base_url=mock.base_url, headers=AUTH) as c:
+        assert (await generate(c, quality="low")).status_code == 200
+        sub = (await c.get("/v1/dashboard/billing/subscription")).json()
+        assert sub["hard_limit_usd"] == pytest.approx(3.0 - mock.spent)
+        assert (await c.get("/api/usage/token/")).status_code == 404
+
+
+async def test_billing_none_answers_404_and_unlimited_reports_the_relays_sentinel(
+    mock_factory: Any,
+) -> None:
+    bare = await mock_factory(billing="none")
+    unlimited = await mock_factory(unlimited=True)
+    async with httpx.AsyncClient(headers=AUTH) as c:
+        for path in ("/v1/dashboard/billing/subscription", "/v1/dashboard/billing/usage"):
+            assert (await c.get(bare.base_url + path)).status_code == 404
+        sub = (await c.get(unlimited.base_url + "/v1/dashboard/billing/subscription")).json()
+        assert sub["hard_limit_usd"] == 100_000_000
+        token = (await c.get(unlimited.base_url + "/api/usage/token/")).json()
+        assert token["data"]["unlimited_quota"] is True
+
+
+async def test_balance_endpoints_refuse_a_wrong_key_like_the_image_routes(
+    mock_factory: Any,
+) -> None:
+    mock = await mock_factory(api_key="sk-the-right-key-0000")
+    async with httpx.AsyncClient(base_url=mock.base_url, headers=AUTH) as c:
+        for path in ("/v1/dashboard/billing/subscription", "/api/usage/token/", "/v1/models"):
+            response = await c.get(path)
+            assert response.status_code == 401
+            assert "无效的令牌" in response.json()["error"]["message"]
+
+
+async def test_a_rejected_request_is_not_charged(
+    client: httpx.AsyncClient, mock_upstream: MockUpstream
+) -> None:
+    assert (await generate(client, size="1919x1079")).status_code == 400
+    assert mock_upstream.spent == 0.0
+
+
+def test_cli_sets_models_billing_and_balance() -> None:
+    from bot.mock_upstream import _options_from_args
+
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)
+    args = parser.parse_args(["--models", "a,b", "--billing", "one-api", "--balance", "2.5"])
+    options = _options_from_args(args)
+    assert (options.models, options.billing, options.balance) == (("a", "b"), "one-api", 2.5)
