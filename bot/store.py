@@ -17,11 +17,22 @@ Every platform shares this file, and many asyncio tasks write to it at once, so:
 
 Credits are moved only by guarded statements (`... WHERE granted >= ?`, `... WHERE state =
 'reserved'`) whose row counts are checked, and every movement appends a row to `ledger`, which
-triggers make append-only. A job has at most one reservation; it is committed or refunded
-exactly once. The invariants, for every user:
+triggers make append-only. A job has at most one reservation; it is settled exactly once:
+refunded whole, or committed, whole or in part (`commit(job_id, amount)`: a job that delivered
+fewer or cheaper images than it reserved for). A partial commit gives the rest back in the same
+transaction, so such a job has a 'commit' row and a 'refund' row, and for every job
+
+    reserve == commit + refund    (each of daily_amount and balance_amount; absent rows are 0)
+
+The invariants, for every user and group:
 
     users.granted == sum(grant) - sum(reserve.balance_amount) + sum(refund.balance_amount)
     daily_usage.used(day) == sum(reserve.daily_amount) - sum(refund.daily_amount) for that day
+    group_usage.used(day) == sum(reserve) - sum(refund) over the group's jobs of that day
+
+A job whose results were handed to the chat carries `jobs.charge` (what it is to be charged),
+written before the hand-off: should its commit never be written (the database locked for longer
+than the runner retries, then a stop), `recover()` commits that amount instead of refunding.
 
 Days are `datetime.date`s the caller computes in the configured timezone (stored as ISO
 strings); instants are unix seconds (floats).
@@ -114,7 +125,9 @@ class Job:
     """One /draw or /edit request and its outcome.
 
     `cost` is what its reservation took (0 without one); `ledger_state` is that reservation's
-    state: None (never reserved), "reserved", "committed" or "refunded".
+    state: None (never reserved), "reserved", "committed" or "refunded"; `spent` is what it
+    finally took (cost minus any refund); `charge` is what it was to be charged when its
+    results were handed to the chat (None before that).
     """
 
     id: int
@@ -139,6 +152,8 @@ class Job:
     revised_prompt: str | None
     outputs: list[dict[str, Any]]  # [{"width", "height", "bytes", "mime"}]
     ledger_state: str | None
+    spent: int = 0
+    charge: int | None = None
 
     @property
     def active(self) -> bool:
@@ -270,6 +285,11 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 4: what a job whose results went to the chat is to be charged (NULL: they never did), so
+    # recovery commits a delivered job whose commit could not be written, instead of refunding.
+    """
+    ALTER TABLE jobs ADD COLUMN charge INTEGER CHECK (charge >= 0);
+    """,
 )
 
 PRAGMAS = (
@@ -328,7 +348,10 @@ SQL_SETTLE = """
 
 _JOB_SELECT = """
     SELECT j.*, r.state AS ledger_state,
-           COALESCE(r.daily_amount + r.balance_amount, 0) AS cost
+           COALESCE(r.daily_amount + r.balance_amount, 0) AS cost,
+           COALESCE(r.daily_amount + r.balance_amount, 0) - COALESCE((
+               SELECT l.daily_amount + l.balance_amount FROM ledger AS l
+               WHERE l.job_id = j.id AND l.kind = 'refund'), 0) AS spent
     FROM jobs AS j
     LEFT JOIN reservations AS r ON r.job_id = j.id
 """
@@ -494,6 +517,14 @@ class Store:
             daily_allowance=max(0, daily_allowance), daily_used=rows[0][1], balance=rows[0][0]
         )
 
+    async def group_used(self, group_key: str, day: date) -> int:
+        """Credits the group's jobs hold on `day` (reserved or spent), for the group cap."""
+        rows = await self._read(
+            "SELECT used FROM group_usage WHERE group_key = ? AND day = ?",
+            (group_key, day.isoformat()),
+        )
+        return int(rows[0][0]) if rows else 0
+
     async def grant(
         self, user_id: int, amount: int, *, by_user_id: int | None = None, note: str = ""
     ) -> int:
@@ -634,10 +665,18 @@ class Store:
 
         await self._write(take)
 
-    async def commit(self, job_id: int) -> bool:
-        """Make the job's reservation final (spent); False if it is not reserved."""
+    async def commit(self, job_id: int, amount: int | None = None) -> bool:
+        """Make the job's reservation final (spent); False if it is not reserved.
 
-        return await self._write(lambda con: _commit(con, job_id, ""))
+        With `amount` (0 <= amount <= what was reserved), only that much is spent and the rest
+        is refunded in the same transaction, as if the job had reserved `amount` from the
+        start: the spent part is the daily allowance first, so the balance is what comes back
+        first. Safe to call again (a settled reservation is final), so a caller may retry it.
+        Raises `ValueError` (changing nothing) for an amount outside that range.
+        """
+        if amount is not None and amount < 0:
+            raise ValueError("amount must not be negative")
+        return await self._write(lambda con: _commit(con, job_id, "", amount))
 
     async def refund(self, job_id: int, reason: str) -> bool:
         """Give back everything the job's reservation took; False if it is not reserved.
@@ -648,6 +687,19 @@ class Store:
         """
 
         return await self._write(lambda con: _refund(con, job_id, reason))
+
+    async def mark_delivering(self, job_id: int, charge: int) -> None:
+        """Record what the job is to be charged, just before its results go to the chat.
+
+        If the process stops before the commit is written, `recover()` commits `charge`
+        rather than refunding: the user most likely has the images.
+        """
+        if charge < 0:
+            raise ValueError("charge must not be negative")
+        await self._write_one(
+            "UPDATE jobs SET charge = ? WHERE id = ? AND status IN ('queued', 'running')",
+            (charge, job_id),
+        )
 
     async def mark_running(self, job_id: int, provider: str) -> None:
         """The job was handed to `provider` (again, when falling back to another one)."""
@@ -712,12 +764,26 @@ class Store:
     async def recover(self) -> list[int]:
         """Settle what a crash left behind; returns the ids of the interrupted jobs.
 
-        Every queued or running job becomes failed ("interrupted") and its reservation is
-        refunded. A finished job whose reservation was never settled is settled by its
-        outcome: committed if it succeeded, refunded otherwise.
+        A queued or running job whose results were handed to the chat (`mark_delivering`)
+        becomes succeeded and is charged what it recorded. Every other queued or running job
+        becomes failed ("interrupted") and its reservation is refunded. A finished job whose
+        reservation was never settled is settled by its outcome: committed if it succeeded
+        (its recorded charge, if any), refunded otherwise.
         """
 
         def settle(con: sqlite3.Connection) -> list[int]:
+            delivered = con.execute(
+                """
+                UPDATE jobs SET status = 'succeeded', finished_at = ?
+                WHERE status IN ('queued', 'running') AND charge IS NOT NULL RETURNING id
+                """,
+                (time.time(),),
+            ).fetchall()
+            if delivered:
+                log.warning(
+                    "job(s) %s delivered their results but were never settled: committing",
+                    ", ".join(str(row[0]) for row in delivered),
+                )
             rows = con.execute(
                 """
                 UPDATE jobs SET status = 'failed', error_kind = ?, finished_at = ?
@@ -728,13 +794,15 @@ class Store:
             interrupted = sorted(row[0] for row in rows)
             open_rows = con.execute(
                 """
-                SELECT r.job_id, j.status FROM reservations AS r JOIN jobs AS j ON j.id = r.job_id
+                SELECT r.job_id, j.status, j.charge, r.daily_amount + r.balance_amount
+                FROM reservations AS r JOIN jobs AS j ON j.id = r.job_id
                 WHERE r.state = 'reserved' ORDER BY r.job_id
                 """
             ).fetchall()
-            for job_id, status in open_rows:
+            for job_id, status, charge, reserved in open_rows:
                 if status == "succeeded":
-                    _commit(con, job_id, "recovered")
+                    amount = None if charge is None else min(charge, reserved)
+                    _commit(con, job_id, "recovered", amount)
                 else:
                     _refund(con, job_id, INTERRUPTED)
             return interrupted
@@ -822,14 +890,19 @@ class Store:
             (start, end),
         )
         by_status: dict[str, int] = {row[0]: row[1] for row in rows}
+        # Committed credits come from the commit rows: a partial commit spent less than it
+        # reserved.
         credit_rows = await self._read(
             """
-            SELECT state, SUM(daily_amount + balance_amount)
-            FROM reservations WHERE day = ? GROUP BY state
+            SELECT 'committed', SUM(daily_amount + balance_amount)
+            FROM ledger WHERE kind = 'commit' AND day = ?
+            UNION ALL
+            SELECT 'reserved', SUM(daily_amount + balance_amount)
+            FROM reservations WHERE state = 'reserved' AND day = ?
             """,
-            (day.isoformat(),),
+            (day.isoformat(), day.isoformat()),
         )
-        by_state: dict[str, int] = {row[0]: row[1] for row in credit_rows}
+        by_state: dict[str, int] = {row[0]: row[1] or 0 for row in credit_rows}
         counts = await self._read(
             """
             SELECT (SELECT COUNT(*) FROM users),
@@ -937,6 +1010,12 @@ class Store:
         return result
 
 
+def is_transient(error: BaseException) -> bool:
+    """Whether a failed store call may succeed if tried again: the file locked by another
+    writer past busy_timeout, a full disk, an I/O error. Contract errors are not."""
+    return isinstance(error, sqlite3.OperationalError)
+
+
 def _forget_write(writes: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
     def done(task: asyncio.Task[Any]) -> None:
         writes.discard(task)
@@ -969,17 +1048,51 @@ def _settle(con: sqlite3.Connection, job_id: int, state: str) -> sqlite3.Row | N
     return rows[0] if rows else None
 
 
-def _commit(con: sqlite3.Connection, job_id: int, note: str) -> bool:
+def _commit(con: sqlite3.Connection, job_id: int, note: str, amount: int | None = None) -> bool:
     row = _settle(con, job_id, "committed")
     if row is None:
         return False
-    user_id, daily, balance, day, _group_key = row
-    # The commit row repeats the amounts for reading the ledger alone; the invariants count
-    # only reserve, refund and grant rows.
+    user_id, daily, balance, day, group_key = row
+    back = 0 if amount is None else daily + balance - amount
+    if back < 0 or back > daily + balance:
+        # Raised inside the transaction: the state change above is rolled back with it.
+        raise ValueError(f"job #{job_id}: cannot commit {amount} of {daily + balance}")
+    # What is kept is spent the way the reservation spent: the daily allowance first. So the
+    # balance comes back first, which also suits the user (the allowance lapses at midnight).
+    back_balance = min(back, balance)
+    back_daily = back - back_balance
+    # The commit row records what was spent; the invariants count only reserve, refund and
+    # grant rows, and reserve == commit + refund for every settled job.
     con.execute(
         SQL_INSERT_LEDGER,
-        (job_id, user_id, "commit", daily, balance, day, time.time(), note, None),
+        (
+            job_id,
+            user_id,
+            "commit",
+            daily - back_daily,
+            balance - back_balance,
+            day,
+            time.time(),
+            note,
+            None,
+        ),
     )
+    if back:
+        _give_back(con, user_id, back_daily, back_balance, day, group_key)
+        con.execute(
+            SQL_INSERT_LEDGER,
+            (
+                job_id,
+                user_id,
+                "refund",
+                back_daily,
+                back_balance,
+                day,
+                time.time(),
+                "partial",
+                None,
+            ),
+        )
     return True
 
 
@@ -988,6 +1101,24 @@ def _refund(con: sqlite3.Connection, job_id: int, reason: str) -> bool:
     if row is None:
         return False
     user_id, daily, balance, day, group_key = row
+    _give_back(con, user_id, daily, balance, day, group_key)
+    con.execute(
+        SQL_INSERT_LEDGER,
+        (job_id, user_id, "refund", daily, balance, day, time.time(), reason, None),
+    )
+    return True
+
+
+def _give_back(
+    con: sqlite3.Connection,
+    user_id: int,
+    daily: int,
+    balance: int,
+    day: str,
+    group_key: str | None,
+) -> None:
+    # The daily part goes back to the reservation's day, the balance part to the balance and
+    # the whole to the group's usage of that day: each to where the reservation took it from.
     if balance:
         con.execute("UPDATE users SET granted = granted + ? WHERE id = ?", (balance, user_id))
     if daily:
@@ -1000,11 +1131,6 @@ def _refund(con: sqlite3.Connection, job_id: int, reason: str) -> bool:
             "UPDATE group_usage SET used = used - ? WHERE group_key = ? AND day = ?",
             (daily + balance, group_key, day),
         )
-    con.execute(
-        SQL_INSERT_LEDGER,
-        (job_id, user_id, "refund", daily, balance, day, time.time(), reason, None),
-    )
-    return True
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -1031,6 +1157,8 @@ def _job(row: sqlite3.Row) -> Job:
         revised_prompt=row["revised_prompt"],
         outputs=json.loads(row["outputs"]),
         ledger_state=row["ledger_state"],
+        spent=row["spent"],
+        charge=row["charge"],
     )
 
 

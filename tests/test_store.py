@@ -61,36 +61,63 @@ def assert_ledger_exact(db_path: Path) -> dict[str, int]:
         usage = {(u, d): used for u, d, used in q("SELECT user_id, day, used FROM daily_usage")}
         for key in ledger_daily.keys() | usage.keys():
             assert usage.get(key, 0) == ledger_daily.get(key, 0), f"daily usage {key}"
-        # Group usage == what the group's unrefunded reservations hold.
+        # Group usage == what the group's reservations hold: reserved minus refunded (a partial
+        # commit gives part back).
         groups = {
             (g, d): total
             for g, d, total in q(
                 """
-                SELECT group_key, day, SUM(daily_amount + balance_amount) FROM reservations
-                WHERE group_key IS NOT NULL AND state <> 'refunded' GROUP BY group_key, day
+                SELECT r.group_key, r.day,
+                       SUM(r.daily_amount + r.balance_amount - COALESCE((
+                           SELECT l.daily_amount + l.balance_amount FROM ledger AS l
+                           WHERE l.job_id = r.job_id AND l.kind = 'refund'), 0))
+                FROM reservations AS r WHERE r.group_key IS NOT NULL GROUP BY r.group_key, r.day
                 """
             )
         }
         group_usage = {(g, d): used for g, d, used in q("SELECT * FROM group_usage")}
         for key in groups.keys() | group_usage.keys():
             assert group_usage.get(key, 0) == groups.get(key, 0), f"group usage {key}"
-        # Each reservation: exactly one reserve row with its amounts, and exactly the settle
-        # row its state says (never both a commit and a refund).
+        # Each reservation: exactly one reserve row with its amounts, and the settle rows its
+        # state says: none while reserved, a refund of everything, or a commit (with a refund
+        # row for the part given back when the commit was partial), so that for each amount
+        # reserve == commit + refund.
         rows = q(
             """
             SELECT r.job_id, r.state, r.daily_amount, r.balance_amount,
                    SUM(l.kind = 'reserve'), SUM(l.kind = 'commit'), SUM(l.kind = 'refund'),
                    SUM(CASE WHEN l.kind = 'reserve' THEN l.daily_amount END),
-                   SUM(CASE WHEN l.kind = 'reserve' THEN l.balance_amount END)
+                   SUM(CASE WHEN l.kind = 'reserve' THEN l.balance_amount END),
+                   TOTAL(CASE WHEN l.kind <> 'reserve' THEN l.daily_amount END),
+                   TOTAL(CASE WHEN l.kind <> 'reserve' THEN l.balance_amount END)
             FROM reservations AS r JOIN ledger AS l ON l.job_id = r.job_id
             GROUP BY r.job_id
             """
         ).fetchall()
-        expected_settles = {"reserved": (0, 0), "committed": (1, 0), "refunded": (0, 1)}
-        for job_id, state, daily, balance, reserves, commits, refunds, l_daily, l_bal in rows:
+        expected_settles = {
+            "reserved": {(0, 0)},
+            "committed": {(1, 0), (1, 1)},
+            "refunded": {(0, 1)},
+        }
+        for (
+            job_id,
+            state,
+            daily,
+            balance,
+            reserves,
+            commits,
+            refunds,
+            l_daily,
+            l_bal,
+            settled_daily,
+            settled_bal,
+        ) in rows:
             assert reserves == 1, f"job #{job_id} has {reserves} reserve rows"
-            assert (commits, refunds) == expected_settles[state], f"job #{job_id} {state}"
+            assert (commits, refunds) in expected_settles[state], f"job #{job_id} {state}"
             assert (l_daily, l_bal) == (daily, balance), f"job #{job_id} amounts"
+            if state != "reserved":
+                assert (settled_daily, settled_bal) == (daily, balance), f"job #{job_id} settled"
+            assert min(daily, balance, settled_daily, settled_bal) >= 0, f"job #{job_id} sign"
         n_reservations = q("SELECT COUNT(*) FROM reservations").fetchone()[0]
         assert len(rows) == n_reservations
         orphan = q(
@@ -422,6 +449,62 @@ async def test_commit_and_refund_each_happen_only_once(store: Store, db_path: Pa
     assert assert_ledger_exact(db_path) == {"reservations": 2, "committed": 1, "refunded": 1}
 
 
+async def test_partial_commit_spends_the_amount_and_refunds_the_rest_at_once(
+    store: Store, db_path: Path
+) -> None:
+    user = await store.user("qq", "1")
+    await store.grant(user.id, 10)
+    group = {"group_key": "qq:g1", "group_cap": 20}
+    # 8 credits: the 5 of the daily allowance, then 3 of the balance.
+    job_id = await reserve(store, user.id, 8, **group)
+    assert await store.credits(user.id, DAY, 5) == Credits(5, 5, 7)
+
+    assert await store.commit(job_id, amount=4) is True
+
+    # Spent as if 4 had been reserved: 4 of the allowance; the balance came back first.
+    assert await store.credits(user.id, DAY, 5) == Credits(5, 4, 10)
+    assert await store.group_used("qq:g1", DAY) == 4
+    job = await store.job(job_id)
+    assert job is not None and (job.ledger_state, job.cost, job.spent) == ("committed", 8, 4)
+    assert await store.ledger_sum(user.id) == 4
+    con = sqlite3.connect(db_path)
+    rows = con.execute(
+        "SELECT kind, daily_amount, balance_amount FROM ledger WHERE job_id = ? ORDER BY id",
+        (job_id,),
+    ).fetchall()
+    con.close()
+    assert rows == [("reserve", 5, 3), ("commit", 4, 0), ("refund", 1, 3)]
+    # Settled once: neither a second commit nor a refund moves anything.
+    assert await store.commit(job_id, amount=1) is False
+    assert await store.refund(job_id, "late") is False
+    assert await store.credits(user.id, DAY, 5) == Credits(5, 4, 10)
+    assert assert_ledger_exact(db_path) == {"reservations": 1, "committed": 1}
+
+
+async def test_partial_commit_of_zero_or_all_and_refusal_of_more_than_reserved(
+    store: Store, db_path: Path
+) -> None:
+    user = await store.user("qq", "1")
+    nothing = await reserve(store, user.id, 2, group_key="qq:g1")
+    everything = await reserve(store, user.id, 2)
+    too_much = await reserve(store, user.id, 1)
+
+    assert await store.commit(nothing, amount=0) is True
+    assert await store.commit(everything, amount=2) is True
+    with pytest.raises(ValueError):
+        await store.commit(too_much, amount=2)
+    with pytest.raises(ValueError):
+        await store.commit(too_much, amount=-1)
+
+    # The refused commit changed nothing: the job is still reserved and can settle later.
+    job = await store.job(too_much)
+    assert job is not None and job.ledger_state == "reserved"
+    assert await store.credits(user.id, DAY, 5) == Credits(5, 3, 0)
+    assert await store.group_used("qq:g1", DAY) == 0
+    assert (await store.job(nothing)).spent == 0  # type: ignore[union-attr]
+    assert assert_ledger_exact(db_path) == {"reservations": 3, "committed": 2, "reserved": 1}
+
+
 async def test_a_job_is_reserved_at_most_once(store: Store, db_path: Path) -> None:
     user = await store.user("qq", "1")
     job_id = await reserve(store, user.id, 2)
@@ -589,6 +672,32 @@ async def test_recover_after_crash_refunds_and_fails_interrupted(
     assert await after.credits(user.id, DAY, 5) == Credits(5, 0, 8)
     await after.close()
     assert assert_ledger_exact(db_path) == {"reservations": 4, "committed": 2, "refunded": 2}
+
+
+async def test_recover_commits_what_a_delivered_job_recorded_instead_of_refunding(
+    tmp_path: Path, db_path: Path
+) -> None:
+    keybox = KeyBox.load(tmp_path)
+    before = await Store.open(db_path, keybox=keybox)
+    user = await before.user("qq", "1")
+    delivered = await reserve(before, user.id, 4, group_key="qq:g1")
+    await before.mark_running(delivered, "main")
+    # Results handed to the chat, charged for 2 of the 4 images; then the commit never landed.
+    await before.mark_delivering(delivered, 2)
+    undelivered = await reserve(before, user.id, 1)
+    await before.mark_running(undelivered, "main")
+    await before.close()
+
+    after = await Store.open(db_path, keybox=keybox)
+    assert await after.recover() == [undelivered]
+    job = await after.job(delivered)
+    assert job is not None
+    assert (job.status, job.error_kind, job.ledger_state) == ("succeeded", None, "committed")
+    assert (job.charge, job.spent) == (2, 2)
+    assert await after.credits(user.id, DAY, 5) == Credits(5, 2, 0)
+    assert await after.group_used("qq:g1", DAY) == 2
+    await after.close()
+    assert assert_ledger_exact(db_path) == {"reservations": 2, "committed": 1, "refunded": 1}
 
 
 async def test_stats_count_the_days_jobs_images_and_credits(store: Store, db_path: Path) -> None:
