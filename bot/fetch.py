@@ -8,6 +8,11 @@ was checked, so a DNS answer that changes between check and connect (rebinding) 
 it elsewhere. Redirects are followed by hand, each hop checked again; bodies are streamed and
 cut at the byte cap; one deadline covers the whole download.
 
+The byte cap counts what we keep, after any content decoding. httpx would inflate a gzip
+body for us, but a whole network chunk at a time: 64 KiB of gzip is 64 MB of output before
+any cap can look at it. So bodies are read raw, a `gzip`/`deflate` body (sent although we ask
+for `identity`) is inflated here at most up to the cap, and any other encoding is refused.
+
 Error params name the host at most, never the URL: QQ and Discord image links are signed.
 """
 
@@ -17,6 +22,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import zlib
 from dataclasses import dataclass, field, replace
 from typing import Final
 
@@ -31,6 +37,11 @@ _SCHEMES: Final = ("http", "https")
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 # NAT64 (RFC 6052) embeds an IPv4 address in the low 32 bits.
 _NAT64: Final = ipaddress.IPv6Network("64:ff9b::/96")
+# Content codings we inflate ourselves, within the cap; 32 + MAX_WBITS reads a gzip or a zlib
+# header, which covers `deflate` as RFC 9110 defines it (zlib-wrapped).
+_INFLATED_ENCODINGS: Final = frozenset({"gzip", "x-gzip", "deflate"})
+# Inflate in steps this big, so the body grows by small appends instead of one huge copy.
+_INFLATE_STEP: Final = 256 * 1024
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -100,9 +111,10 @@ async def fetch_url(
     """Download an image URL under `policy` and return its bytes.
 
     Raises `ForbiddenURLError` (scheme, host or address not allowed, also on any redirect
-    hop), `ImageTooLargeError` (over `policy.max_bytes`, params `size_mb`, `limit_mb`) or
-    `ImageFetchError` (HTTP error status in `status`, connection failure, deadline, too many
-    redirects; `reason` says which).
+    hop), `ImageTooLargeError` (over `policy.max_bytes` on the wire or once inflated, params
+    `size_mb`, `limit_mb`) or `ImageFetchError` (HTTP error status in `status`, connection
+    failure, deadline, too many redirects, a content encoding other than identity, gzip or
+    deflate, or a corrupt one; `reason` says which).
     """
     current = _checked(url, policy)
     own_client = client is None
@@ -272,12 +284,67 @@ async def _get(
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > policy.max_bytes:
             raise _too_large(int(declared), policy, target)
+        inflater = _inflater(response.headers.get("content-encoding", ""), target)
         body = bytearray()
-        async for chunk in response.aiter_bytes():
-            body += chunk
+        # Raw bytes: httpx's own decoding inflates a whole chunk at once, past any cap.
+        async for chunk in response.aiter_raw():
+            if inflater is None:
+                body += chunk
+            else:
+                _inflate_into(body, inflater, chunk, policy, target)
             if len(body) > policy.max_bytes:
                 raise _too_large(len(body), policy, target)
+        if inflater is not None and not inflater.eof:
+            raise ImageFetchError("truncated compressed body", host=target.host, reason="encoding")
         return bytes(body)
+
+
+def _inflater(encoding: str, target: _Target) -> zlib._Decompress | None:
+    """A decompressor for the response's content coding; None for none; refuses the rest."""
+    codings = [c.strip().lower() for c in encoding.split(",") if c.strip()]
+    codings = [c for c in codings if c != "identity"]
+    if not codings:
+        return None
+    if len(codings) == 1 and codings[0] in _INFLATED_ENCODINGS:
+        return zlib.decompressobj(32 + zlib.MAX_WBITS)
+    # br, zstd, stacked codings...: nothing an image host needs, and more ways to inflate.
+    raise ImageFetchError(
+        f"content-encoding {encoding[:32]!r} refused", host=target.host, reason="encoding"
+    )
+
+
+def _inflate_into(
+    body: bytearray,
+    inflater: zlib._Decompress,
+    chunk: bytes,
+    policy: FetchPolicy,
+    target: _Target,
+) -> None:
+    """Inflate `chunk` onto `body`, never producing more than one byte past the cap."""
+    pending = chunk
+    try:
+        while True:
+            if inflater.eof:
+                if pending:
+                    # Data after the end of the stream (a second gzip member, say).
+                    raise ImageFetchError(
+                        "data after the compressed body", host=target.host, reason="encoding"
+                    )
+                return
+            # max_length bounds this call's output; input it had no room for is kept in
+            # unconsumed_tail, and output zlib holds back comes with the next call.
+            room = min(_INFLATE_STEP, policy.max_bytes + 1 - len(body))
+            out = inflater.decompress(pending, room)
+            body += out
+            if len(body) > policy.max_bytes:
+                raise _too_large(len(body), policy, target)
+            pending = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
+            if not pending and len(out) < room:
+                return  # everything in this chunk is out: wait for the next one
+    except zlib.error as exc:
+        raise ImageFetchError(
+            "corrupt compressed body", host=target.host, reason="encoding"
+        ) from exc
 
 
 def _too_large(size: int, policy: FetchPolicy, target: _Target) -> ImageTooLargeError:

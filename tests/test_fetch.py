@@ -7,8 +7,11 @@ import datetime as dt
 import socket
 import ssl
 import time
+import tracemalloc
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import httpx
@@ -27,12 +30,28 @@ IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8  # the bytes only need to r
 LOCAL = ("127.0.0.1",)
 # Refusals must come from the checks, long before any network timeout could.
 QUICK = 0.5
+BOMB_DECODED = 64 * 1024 * 1024
+
+
+def gzipped(data: bytes) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    return packer.compress(data) + packer.flush()
+
+
+@cache
+def gzip_bomb() -> bytes:
+    """64 MB of zeros as a ~64 KB gzip body, packed without ever holding the 64 MB."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(1024 * 1024)
+    parts = [packer.compress(zeros) for _ in range(BOMB_DECODED // len(zeros))]
+    return b"".join(parts) + packer.flush()
 
 
 @dataclass
 class Server:
     port: int
     hits: list[str] = field(default_factory=list)
+    accept_encoding: list[str] = field(default_factory=list)
 
     def url(self, path: str, host: str = "127.0.0.1", scheme: str = "http") -> str:
         return f"{scheme}://{host}:{self.port}{path}"
@@ -54,6 +73,15 @@ def build_app(server: Server, release: asyncio.Event) -> web.Application:
 
     async def big(request: web.Request) -> web.Response:
         return web.Response(body=b"x" * 5000, content_type="image/png")
+
+    def encoded(body: bytes, encoding: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        # Sent whatever Accept-Encoding said, as misconfigured (or hostile) servers do.
+        async def handler(request: web.Request) -> web.Response:
+            server.accept_encoding.append(request.headers.get("Accept-Encoding", ""))
+            headers = {"Content-Encoding": encoding, "Content-Type": "image/png"}
+            return web.Response(body=body, headers=headers)
+
+        return handler
 
     async def endless(request: web.Request) -> web.StreamResponse:
         # Chunked, no Content-Length, never ends on its own.
@@ -105,6 +133,12 @@ def build_app(server: Server, release: asyncio.Event) -> web.Application:
     app.router.add_get("/echo-host", echo_host)
     app.router.add_get("/status/{code}", status)
     app.router.add_get("/big", big)
+    app.router.add_get("/gzip-bomb", encoded(gzip_bomb(), "gzip"))
+    app.router.add_get("/gzip-image", encoded(gzipped(IMAGE), "gzip"))
+    app.router.add_get("/deflate-image", encoded(zlib.compress(IMAGE), "deflate"))
+    app.router.add_get("/two-gzip-members", encoded(gzipped(IMAGE) * 2, "gzip"))
+    app.router.add_get("/cut-gzip", encoded(gzipped(IMAGE)[:-40], "gzip"))
+    app.router.add_get("/brotli", encoded(b"\x1b\x00\x00" * 10, "br"))
     app.router.add_get("/endless", endless)
     app.router.add_get("/huge-declared", huge_declared)
     app.router.add_get("/slow-headers", slow_headers)
@@ -113,6 +147,7 @@ def build_app(server: Server, release: asyncio.Event) -> web.Application:
     app.router.add_get("/to-other-host", redirect(lambda: "http://evil.example/x.png"))
     app.router.add_get("/to-loopback-name", redirect(lambda: server.url("/image.png", "127.1")))
     app.router.add_get("/to-image", redirect(lambda: "/image.png"))
+    app.router.add_get("/to-gzip-bomb", redirect(lambda: "/gzip-bomb"))
     app.router.add_get("/to-file", redirect(lambda: "file:///etc/passwd"))
     app.router.add_get("/loop", redirect(lambda: "/loop"))
     return app
@@ -355,6 +390,51 @@ async def test_oversize_while_streaming_is_cut_short(server: Server) -> None:
         async with asyncio.timeout(3):
             await fetch_url(server.url("/endless"), policy(max_bytes=20_000))
     assert time.monotonic() - started < 2.0
+
+
+async def bomb_fetch_peak(url: str, cap: int) -> tuple[ImageTooLargeError, int]:
+    """Fetch a gzip bomb under `cap`: the error, and the most Python memory held meanwhile."""
+    gzip_bomb()  # packed before tracing starts
+    # Made outside the trace: a client's TLS context alone is a few MB, and not the body's.
+    async with httpx.AsyncClient(trust_env=False) as client:
+        tracemalloc.start()
+        try:
+            with pytest.raises(ImageTooLargeError) as info:
+                await fetch_url(url, policy(max_bytes=cap), client=client)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    return info.value, peak
+
+
+async def test_gzip_bomb_is_cut_at_the_cap_on_decoded_bytes(server: Server) -> None:
+    cap = 2 * 1024 * 1024
+    error, peak = await bomb_fetch_peak(server.url("/gzip-bomb"), cap)
+    assert server.accept_encoding == ["identity"]  # asked for, and ignored by the server
+    assert error.params["limit_mb"] == 2.0 and error.params["reason"] == "bytes"
+    # The cap, plus the bytearray's slack and one inflate step; httpx's own decoding held
+    # all 64 MB of a single network chunk's output before the old cap check could run.
+    assert peak < cap + 1024 * 1024, peak
+
+
+async def test_gzip_bomb_behind_a_redirect_is_cut_at_the_cap_too(server: Server) -> None:
+    cap = 1024 * 1024
+    error, peak = await bomb_fetch_peak(server.url("/to-gzip-bomb"), cap)
+    assert server.hits == ["/to-gzip-bomb", "/gzip-bomb"]
+    assert error.params["limit_mb"] == 1.0
+    assert peak < cap + 1024 * 1024, peak
+
+
+@pytest.mark.parametrize("path", ["/gzip-image", "/deflate-image"])
+async def test_gzip_or_deflate_sent_anyway_is_inflated(server: Server, path: str) -> None:
+    assert await fetch_url(server.url(path), policy()) == IMAGE
+
+
+@pytest.mark.parametrize("path", ["/brotli", "/two-gzip-members", "/cut-gzip"])
+async def test_other_or_broken_content_encodings_are_refused(server: Server, path: str) -> None:
+    with pytest.raises(ImageFetchError) as info:
+        await fetch_url(server.url(path), policy())
+    assert info.value.params["reason"] == "encoding"
 
 
 async def test_server_that_never_answers_hits_the_deadline(server: Server) -> None:
