@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     settings = Settings()
     setup_logging(settings.log_level)
-    add_secrets(settings_secrets(settings))
+    add_secrets(settings_secrets(settings), configured=True)
     if args.command == "run":
         from bot.runner import run
 

@@ -48,7 +48,7 @@ def missing_platforms_message() -> str:
 
 async def run(settings: Settings) -> int:
     """Start every configured platform, serve until SIGINT/SIGTERM, then shut down cleanly."""
-    add_secrets(settings_secrets(settings))
+    add_secrets(settings_secrets(settings), configured=True)
     names = settings.enabled_platforms()
     if not names:
         print(missing_platforms_message(), file=sys.stderr)

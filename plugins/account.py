@@ -7,7 +7,7 @@ import re
 
 from bot.i18n import LANGUAGES
 from bot.jobs import today
-from bot.logs import add_secrets
+from bot.logs import redacts_argument
 from bot.secrets import mask_key
 from plugins.context import Context
 from plugins.registry import COMMANDS
@@ -18,6 +18,14 @@ log = logging.getLogger(__name__)
 _KEY_SHAPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]{15,199}$")
 
 
+def _token_argument(ctx: Context) -> str:
+    return ctx.inv.text.strip()
+
+
+# The argument is hidden in this invocation's own log lines only. It becomes a process-wide
+# redaction literal once bound and used (the job runner adds it then), never merely by being
+# sent: anyone could otherwise blank someone's id or any word out of every later log line.
+@redacts_argument(_token_argument)
 async def token(ctx: Context) -> None:
     """Bind (private chat only), show or clear the user's own API key."""
     arg = ctx.inv.text.strip()
@@ -33,7 +41,6 @@ async def token(ctx: Context) -> None:
         else:
             await ctx.reply("token.none", ephemeral=True)
         return
-    add_secrets([arg])
     if not ctx.inv.is_private:
         # The key is already visible to the group: remove it and never bind a leaked key.
         deleted = await ctx.chat.delete_invocation()

@@ -1,8 +1,12 @@
-"""Keep what users type into modals (an API key for /token) out of discord.py's logs.
+"""Keep keys and interaction tokens out of discord.py's logs.
 
 discord.py logs every gateway event at DEBUG, modal submits included, and the /token modal
-carries a key in clear. A filter on each of its loggers blanks the values of text inputs
-before a record reaches any handler, then applies the shared redaction of `bot.logs`.
+carries a key in clear. Every INTERACTION_CREATE payload also carries the interaction's
+`token`, a credential to answer as the bot in that channel for 15 minutes, which then shows
+again in the REST URLs discord.py logs (`/interactions/{id}/{token}/callback`,
+`/webhooks/{application id}/{token}`). A filter on each of its loggers blanks text input
+values and `token` fields in payloads before a record reaches any handler, then applies the
+shared redaction of `bot.logs` (which knows those URLs) to the whole message.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from bot.logs import redact
 
 _TEXT_INPUT = 4
 _MASK = "***"
+# Payload fields that are credentials wherever they appear (interactions, webhooks).
+_SECRET_FIELDS = frozenset({"token"})
 
 
 def scrub(value: Any) -> Any:
-    """A copy of a gateway payload with every text input's value masked."""
+    """A copy of a gateway payload with text input values and tokens masked."""
     if isinstance(value, Mapping):
-        cleaned = {k: scrub(v) for k, v in value.items()}
+        cleaned = {k: _MASK if k in _SECRET_FIELDS else scrub(v) for k, v in value.items()}
         if cleaned.get("type") == _TEXT_INPUT and "value" in cleaned:
             cleaned["value"] = _MASK
         return cleaned
@@ -30,7 +36,7 @@ def scrub(value: Any) -> Any:
 
 
 class ModalValueFilter(logging.Filter):
-    """Rewrites records of discord.py loggers with modal values and secrets masked."""
+    """Rewrites records of discord.py loggers with modal values, tokens and secrets masked."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, Mapping):

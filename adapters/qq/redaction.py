@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from bot.config import Settings
-from bot.logs import redact, settings_secrets
+from bot.logs import add_secrets, redact, settings_secrets
 
 if TYPE_CHECKING:
     from loguru import Message, Record
@@ -43,24 +43,16 @@ def secrets_of(settings: Settings) -> set[str]:
 class Redactor:
     """Removes keys from text; also a loguru patcher (`redactor(record)`)."""
 
-    def __init__(self) -> None:
-        self._secrets: tuple[str, ...] = ()
-        self._lock = threading.Lock()
-
     def add_secrets(self, values: Iterable[str]) -> None:
-        """Also mask these literal values from now on."""
-        with self._lock:
-            merged = set(self._secrets) | {v for v in values if len(v) >= _MIN_SECRET_LENGTH}
-            # Longest first, so a secret containing another is masked whole.
-            self._secrets = tuple(sorted(merged, key=len, reverse=True))
+        """Also mask these configured secret values from now on (in every log, not only QQ's)."""
+        add_secrets(values, configured=True)
 
     def redact(self, text: str) -> str:
         """`text` with keys, tokens and `/token` arguments replaced."""
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, _MASK)
-        text = _TOKEN_COMMAND.sub(rf"\1 {_MASK}", text)
-        return redact(text)
+        # The shared rules first: they know quoted arguments (`/token 'key'`), which the
+        # rule below, made for unquoted multi-word arguments, would cut at the quote.
+        text = redact(text)
+        return _TOKEN_COMMAND.sub(rf"\1 {_MASK}", text)
 
     def __call__(self, record: Record) -> None:
         record["message"] = self.redact(record["message"])
