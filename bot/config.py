@@ -186,6 +186,10 @@ class Settings(BaseSettings):
     onebot_access_token: str = Field(
         default="", validation_alias=AliasChoices("ONEBOT_ACCESS_TOKEN", "onebot_access_token")
     )
+    # true: serve a non-loopback HOST without ONEBOT_ACCESS_TOKEN (something else guards it).
+    qq_allow_no_token: bool = Field(
+        default=False, validation_alias=AliasChoices("QQ_ALLOW_NO_TOKEN", "qq_allow_no_token")
+    )
 
     # --- Discord ---
     discord_bot_token: str = Field(

@@ -8,6 +8,9 @@ actions drawbridge uses with `{"status", "retcode", "data", "echo"}`. It keeps e
 into links on the image host as QQ does, records every action for assertions, and injects
 failures with `fail_next` (an error answer) or `stall_next` (no answer at all: a timeout);
 actions named in `unsupported` are answered as unknown, like a minimal implementation would.
+A `message` sent as a string is read as CQ code, as NapCat reads it (`parse_cq`): each call
+keeps the segments the implementation would have acted on, so a test sees an `at` or `image`
+that text smuggled in.
 
 `ImageHost` serves image bytes over HTTP on 127.0.0.1 and records each request.
 """
@@ -20,6 +23,7 @@ import contextlib
 import io
 import itertools
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,16 +60,58 @@ def png(width: int = 64, height: int = 64, color: tuple[int, int, int] = (200, 4
     return buffer.getvalue()
 
 
+def cq_escape(value: str, *, in_param: bool = False) -> str:
+    """OneBot v11's CQ-code escaping: `&`, `[`, `]` always, and `,` inside a parameter."""
+    value = value.replace("&", "&amp;").replace("[", "&#91;").replace("]", "&#93;")
+    return value.replace(",", "&#44;") if in_param else value
+
+
 def cq_text(segments: list[Segment]) -> str:
     """The CQ-code form OneBot puts in `raw_message`."""
     parts = []
     for seg in segments:
         if seg["type"] == "text":
-            parts.append(seg["data"]["text"].replace("&", "&amp;").replace("[", "&#91;"))
+            parts.append(cq_escape(seg["data"]["text"]))
         else:
-            params = ",".join(f"{k}={v}" for k, v in seg["data"].items() if v is not None)
-            parts.append(f"[CQ:{seg['type']},{params}]")
+            params = "".join(
+                f",{k}={cq_escape(str(v), in_param=True)}"
+                for k, v in seg["data"].items()
+                if v is not None
+            )
+            parts.append(f"[CQ:{seg['type']}{params}]")
     return "".join(parts)
+
+
+# NapCat's decodeCQCode pattern (src/onebot/helper/cqcode.ts): a type, then `,key=value`
+# pairs whose values hold no raw `,` or `]`.
+_CQ_CODE = re.compile(r"\[CQ:(\w+)((?:,\w+=[^,\]]*)*)\]")
+
+
+def _cq_unescape(value: str) -> str:
+    return (
+        value.replace("&#91;", "[")
+        .replace("&#93;", "]")
+        .replace("&#44;", ",")
+        .replace("&amp;", "&")
+    )
+
+
+def parse_cq(message: str) -> list[Segment]:
+    """A string `message` as NapCat reads it: CQ codes become segments, the rest text."""
+    segments: list[Segment] = []
+    position = 0
+    for found in _CQ_CODE.finditer(message):
+        if found.start() > position:
+            segments.append(text(_cq_unescape(message[position : found.start()])))
+        data: dict[str, str] = {}
+        for pair in filter(None, found.group(2).split(",")):
+            key, _, value = pair.partition("=")
+            data[key] = _cq_unescape(value)
+        segments.append({"type": found.group(1), "data": data})
+        position = found.end()
+    if position < len(message):
+        segments.append(text(_cq_unescape(message[position:])))
+    return segments
 
 
 @dataclass
@@ -84,11 +130,23 @@ class ApiCall:
         return int(self.data["message_id"])
 
     @property
+    def sent_as_string(self) -> bool:
+        """Whether `message` came as a string (CQ code), not as a segment list."""
+        return isinstance(self.params.get("message"), str)
+
+    @property
     def segments(self) -> list[Segment]:
-        """The `message` parameter as segments (send_msg and friends)."""
+        """The `message` parameter as the implementation acts on it (send_msg and friends).
+
+        A string is CQ code unless `auto_escape` is set, exactly as NapCat reads it.
+        """
         message = self.params.get("message", [])
         if isinstance(message, str):
-            return [text(message)]
+            if self.params.get("auto_escape") in (True, "true", 1):
+                return [text(message)]
+            return parse_cq(message)
+        if isinstance(message, dict):
+            return [message]
         return list(message)
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import socket
 from collections.abc import Callable, Iterator
@@ -9,9 +10,10 @@ from typing import Any
 
 import pytest
 from loguru import logger
+from nonebot.drivers import Request
 
 from adapters.qq import create_platform, redaction
-from adapters.qq.platform import warn_if_exposed
+from adapters.qq.platform import ensure_adapter, ensure_driver, refuse_if_exposed
 from bot.config import Settings
 
 
@@ -65,20 +67,26 @@ def test_secrets_from_settings_are_masked_in_loguru_records_and_exceptions(
     assert token not in output
 
 
-def test_exposed_endpoint_without_access_token_warns_loudly(
-    caplog: pytest.LogCaptureFixture,
+def test_exposed_endpoint_without_access_token_is_refused_unless_allowed(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def warnings_for(**values: Any) -> list[str]:
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            warn_if_exposed(Settings(_env_file=None, **values))
+            refuse_if_exposed(Settings(_env_file=None, **values))
         return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
-    assert any("ONEBOT_ACCESS_TOKEN" in m for m in warnings_for(host="0.0.0.0"))
+    for host in ("0.0.0.0", "::", "192.168.1.20", "qq.example.com", ""):
+        with pytest.raises(SystemExit) as refused:
+            refuse_if_exposed(Settings(_env_file=None, host=host))
+        assert refused.value.code == 2
+        [line] = capsys.readouterr().err.splitlines()
+        assert "HOST" in line and "ONEBOT_ACCESS_TOKEN" in line and "QQ_ALLOW_NO_TOKEN" in line
+    allowed = warnings_for(host="0.0.0.0", qq_allow_no_token=True)
+    assert any("ONEBOT_ACCESS_TOKEN" in m for m in allowed)
     assert warnings_for(host="0.0.0.0", onebot_access_token="set-and-long-enough") == []
-    assert warnings_for(host="127.0.0.1") == []
-    assert warnings_for(host="localhost") == []
-    assert warnings_for(host="::1") == []
+    for loopback in ("127.0.0.1", "127.3.2.1", "localhost", "LOCALHOST", "::1", "[::1]"):
+        assert warnings_for(host=loopback) == []
 
 
 async def test_taken_port_fails_start_with_an_os_error(
@@ -92,3 +100,37 @@ async def test_taken_port_fails_start_with_an_os_error(
         with pytest.raises(OSError):
             await platform.start()
         await platform.stop()
+
+
+def test_access_token_is_compared_in_constant_time(
+    monkeypatch: pytest.MonkeyPatch, settings_factory: Callable[..., Settings]
+) -> None:
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    token = "onebot-" + "constant-time-4f1a"
+    adapter = ensure_adapter(ensure_driver(settings_factory(qq_enabled=True)), token)
+    try:
+
+        def answer(authorization: str | None) -> int | None:
+            headers = {"authorization": authorization} if authorization is not None else {}
+            request = Request("GET", "ws://127.0.0.1/onebot/v11/ws", headers=headers)
+            response = adapter._check_access_token(request)
+            return None if response is None else response.status_code
+
+        assert answer(f"Bearer {token}") is None
+        assert answer(f"Token {token}") is None
+        assert answer(f"Bearer {token[:-1]}x") == 403
+        assert answer(f"Bearer {token}x") == 403
+        assert answer(f"Basic {token}") == 403
+        assert answer(None) == 403
+        # Every candidate token went through the constant-time comparison.
+        assert (token.encode(), token.encode()) in compared
+        assert (f"{token[:-1]}x".encode(), token.encode()) in compared
+    finally:
+        ensure_adapter(ensure_driver(settings_factory(qq_enabled=True)), "")

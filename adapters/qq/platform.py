@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import ipaddress
 import logging
 import os
 import socket
+import sys
 from collections.abc import Iterator
 
 import nonebot
 import uvicorn
+from nonebot.adapters.onebot.utils import get_auth_bearer
 from nonebot.adapters.onebot.v11 import Adapter as OneBotAdapter
-from nonebot.drivers import ASGIMixin, Driver
+from nonebot.adapters.onebot.v11 import Message, MessageSegment
+from nonebot.drivers import ASGIMixin, Driver, Request, Response
 from nonebot.matcher import Matcher
 
 from adapters.qq import redaction
@@ -74,11 +78,12 @@ class QQPlatform:
         """Listen for OneBot implementations; returns once the endpoint accepts connections."""
         if self._serving is not None:
             return
+        # Before anything listens: an open endpoint lets anyone speak as any QQ user.
+        refuse_if_exposed(self.settings)
         driver = ensure_driver(self.settings)
         if not isinstance(driver, ASGIMixin):
             raise RuntimeError(f"nonebot runs the {driver.type} driver; QQ needs ~fastapi")
         ensure_adapter(driver, self.settings.onebot_access_token)
-        warn_if_exposed(self.settings)
         redaction.quiet_frame_dumps()
         sock = _bind(self.settings.host, self.settings.port)
         self.address = sock.getsockname()[:2]
@@ -109,10 +114,13 @@ class QQPlatform:
             while not nonebot.get_bots():  # noqa: ASYNC110 - nonebot offers no event for it
                 await asyncio.sleep(0.5)
         bot = next(iter(nonebot.get_bots().values()))
+        # A segment list, never a string: OneBot reads a string as CQ code, and `text` holds
+        # the user's prompt, where `[CQ:at,qq=all]` would ping everyone.
+        message = Message(MessageSegment.text(text))
         if kind == "group":
-            await bot.call_api("send_group_msg", group_id=int(number), message=text)
+            await bot.call_api("send_group_msg", group_id=int(number), message=message)
         else:
-            await bot.call_api("send_private_msg", user_id=int(number), message=text)
+            await bot.call_api("send_private_msg", user_id=int(number), message=message)
 
     async def wait_ended(self) -> None:
         """Return if the OneBot endpoint stops serving by itself."""
@@ -172,13 +180,38 @@ def ensure_driver(settings: Settings) -> Driver:
     return driver
 
 
+class OneBotEndpoint(OneBotAdapter):
+    """nonebot's OneBot v11 adapter, comparing the access token in constant time.
+
+    nonebot's own check compares with `!=`, whose time tells a remote guesser how many
+    leading characters were right. The forms accepted stay nonebot's: an `Authorization`
+    header with the `Bearer` or `Token` scheme (this adapter version reads no query string).
+    """
+
+    def _check_access_token(self, request: Request) -> Response | None:
+        expected = self.onebot_config.onebot_access_token
+        if not expected:
+            return None
+        token = get_auth_bearer(request.headers.get("authorization"))
+        if token is not None and hmac.compare_digest(
+            token.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
+        ):
+            return None
+        reason = "Authorization Header is invalid" if token else "Missing Authorization Header"
+        log.warning("qq: refused a OneBot connection: %s", reason)
+        return Response(403, content=reason)
+
+
 def ensure_adapter(driver: Driver, access_token: str) -> OneBotAdapter:
     """The OneBot v11 adapter, registered once, checking `access_token` on connections."""
     try:
         adapter = nonebot.get_adapter(OneBotAdapter)
     except ValueError:
-        driver.register_adapter(OneBotAdapter)
+        driver.register_adapter(OneBotEndpoint)
         adapter = nonebot.get_adapter(OneBotAdapter)
+    if not isinstance(adapter, OneBotEndpoint):
+        # Registered by someone else first (a test harness): the token check is ours anyway.
+        adapter.__class__ = OneBotEndpoint
     # Set here rather than through nonebot.init, whose config is logged in full.
     adapter.onebot_config = adapter.onebot_config.model_copy(
         update={"onebot_access_token": access_token or None}
@@ -186,14 +219,33 @@ def ensure_adapter(driver: Driver, access_token: str) -> OneBotAdapter:
     return adapter
 
 
-def warn_if_exposed(settings: Settings) -> None:
-    """Warn loudly when anyone beyond this machine may connect and drive the bot."""
+def exposure_message(settings: Settings) -> str:
+    """The one line `drawbridge run` prints when it refuses an open OneBot endpoint."""
+    return (
+        f"error: refusing to serve QQ on HOST={settings.host} without ONEBOT_ACCESS_TOKEN: "
+        f"anyone who reaches port {settings.port} could act as any QQ user, admins included. "
+        "Set ONEBOT_ACCESS_TOKEN (the same token in NapCat/LLOneBot) or HOST=127.0.0.1; "
+        "QQ_ALLOW_NO_TOKEN=true starts anyway (only behind a firewall)."
+    )
+
+
+def refuse_if_exposed(settings: Settings) -> None:
+    """Exit with code 2 when anyone beyond this machine could connect without a token.
+
+    Loopback (127.0.0.0/8, ::1, localhost) or a token is safe. `QQ_ALLOW_NO_TOKEN=true`
+    (a firewall or an authenticating proxy in front) turns the refusal into a loud warning.
+    A `SystemExit` rather than an exception: this is the operator's setting to fix, and a
+    traceback would only hide the one line that says how.
+    """
     if settings.onebot_access_token or _is_loopback(settings.host):
         return
+    if not settings.qq_allow_no_token:
+        print(exposure_message(settings), file=sys.stderr, flush=True)
+        raise SystemExit(2)
     log.warning(
-        "!!! qq: the OneBot endpoint listens on %s without ONEBOT_ACCESS_TOKEN: anyone who can "
-        "reach port %d can act as your QQ account's bot. Set ONEBOT_ACCESS_TOKEN (and the same "
-        "token in NapCat/LLOneBot) or HOST=127.0.0.1. !!!",
+        "!!! qq: the OneBot endpoint listens on %s without ONEBOT_ACCESS_TOKEN "
+        "(QQ_ALLOW_NO_TOKEN=true): anyone who can reach port %d can act as any QQ user. "
+        "Set ONEBOT_ACCESS_TOKEN (and the same token in NapCat/LLOneBot) or HOST=127.0.0.1. !!!",
         settings.host,
         settings.port,
     )
