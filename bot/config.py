@@ -144,6 +144,13 @@ class Settings(BaseSettings):
         default=20 * MB,
         validation_alias=AliasChoices("DRAWBRIDGE_MAX_INPUT_BYTES", "max_input_bytes"),
     )
+    # Reference-image bytes one user may be downloading at once (each download counts for
+    # DRAWBRIDGE_MAX_INPUT_BYTES, the most it may bring), over all their jobs.
+    user_download_bytes: int = Field(
+        default=64 * MB,
+        ge=1,
+        validation_alias=AliasChoices("DRAWBRIDGE_USER_DOWNLOAD_BYTES", "user_download_bytes"),
+    )
     keep_hours: float = Field(
         default=72.0, validation_alias=AliasChoices("DRAWBRIDGE_KEEP_HOURS", "keep_hours")
     )

@@ -1,9 +1,16 @@
 """The job runner: from a validated request to delivered images, with credits kept exact.
 
-One job's life: resolve the credential, validate (prompt, size, references) before charging,
-reserve credits, wait for a slot on the provider, call the upstream, deliver through the Chat
-port, commit. Every failure after the reservation refunds it exactly once (the store's guarded
-ledger makes a second refund a no-op), and the job row records why.
+One job's life: resolve the credential; check the user (ban, job limit, queue, whether they
+can afford the price) and the request before anything is downloaded; fetch and prepare the
+references (with a cap on each user's download bytes in flight); reserve credits; wait for a
+slot on the provider; call the upstream; free the slot; deliver through the Chat port; commit
+what was delivered (the price of the size actually drawn, for the images actually sent) and
+refund the rest. Every failure after the reservation refunds it exactly once (the store's
+guarded ledger makes a second refund a no-op), and the job row records why.
+
+Once results are in the chat, nothing may tell the user "nothing was charged": a ledger write
+that fails then (the database locked by another process, a full disk) is retried, and the job
+carries its charge in the store, so recovery commits it rather than refunding it.
 """
 
 from __future__ import annotations
@@ -14,11 +21,11 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 from bot import errors
@@ -34,10 +41,12 @@ from bot.images import (
 )
 from bot.logs import add_secrets
 from bot.sizes import Size
-from bot.store import Store, User
+from bot.store import Store, User, is_transient
 from bot.upstream import ImageRequest, ImageResult, Progress, ProviderChain, UpstreamClient
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 STATUS_TICK = 10.0
 """Seconds between elapsed-time edits of the status message."""
@@ -49,6 +58,14 @@ QUEUE_TICK = 3.0
 """Seconds between checks of a waiting job's queue position."""
 PREVIEW_INTERVAL = 3.0
 """Least seconds between two partial previews (platforms rate-limit edits)."""
+PRUNE_EVERY = 3600.0
+"""Seconds between two prunings of kept job files while the bot runs."""
+LEDGER_RETRY_SECONDS = 60.0
+"""How long a job keeps retrying a ledger write that failed (a locked file, a full disk)."""
+LEDGER_RETRY_MAX_DELAY = 5.0
+"""Longest pause between two of those retries."""
+SETTLE_LATER_EVERY = 60.0
+"""Seconds between background retries of a settlement a job gave up on, while the bot runs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +103,10 @@ class _Ticket:
     running: bool = False
     outcome: str = ""
     own_key: bool = False
+    # Credits reserved, and the price of one image at the size asked for (0: own key).
+    cost: int = 0
+    unit: int = 0
+    quality: str | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -131,6 +152,14 @@ class JobRunner:
         self._intake_idle = asyncio.Event()
         self._accepting = True
         self.files_dir = settings.data_dir / "jobs"
+        # Download bytes each user has in flight (or waiting), so one user's burst of edits
+        # cannot make the bot download hundreds of megabytes at once.
+        self._downloads: dict[int, _ByteBudget] = {}
+        # Pruning kept files on a timer; settlements retried in the background.
+        self._housekeeper: asyncio.Task[None] | None = None
+        self._later: set[asyncio.Task[None]] = set()
+        self.ledger_retry = LEDGER_RETRY_SECONDS
+        """Seconds a job retries a failed ledger write before leaving it to the background."""
 
     # --- intake ---
 
@@ -211,9 +240,12 @@ class JobRunner:
             own_key=bool(own_key),
         )
         # Count the job against the user's and the queue's limits before any await, so two
-        # commands arriving together cannot both slip under a limit.
+        # commands arriving together cannot both slip under a limit. Everything that can refuse
+        # the job without looking at its images runs before any reference is downloaded.
         admitted = False
         try:
+            if user.is_banned:
+                raise errors.BannedError()
             if user.has_key and not own_key:
                 # The secret changed since the key was bound: never fall back to credits silently.
                 raise errors.KeyUnreadableError("stored key cannot be decrypted")
@@ -225,15 +257,20 @@ class JobRunner:
             self._per_user[user.id] = self.active_count(user.id) + 1
             self._intake += 1
             admitted = True
-            references = await self._validate(spec, cred.primary, extra_references)
-            cost = 0 if cred.own_key else price(self.settings, spec.size, spec.quality) * spec.n
+            self._check_request(spec, cred.primary, extra_references)
+            unit = 0 if cred.own_key else price(self.settings, spec.size, spec.quality)
+            cost = unit * spec.n
+            day = today(self.settings)
+            group_key = None if cred.own_key else inv.group_id
+            await self._check_affordable(user.id, cost, day, group_key)
+            references = await self._fetch_references(user.id, spec, cred.primary, extra_references)
             await self.store.reserve(
                 job_id,
                 user_id=user.id,
                 cost=cost,
-                day=today(self.settings),
+                day=day,
                 daily_allowance=self.settings.daily_credits,
-                group_key=None if cred.own_key else inv.group_id,
+                group_key=group_key,
                 group_cap=self.settings.group_daily_cap,
             )
             if not self._accepting:
@@ -253,7 +290,15 @@ class JobRunner:
             if admitted:
                 self._intake_settled()
 
-        ticket = _Ticket(job_id, user.id, cred.primary.name, own_key=cred.own_key)
+        ticket = _Ticket(
+            job_id,
+            user.id,
+            cred.primary.name,
+            own_key=cred.own_key,
+            cost=cost,
+            unit=unit,
+            quality=spec.quality,
+        )
         queue = self._waiting.setdefault(ticket.provider, deque())
         queue.append(ticket)
         self._tickets[job_id] = ticket
@@ -276,9 +321,10 @@ class JobRunner:
         )
         return job_id
 
-    async def _validate(
+    def _check_request(
         self, spec: JobSpec, provider: ProviderConfig, extra: Sequence[bytes]
-    ) -> list[Reference]:
+    ) -> None:
+        """Refuse a bad request by what it says alone, before any image is downloaded."""
         prompt = spec.prompt.strip()
         if not prompt:
             raise errors.EmptyPromptError()
@@ -289,16 +335,62 @@ class JobRunner:
         if not 1 <= spec.n <= self.settings.max_n:
             raise errors.BadOptionError(f"n={spec.n}", option="n", value=spec.n)
         if spec.kind != "edit":
-            return []
+            return
         count = len(spec.references) + len(extra)
         if count == 0:
             raise errors.NoReferenceImageError()
         if count > provider.max_references:
             raise errors.TooManyReferencesError(count=count, limit=provider.max_references)
-        # Chat platforms' image links expire: fetch them all at once, now.
-        fetched = await asyncio.gather(
-            *(source.fetch(self.settings.max_input_bytes) for source in spec.references)
-        )
+
+    async def _check_affordable(
+        self, user_id: int, cost: int, day: date, group_key: str | None
+    ) -> None:
+        """Refuse, read-only, a job the user or the group cannot pay for right now.
+
+        Downloads are the expensive part of an edit: a user without credits must not cost the
+        bot 16 downloads just to be told so. The guarded reservation later is still what
+        counts (credits may go between this read and it).
+        """
+        if cost <= 0:
+            return
+        credits = await self.store.credits(user_id, day, self.settings.daily_credits)
+        if cost > credits.total_left:
+            raise errors.InsufficientCreditsError(needed=cost, left=credits.total_left)
+        cap = self.settings.group_daily_cap
+        if group_key and cap > 0 and await self.store.group_used(group_key, day) + cost > cap:
+            raise errors.GroupCapReachedError(cap=cap)
+
+    async def _fetch_references(
+        self, user_id: int, spec: JobSpec, provider: ProviderConfig, extra: Sequence[bytes]
+    ) -> list[Reference]:
+        """Download (within the user's byte budget) and prepare an edit's references."""
+        if spec.kind != "edit":
+            return []
+        budget = self._downloads.get(user_id)
+        if budget is None:
+            budget = self._downloads[user_id] = _ByteBudget(self.settings.user_download_bytes)
+        # Each download holds the most it may bring; one image may not exceed the user's cap.
+        limit = min(self.settings.max_input_bytes, budget.capacity)
+
+        async def fetch(source: ImageSource) -> bytes:
+            async with budget.hold(limit):
+                return await source.fetch(limit)
+
+        budget.users += 1
+        # Chat platforms' image links expire: fetch them all now (as the budget allows).
+        tasks = [asyncio.create_task(fetch(source)) for source in spec.references]
+        try:
+            fetched = await asyncio.gather(*tasks)
+        except BaseException:
+            # One failed download fails the job: stop the others instead of finishing them.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        finally:
+            budget.users -= 1
+            if budget.users == 0 and self._downloads.get(user_id) is budget:
+                del self._downloads[user_id]
         raw = [*extra, *fetched]
         return await prepare_references(
             raw, max_count=provider.max_references, max_bytes=provider.max_reference_bytes
@@ -329,6 +421,8 @@ class JobRunner:
         status: MessageRef | None = None
         # Bookkeeping that must not delay the upstream call; settled before commit or refund.
         side: list[asyncio.Task[Any]] = []
+        # Set once results are in the chat: from then on nothing refunds or says "not charged".
+        delivered = False
         try:
             status = await _status(
                 chat,
@@ -336,7 +430,7 @@ class JobRunner:
                 if position
                 else t(lang, "status.started", job=job_id),
             )
-            await asyncio.to_thread(self._save_references, job_id, references)
+            await self._keep(job_id, "references", self._save_references, references)
             if position and status is not None and chat.limits.can_edit:
                 ticker = asyncio.create_task(self._watch_queue(ticket, chat, status, lang))
             async with self._slot(cred.primary):
@@ -352,44 +446,47 @@ class JobRunner:
                 if status is not None and chat.limits.can_edit:
                     ticker = asyncio.create_task(self._tick(chat, status, lang, job_id))
                 result = await cred.chain.run(request, progress)
-                await _settle(side)
-                if ticker is not None:
-                    ticker.cancel()
-                if status is not None and chat.limits.can_edit:
-                    await _quietly(chat.edit_text(status, t(lang, "status.uploading", job=job_id)))
-                files = await asyncio.to_thread(self._save_results, job_id, result)
-                caption = self._caption(lang, request, result)
-                try:
-                    await chat.send_results(
-                        files, ResultMeta(job_id, caption, result.revised_prompt)
-                    )
-                except errors.DeliveryError:
-                    raise
-                except Exception as exc:
-                    raise errors.DeliveryError(type(exc).__name__) from exc
-                await self.store.commit(job_id)
-                await self.store.finish_job(
-                    job_id,
-                    status="succeeded",
-                    usage=result.usage,
-                    revised_prompt=result.revised_prompt,
-                    provider=result.provider,
-                    outputs=[
-                        {"width": f.width, "height": f.height, "bytes": len(f.data), "mime": f.mime}
-                        for f in files
-                    ],
+            # The result bytes are in hand: the provider's slot goes to the next job now, so a
+            # slow upload here (a Telegram flood wait) never holds up jobs in other chats.
+            await _settle(side)
+            if ticker is not None:
+                ticker.cancel()
+                ticker = None
+            if status is not None and chat.limits.can_edit:
+                await _quietly(chat.edit_text(status, t(lang, "status.uploading", job=job_id)))
+            files = _out_files(job_id, result)
+            unit = self._drawn_unit(ticket, result)
+            charge = min(ticket.cost, unit * len(files))
+            await self._mark_delivering(job_id, charge)
+            caption = self._caption(lang, request, result, ticket, charge)
+            sent = await _deliver(chat, files, ResultMeta(job_id, caption, result.revised_prompt))
+            delivered = True
+            ticket.outcome = "succeeded"
+            if sent < len(files):
+                # Only some images reached the chat: charge for those, say so.
+                charge = min(charge, unit * sent)
+                await _quietly(
+                    chat.send_text(t(lang, "result.partial_delivery", count=sent, total=len(files)))
                 )
-                ticket.outcome = "succeeded"
-                if status is not None:
-                    await _quietly(chat.delete(status))
-                log.info(
-                    "job %s done in %.1fs by %s (%d images)",
-                    job_id,
-                    time.monotonic() - started,
-                    result.provider,
-                    len(files),
-                )
+            if status is not None:
+                await _quietly(chat.delete(status))
+            # The kept copy (reroll, "original") is a bonus: a full disk must not cost a result.
+            await self._keep(job_id, "results", self._save_results, files)
+            await self._settle_delivered(job_id, charge, result, files[:sent])
+            log.info(
+                "job %s done in %.1fs by %s (%d images, %d credits)",
+                job_id,
+                time.monotonic() - started,
+                result.provider,
+                sent,
+                charge,
+            )
         except asyncio.CancelledError:
+            if delivered:
+                # Stopped while settling a delivered job: its recorded charge lets recovery
+                # (or the background retry) commit it; the user must hear nothing more.
+                log.warning("job %s stopped after delivery, before its commit", job_id)
+                raise
             stopped: errors.DrawbridgeError = (
                 errors.CancelledJobError(job=job_id)
                 if not ticket.running and self._accepting
@@ -405,16 +502,20 @@ class JobRunner:
             await _settle(side)
             await self._fail(job_id, exc, chat, lang, status, own_key=ticket.own_key)
         except Exception as exc:
-            log.exception("job %s crashed", job_id)
-            await _settle(side)
-            await self._fail(
-                job_id,
-                errors.DrawbridgeError(type(exc).__name__),
-                chat,
-                lang,
-                status,
-                own_key=ticket.own_key,
-            )
+            if delivered:
+                # Only bookkeeping can fail here, and the images are the user's already.
+                log.exception("job %s: bookkeeping after delivery failed", job_id)
+            else:
+                log.exception("job %s crashed", job_id)
+                await _settle(side)
+                await self._fail(
+                    job_id,
+                    errors.DrawbridgeError(type(exc).__name__),
+                    chat,
+                    lang,
+                    status,
+                    own_key=ticket.own_key,
+                )
         finally:
             if ticker is not None:
                 ticker.cancel()
@@ -426,6 +527,105 @@ class JobRunner:
             self._tickets.pop(job_id, None)
             self._release_user(ticket.user_id)
             ticket.done.set()
+
+    def _drawn_unit(self, ticket: _Ticket, result: ImageResult) -> int:
+        """The price of one image at the size drawn (the fallback size after a 4K refusal)."""
+        if ticket.own_key:
+            return 0
+        drawn = _size_of(result.fallback_size) if result.fallback_size else None
+        if drawn is None:
+            return ticket.unit
+        # Never more than was asked for, whatever the price table says.
+        return min(ticket.unit, price(self.settings, drawn, ticket.quality))
+
+    async def _mark_delivering(self, job_id: int, charge: int) -> None:
+        """Record the charge before the hand-off, so recovery commits a delivered job."""
+        try:
+            await self.store.mark_delivering(job_id, charge)
+        except Exception:
+            # The image must not wait on the database: without the mark, a stop before the
+            # commit refunds this job at the next start (the user keeps the image for free).
+            log.warning(
+                "job %s: could not record its charge before delivery", job_id, exc_info=True
+            )
+
+    async def _settle_delivered(
+        self, job_id: int, charge: int, result: ImageResult, files: Sequence[OutFile]
+    ) -> None:
+        """Commit `charge` (refunding the rest) and record the success; never raises."""
+        outputs = [
+            {"width": f.width, "height": f.height, "bytes": len(f.data), "mime": f.mime}
+            for f in files
+        ]
+
+        async def settle() -> None:
+            # Both are no-ops once done, so a retry after a half-way failure is exact.
+            await self.store.commit(job_id, amount=charge)
+            await self.store.finish_job(
+                job_id,
+                status="succeeded",
+                usage=result.usage,
+                revised_prompt=result.revised_prompt,
+                provider=result.provider,
+                outputs=outputs,
+            )
+
+        await self._ledger_write(job_id, "commit", settle)
+
+    async def _ledger_write(
+        self,
+        job_id: int,
+        what: str,
+        write: Callable[[], Awaitable[Any]],
+        *,
+        later: bool = True,
+    ) -> bool:
+        """Run a store write, retrying transient failures with backoff for `ledger_retry` s.
+
+        Store writes are idempotent per job (guarded updates), so retrying is safe. Returns
+        whether it was written. If not, logs an ERROR and (with `later`) keeps retrying in the
+        background while the bot runs; a stop before that leaves it to recovery at the next
+        start, which commits delivered jobs and refunds the others.
+        """
+        deadline = time.monotonic() + self.ledger_retry
+        delay = 0.1
+        while True:
+            try:
+                await write()
+                return True
+            except Exception as exc:
+                if not is_transient(exc) or time.monotonic() + delay > deadline:
+                    log.error(
+                        "job %s: could not write its %s (%r)%s",
+                        job_id,
+                        what,
+                        exc,
+                        "; retrying in the background" if later and is_transient(exc) else "",
+                    )
+                    if later and is_transient(exc) and self._accepting:
+                        self._retry_later(job_id, what, write)
+                    return False
+                log.warning("job %s: %s not written yet (%r); retrying", job_id, what, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LEDGER_RETRY_MAX_DELAY)
+
+    def _retry_later(self, job_id: int, what: str, write: Callable[[], Awaitable[Any]]) -> None:
+        async def keep_trying() -> None:
+            while True:
+                await asyncio.sleep(SETTLE_LATER_EVERY)
+                try:
+                    await write()
+                except Exception as exc:
+                    if not is_transient(exc):
+                        log.error("job %s: gave up writing its %s (%r)", job_id, what, exc)
+                        return
+                    continue
+                log.info("job %s: its %s is written at last", job_id, what)
+                return
+
+        task = asyncio.create_task(keep_trying(), name=f"job-{job_id}-{what}")
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
 
     def _release_user(self, user_id: int) -> None:
         left = self._per_user.get(user_id, 1) - 1
@@ -445,7 +645,8 @@ class JobRunner:
         own_key: bool = False,
     ) -> None:
         """Refund (at most once: the ledger guards it), record why, and tell the user."""
-        try:
+
+        async def record() -> None:
             refunded = await self.store.refund(job_id, error.kind)
             await self.store.finish_job(
                 job_id,
@@ -454,9 +655,10 @@ class JobRunner:
                 error_detail=error.detail[:500] or None,
             )
             log.debug("job %s refunded: %s", job_id, refunded)
-        except Exception:
-            # The next start's recovery refunds it; the user must hear about the failure now.
-            log.exception("job %s: could not record its failure", job_id)
+
+        # Retried, then left to the background and to the next start's recovery (which
+        # refunds it): the user must hear about the failure either way.
+        await self._ledger_write(job_id, "refund", record)
         text = render_error(lang, error)
         if own_key and error.kind in UPSTREAM_MAY_HAVE_BILLED:
             # "Nothing was charged" covers our credits; the user's own key is another matter.
@@ -502,12 +704,14 @@ class JobRunner:
                 )
             )
 
-    def _caption(self, lang: str, request: ImageRequest, result: ImageResult) -> str:
+    def _caption(
+        self, lang: str, request: ImageRequest, result: ImageResult, ticket: _Ticket, charge: int
+    ) -> str:
         prompt = result.revised_prompt or request.prompt
         if len(prompt) > 300:
             prompt = prompt[:297] + "..."
         key = "result.caption_fallback" if result.fallback_size else "result.caption"
-        return t(
+        caption = t(
             lang,
             key,
             prompt=prompt,
@@ -515,6 +719,23 @@ class JobRunner:
             fallback=result.fallback_size or "",
             seconds=round(result.elapsed),
         )
+        # What the user pays, when it is less than what was reserved, and why.
+        count = len(result.images)
+        if count < request.n:
+            caption += "\n" + t(lang, "result.fewer_images", count=count, n=request.n)
+        if charge < ticket.cost and result.fallback_size:
+            caption += "\n" + t(
+                lang,
+                "result.fallback_charge",
+                fallback=result.fallback_size,
+                charged=charge,
+                refunded=ticket.cost - charge,
+            )
+        elif charge < ticket.cost:
+            caption += "\n" + t(
+                lang, "result.partial_charge", charged=charge, refunded=ticket.cost - charge
+            )
+        return caption
 
     # --- files kept for reroll, edit-from-result and "original" ---
 
@@ -530,16 +751,25 @@ class JobRunner:
         for index, ref in enumerate(refs):
             (folder / f"ref{index + 1}{Path(ref.filename).suffix}").write_bytes(ref.data)
 
-    def _save_results(self, job_id: int, result: ImageResult) -> list[OutFile]:
+    def _save_results(self, job_id: int, files: Sequence[OutFile]) -> None:
         folder = self.job_dir(job_id)
         folder.mkdir(parents=True, exist_ok=True)
-        files = []
-        for index, image in enumerate(result.images):
-            ext = extension_for_format(image.mime.split("/")[-1])
-            name = f"drawbridge-{job_id}-{index + 1}.{ext}"
-            (folder / f"out{index + 1}.{ext}").write_bytes(image.data)
-            files.append(OutFile(image.data, name, image.mime, image.width, image.height))
-        return files
+        for index, file in enumerate(files):
+            ext = file.filename.rsplit(".", 1)[-1]
+            (folder / f"out{index + 1}.{ext}").write_bytes(file.data)
+
+    async def _keep(
+        self,
+        job_id: int,
+        what: str,
+        save: Callable[[int, Sequence[T]], None],
+        items: Sequence[T],
+    ) -> None:
+        """Keep a job's files off the event loop; a failure (a full disk) is logged, not fatal."""
+        try:
+            await asyncio.to_thread(save, job_id, items)
+        except OSError as exc:
+            log.warning("job %s: could not keep its %s: %s", job_id, what, exc)
 
     def has_results(self, job_id: int) -> bool:
         """Whether a job's result files are still kept."""
@@ -575,12 +805,31 @@ class JobRunner:
         cutoff = time.time() - self.settings.keep_hours * 3600
         removed = 0
         for folder in self.files_dir.iterdir():
-            if folder.is_dir() and folder.stat().st_mtime < cutoff:
-                for path in folder.iterdir():
-                    path.unlink(missing_ok=True)
-                folder.rmdir()
-                removed += 1
+            try:
+                if folder.is_dir() and folder.stat().st_mtime < cutoff:
+                    for path in folder.iterdir():
+                        path.unlink(missing_ok=True)
+                    folder.rmdir()
+                    removed += 1
+            except OSError as exc:
+                # One folder that cannot go (permissions, a race with a reroll) spares the rest.
+                log.warning("could not prune %s: %s", folder, exc)
         return removed
+
+    def start_housekeeping(self, every: float = PRUNE_EVERY) -> None:
+        """Prune kept job files now and every `every` seconds, until `shutdown()`."""
+        if self._housekeeper is None:
+            self._housekeeper = asyncio.create_task(self._prune_forever(every), name="prune")
+
+    async def _prune_forever(self, every: float) -> None:
+        while True:
+            try:
+                removed = await asyncio.to_thread(self.prune_files)
+                if removed:
+                    log.info("pruned the kept files of %d old job(s)", removed)
+            except Exception:
+                log.warning("pruning kept job files failed", exc_info=True)
+            await asyncio.sleep(every)
 
     # --- control ---
 
@@ -608,14 +857,15 @@ class JobRunner:
 
     async def _settle_refused(self, job_id: int, kind: str, detail: str | None) -> None:
         """Record a job that never started, returning any credits it had reserved."""
-        try:
+
+        async def record() -> None:
             await self.store.refund(job_id, kind)
             await self.store.finish_job(
                 job_id, status="failed", error_kind=kind, error_detail=detail
             )
-        except Exception:
-            # The original refusal matters more; recovery at the next start settles the row.
-            log.exception("job %s: could not record its refusal", job_id)
+
+        # The original refusal matters more than this record; recovery settles it otherwise.
+        await self._ledger_write(job_id, "refusal", record)
 
     def _intake_settled(self) -> None:
         self._intake -= 1
@@ -632,13 +882,21 @@ class JobRunner:
                     self._intake_idle.clear()
                     await self._intake_idle.wait()
         tasks = [tk.task for tk in self._tickets.values() if tk.task is not None]
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=grace)
-        for task in pending:
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=15)
+        # Pruning stops; settlements still being retried are left to the next start's recovery
+        # (delivered jobs carry their charge, so it commits them).
+        chores = [*self._later, *([self._housekeeper] if self._housekeeper else [])]
+        if self._later:
+            log.warning("%d job settlement(s) left to recovery at the next start", len(self._later))
+        for task in chores:
             task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=15)
+        await asyncio.gather(*chores, return_exceptions=True)
+        self._housekeeper = None
 
     async def wait_idle(self) -> None:
         """Wait until every queued and running job has finished (tests, benchmarks)."""
@@ -669,6 +927,74 @@ class _ProgressRelay:
             self.preview = await self.chat.send_preview(self.preview, jpeg)
         except Exception:
             log.debug("preview failed", exc_info=True)
+
+
+class _ByteBudget:
+    """Bytes one user may be downloading at once; a download waits until its share is free."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self.in_use = 0
+        # Jobs of this user currently fetching through this budget (it is dropped at 0).
+        self.users = 0
+        self._freed = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, amount: int) -> AsyncIterator[None]:
+        """Hold `amount` bytes (at most the capacity) for the duration of one download."""
+        amount = min(amount, self.capacity)
+        while self.in_use + amount > self.capacity:
+            self._freed.clear()
+            await self._freed.wait()
+        self.in_use += amount
+        try:
+            yield
+        finally:
+            self.in_use -= amount
+            self._freed.set()
+
+
+def _out_files(job_id: int, result: ImageResult) -> list[OutFile]:
+    """The result images as files to send, straight from memory."""
+    files = []
+    for index, image in enumerate(result.images):
+        ext = extension_for_format(image.mime.split("/")[-1])
+        name = f"drawbridge-{job_id}-{index + 1}.{ext}"
+        files.append(OutFile(image.data, name, image.mime, image.width, image.height))
+    return files
+
+
+def _size_of(text: str) -> Size | None:
+    """A `WxH` size string as a Size (None if it is not one)."""
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        return None
+    return Size(int(width), int(height))
+
+
+async def _deliver(chat: Chat, files: Sequence[OutFile], meta: ResultMeta) -> int:
+    """Send the results; returns how many reached the chat (all, or some before a failure).
+
+    A `DeliveryError` whose `delivered` param is above 0 means the chat shows that many of
+    the files already; with nothing delivered it is raised on.
+    """
+    try:
+        await chat.send_results(files, meta)
+    except errors.DeliveryError as exc:
+        delivered = exc.params.get("delivered")
+        if isinstance(delivered, int) and 0 < delivered < len(files):
+            log.warning(
+                "job %s: %d of %d results delivered: %s",
+                meta.job_id,
+                delivered,
+                len(files),
+                exc.detail,
+            )
+            return delivered
+        raise
+    except Exception as exc:
+        raise errors.DeliveryError(type(exc).__name__) from exc
+    return len(files)
 
 
 def render_error(lang: str, error: errors.DrawbridgeError) -> str:

@@ -48,7 +48,8 @@ class Services:
             headers={"User-Agent": "drawbridge/0.1"},
         )
         jobs = JobRunner(settings, store, build_clients(settings.providers(), http=http))
-        jobs.prune_files()
+        # Kept job files are pruned now and hourly while running (shutdown stops it).
+        jobs.start_housekeeping()
         services = cls(settings, store, jobs, http)
         services.recovered = recovered
         return services

@@ -49,6 +49,10 @@ MESSAGES: dict[str, str] = {
     "result.actions": "Job {job}: what next?",
     "result.gone": "That result is no longer kept. Draw it again with /draw.",
     "result.not_found": "I can't find that job.",
+    "result.fewer_images": "The image service returned {count} of the {n} images asked for.",
+    "result.fallback_charge": "Charged {charged} credits, the {fallback} price; {refunded} came back to you.",
+    "result.partial_charge": "Charged {charged} credits for the images you got; {refunded} came back to you.",
+    "result.partial_delivery": "Only {count} of the {total} images could be sent here; you were charged for those {count} only.",
     "reroll.need_reply": "Reply to one of my results with /reroll to draw it again.",
     "edit.hint": 'Reply to this message with what to change, e.g. "make it night time".',
     # --- buttons, modals and menus ---

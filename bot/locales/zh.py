@@ -48,6 +48,10 @@ MESSAGES: dict[str, str] = {
     "result.actions": "任务 {job}:接下来?",
     "result.gone": "这张结果已不再保存,请用 /画 重新生成。",
     "result.not_found": "找不到这个任务。",
+    "result.fewer_images": "图片服务只返回了 {count} 张(请求 {n} 张)。",
+    "result.fallback_charge": "按 {fallback} 的价格扣除 {charged} 点额度,{refunded} 点已退还。",
+    "result.partial_charge": "按实际得到的图片扣除 {charged} 点额度,{refunded} 点已退还。",
+    "result.partial_delivery": "{total} 张图片中只有 {count} 张成功发送到这里,只按这 {count} 张扣除额度。",
     "reroll.need_reply": "请回复我发出的结果图并发送 /reroll 重新画。",
     "edit.hint": "请回复这条消息,说明要怎么改,例如“改成夜晚”。",
     # --- 按钮、弹窗与菜单 ---
