@@ -55,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     _image_arguments(edit)
     mock = sub.add_parser("mock-upstream", help="serve an offline OpenAI-compatible image API")
     mock_upstream.add_cli_arguments(mock)
+    doctor = sub.add_parser(
+        "doctor", help="test each configured provider (free unless --spend) and print a table"
+    )
+    doctor.add_argument("--provider", default=None, metavar="NAME", help="only this provider")
+    doctor.add_argument(
+        "--spend",
+        action="store_true",
+        help="also make the cheapest real requests (4 low-quality images per provider)",
+    )
     return parser
 
 
@@ -77,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         from bot.runner import run
 
         return asyncio.run(run(settings))
+    if args.command == "doctor":
+        from bot.doctor import run_doctor
+
+        return asyncio.run(run_doctor(settings, provider_name=args.provider, spend=args.spend))
     lang = normalize_lang(os.environ.get("LANG"), "en")
     try:
         return asyncio.run(_terminal_job(args, settings))

@@ -155,6 +155,8 @@ class MockOptions:
     # The key's balance in USD; every request that passes validation spends its list price.
     balance: float = 25.0
     unlimited: bool = False  # an unlimited token (both relays report 100000000)
+    # False: /v1/images/edits answers like one-api, which has no edits (503, empty model name).
+    edits: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +289,14 @@ class MockUpstream:
         return await self._image_request(request, edit=False)
 
     async def _edits(self, request: web.Request) -> web.StreamResponse:
+        if not self.options.edits:
+            # one-api does not parse the model out of a multipart body (relays.md).
+            self.requests.append(
+                RecordedRequest(
+                    request.path, {}, [], request.headers.get("Authorization", ""), False
+                )
+            )
+            return _error_response(503, "当前分组 default 下对于模型  无可用渠道", "one_api_error")
         return await self._image_request(request, edit=True)
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
@@ -1491,6 +1501,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--balance", type=float, default=25.0, help="the key's balance in USD")
     parser.add_argument(
+        "--no-edits", dest="edits", action="store_false", help="answer edits like one-api (503)"
+    )
+    parser.add_argument(
         "--noisy-images",
         action="store_true",
         help="photo-like grain, so PNGs are as large as real results (benchmarks)",
@@ -1523,6 +1536,7 @@ def _options_from_args(args: argparse.Namespace) -> MockOptions:
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
         billing=args.billing,
         balance=args.balance,
+        edits=getattr(args, "edits", True),
     )
 
 

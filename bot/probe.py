@@ -56,7 +56,8 @@ UNREACHABLE: Final = "unreachable"  # no connection, a timeout, or a gateway err
 ERROR: Final = "error"  # an answer that is neither a model list nor a refusal
 
 
-_REQUEST_ID = re.compile(r"\s*\(request id: [^)]*\)")
+# Relays append " (request id: ...)"; classify_error may have rewritten it as "[request id ...]".
+_REQUEST_ID = re.compile(r"\s*[(\[]request id:?\s[^)\]]*[)\]]", re.IGNORECASE)
 
 
 def _reason(status: int, body: bytes | dict[str, Any]) -> str:
