@@ -112,6 +112,17 @@ class TooManyPixelsError(ImageTooLargeError):
     key = "error.image_too_many_pixels"
 
 
+class JobTooManyPixelsError(ImageTooLargeError):
+    """The references of one job declare more pixels together than one job may decode.
+
+    Refused from the headers alone (`DRAWBRIDGE_MAX_JOB_PIXELS`); params `count`,
+    `megapixels`, `limit_mp`.
+    """
+
+    kind = "job_too_many_pixels"
+    key = "error.job_too_many_pixels"
+
+
 class ImageFetchError(ImageError):
     """A reference image could not be downloaded (expired, unreachable, too slow)."""
 
@@ -243,12 +254,17 @@ class UpstreamError(DrawbridgeError):
         status: int | None = None,
         code: str | None = None,
         retry_after: float | None = None,
+        unbilled: bool = False,
         **params: Any,
     ) -> None:
         super().__init__(detail, **params)
         self.status = status
         self.code = code
         self.retry_after = retry_after
+        # The answer proves the request never ran upstream (a relay's refusal before
+        # forwarding, a gateway with nothing behind it), so nothing was billed and another
+        # provider may run the same job. False whenever there is doubt (docs/billing.md).
+        self.unbilled = unbilled
 
 
 class InvalidKeyError(UpstreamError):
@@ -256,6 +272,8 @@ class InvalidKeyError(UpstreamError):
 
     kind = "invalid_key"
     key = "error.invalid_key"
+    # Each provider has its own key: another one may still be valid.
+    try_next_provider = True
 
 
 class UpstreamQuotaError(UpstreamError):
@@ -273,6 +291,14 @@ class NoChannelError(UpstreamError):
     key = "error.no_channel"
     retryable = True
     try_next_provider = True
+
+
+class UnknownModelError(NoChannelError):
+    """The relay serves no model of the configured name (litellm's "Invalid model name")."""
+
+    kind = "unknown_model"
+    key = "error.unknown_model"
+    retryable = False
 
 
 class GroupDeniedError(UpstreamError):
@@ -336,6 +362,27 @@ class NotSupportedError(UpstreamError):
     kind = "not_supported"
     key = "error.not_supported"
     try_next_provider = True
+
+
+class RelayStreamError(UpstreamError):
+    """The relay broke on a streamed answer (one-api, litellm): it cannot stream images.
+
+    The upstream behind it already made (and billed) the image, so this is never passed to
+    another provider; a provider that learns streaming asks once more without it.
+    """
+
+    kind = "relay_cannot_stream"
+    key = "error.relay_cannot_stream"
+
+
+class RelayFailedError(UpstreamError):
+    """The relay failed after forwarding (an unreadable upstream body, a cut connection).
+
+    The upstream may have run and billed: neither retried nor passed to another provider.
+    """
+
+    kind = "relay_failed"
+    key = "error.relay_failed"
 
 
 class UpstreamTimeoutError(UpstreamError):

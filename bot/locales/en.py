@@ -83,6 +83,16 @@ MESSAGES: dict[str, str] = {
     "Balance: {balance}\nKey: {key_status}\nJobs running or queued: {active}",
     "quota.own_key": "your own ({masked}), no credits needed",
     "quota.shared_key": "the shared key",
+    "token.refused": "Your key was not bound: the provider refused it ({reason}). "
+    "Check the key and send /token <key> again.",
+    "token.no_model": "Warning: this key's model list does not include {model}, so images will "
+    "fail until your provider enables it for the key's group.",
+    "token.unchecked": "Note: the provider could not be reached to check the key ({reason}); "
+    "it is bound anyway.",
+    "token.balance": "Key balance: {balance} (as your provider reports it)",
+    "token.unlimited": "Key balance: unlimited",
+    "quota.key.balance": "Key balance: {balance} (as your provider reports it)",
+    "quota.key.unlimited": "Key balance: unlimited",
     "cancel.done": "Cancelled job {job}. Nothing was charged.",
     "cancel.none": "You have no queued job to cancel (running jobs cannot be cancelled).",
     "lang.set": "Language set to English.",
@@ -112,6 +122,7 @@ MESSAGES: dict[str, str] = {
     "error.image_too_large": "That image is too large ({size_mb} MB). "
     "The limit is {limit_mb} MB; please send a smaller one.",
     "error.image_too_many_pixels": "That image is too big ({megapixels} megapixels; the limit is {limit_mp}). Please send a smaller one.",
+    "error.job_too_many_pixels": "These {count} images are too big together ({megapixels} megapixels; one request takes at most {limit_mp}). Please send fewer or smaller images.",
     "error.image_fetch_failed": "I couldn't download the image (it may have expired). "
     "Please send it again.",
     "error.forbidden_url": "I can't download images from that address.",
@@ -132,7 +143,7 @@ MESSAGES: dict[str, str] = {
     "error.delivery_failed": "The image was made but I couldn't send it here. "
     "Nothing was charged; please try again.",
     "error.interrupted": 'Job {job} ("{prompt}") was interrupted by a restart. Your credits were refunded; please send it again.',
-    "error.upstream": "The image service failed. Nothing was charged; please try again.",
+    "error.upstream": "The image service refused the request: {reason}. Nothing was charged.",
     "error.invalid_key": "The API key was refused (invalid, expired or used up). "
     "If it is your own key, bind a new one with /token in a private chat; otherwise tell the admin. Nothing was charged.",
     "error.upstream_quota": "The API account has no balance left. If it is your key, top it up "
@@ -158,6 +169,13 @@ MESSAGES: dict[str, str] = {
     "please try again (maybe a smaller size or lower quality).",
     "error.malformed_response": "The image service sent back a broken answer. "
     "Nothing was charged; please try again.",
+    "error.unknown_model": "This provider does not offer the model {model}. Tell the admin to "
+    "check the model setting (DRAWBRIDGE_MODEL). Nothing was charged.",
+    "error.relay_cannot_stream": "The provider's relay cannot pass on streamed images, so this "
+    'image was lost. The admin should set "stream": false for this provider. Nothing was charged.',
+    "error.relay_failed": "The provider's relay failed while passing on the answer ({reason}). "
+    "The image may already have been paid for upstream, so I did not retry; please tell the admin. "
+    "Nothing was charged.",
     "error.result_download_failed": "I couldn't download the finished image (its link expired "
     "or failed). Nothing was charged; please try again.",
 }

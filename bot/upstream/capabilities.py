@@ -1,0 +1,101 @@
+"""What each provider can do, learned from its answers and kept across restarts and processes.
+
+A relay may pass image streams or choke on them (one-api, litellm), parse multipart edits or
+not (one-api), serve 4K or fall back, answer b64 or url. The client learns these from real
+answers and records them here, keyed by provider name, in the store's
+`provider_capabilities` table (a JSON object per provider, merged; `drawbridge doctor`
+writes the same keys). Reads are cached briefly in memory: the client consults this on every
+request, and a change written by another process is seen within `max_age` seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from bot.store import Store
+
+CACHE_SECONDS: Final = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """One provider's learned capabilities; None everywhere means "not known yet"."""
+
+    stream: bool | None = None
+    stream_checked_at: float | None = None  # unix time streaming was last found failing / probed
+    edits: bool | None = None
+    four_k: bool | None = None
+    result: str | None = None  # "b64" | "url", as seen
+    balance: float | None = None  # what the relay reports left, in its unit
+    balance_checked_at: float | None = None
+    models_ok: bool | None = None  # GET /v1/models lists the configured model
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Capabilities:
+        """From the stored JSON object; unknown keys and odd types are dropped."""
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            value = data.get(spec.name)
+            if value is None:
+                continue
+            if spec.name == "result":
+                if isinstance(value, str):
+                    values[spec.name] = value
+            elif spec.name.endswith("_at") or spec.name == "balance":
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    values[spec.name] = float(value)
+            elif isinstance(value, bool):
+                values[spec.name] = value
+        return cls(**values)
+
+
+_NAMES: Final = frozenset(spec.name for spec in fields(Capabilities))
+
+
+class CapabilityStore:
+    """Learned capabilities per provider name, over a `Store` (or in memory when it is None).
+
+    Without a store (tests, the CLI without a data dir) what is learned lasts as long as this
+    object, which is still enough for one process not to repeat a failure.
+    """
+
+    def __init__(self, store: Store | None = None, *, max_age: float = CACHE_SECONDS) -> None:
+        self.store = store
+        self.max_age = max_age
+        self._cache: dict[str, tuple[float, Capabilities]] = {}
+
+    async def get(self, provider: str) -> Capabilities:
+        """What is known about `provider` (cached for `max_age` seconds)."""
+        cached = self._cache.get(provider)
+        if cached is not None and (
+            self.store is None or time.monotonic() - cached[0] < self.max_age
+        ):
+            return cached[1]
+        data = await self.store.provider_capabilities(provider) if self.store is not None else {}
+        caps = Capabilities.from_json(data)
+        self._cache[provider] = (time.monotonic(), caps)
+        return caps
+
+    async def learn(self, provider: str, **changes: Any) -> Capabilities:
+        """Record `changes` (keys of `Capabilities`; None forgets one) and return the result."""
+        unknown = set(changes) - _NAMES
+        if unknown:
+            raise ValueError(f"unknown capabilities: {sorted(unknown)}")
+        if self.store is not None:
+            merged = await self.store.update_provider_capabilities(provider, changes)
+            caps = Capabilities.from_json(merged)
+        else:
+            current = await self.get(provider)
+            data = {spec.name: getattr(current, spec.name) for spec in fields(Capabilities)}
+            data.update(changes)
+            caps = Capabilities.from_json(data)
+        self._cache[provider] = (time.monotonic(), caps)
+        return caps
+
+    def cached(self, provider: str) -> Capabilities:
+        """The last known value without touching the store (empty when never read)."""
+        cached = self._cache.get(provider)
+        return cached[1] if cached is not None else Capabilities()
