@@ -30,7 +30,8 @@ class ProviderConfig(BaseModel):
     api_base: str
     api_key: str = ""
     model: str = "gpt-image-2"
-    # None: inherit DRAWBRIDGE_STREAM.
+    # True: always stream (failures are reported as they are). False: never. None: stream
+    # unless the relay is found unable to (learned per provider; DRAWBRIDGE_STREAM=true).
     stream: bool | None = None
     partial_images: int = Field(default=2, ge=0, le=3)
     max_references: int = Field(default=16, ge=1, le=16)
@@ -229,7 +230,8 @@ class Settings(BaseSettings):
             "api_base": self.api_base,
             "api_key": self.api_key,
             "model": self.model,
-            "stream": self.stream,
+            # DRAWBRIDGE_STREAM=true means "stream where the relay can": learned, not forced.
+            "stream": None if self.stream else False,
             "timeout": self.timeout,
             "concurrency": self.concurrency,
         }
@@ -238,7 +240,7 @@ class Settings(BaseSettings):
         for index, entry in enumerate(raw):
             merged = {**defaults, "name": f"provider{index + 1}", **entry}
             if merged.get("stream") is None:
-                merged["stream"] = self.stream
+                merged["stream"] = defaults["stream"]
             result.append(ProviderConfig.model_validate(merged))
         return result
 
