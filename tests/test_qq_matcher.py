@@ -605,3 +605,49 @@ async def test_the_bots_own_messages_reported_back_are_never_commands(
         bot = ctx.create_bot(base=Bot, self_id=str(SELF_ID))
         ctx.receive_event(bot, group_event("/help", user_id=SELF_ID))
         ctx.should_not_pass_rule(matcher)
+
+
+async def test_banned_users_edit_downloads_none_of_its_references_an_allowed_one_does(
+    app: App,
+    matcher: type[Matcher],
+    images: ImageHost,
+    qq_services: Services,
+    mock_upstream: MockUpstream,
+) -> None:
+    banned_id = USER + 40
+    banned = await qq_services.store.user("qq", str(banned_id))
+    await qq_services.store.set_role(banned.id, "banned")
+    urls = [images.add(f"ref{i}.png", png(32 + 8 * i, 32)) for i in range(3)]
+
+    def edit(user_id: int) -> GroupMessageEvent:
+        # References in the message and in the quoted one: both paths stay unfetched.
+        parts = [MessageSegment.text("/edit blend them")]
+        parts += [MessageSegment.image(url) for url in urls[1:]]
+        return group_event(
+            parts, user_id=user_id, reply=quoted(9300, [MessageSegment.image(urls[0])])
+        )
+
+    refused, allowed = edit(banned_id), edit(USER)
+    async with app.test_api() as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF_ID))
+        ctx.should_call_api(
+            "send_msg",
+            to_group(Matching(replies_with_text(refused.message_id, t("en", "error.banned")))),
+            {},
+        )
+        await handle_event(bot, refused)
+        await qq_services.jobs.wait_idle()
+        assert images.requests == []
+
+        ctx.should_call_api("send_msg", to_group(Matching()), {"message_id": 801})
+        ctx.should_call_api(
+            "send_msg",
+            to_group(Matching(replies_with_image(allowed.message_id))),
+            {"message_id": 802},
+        )
+        ctx.should_call_api("delete_msg", {"message_id": 801}, None)
+        await handle_event(bot, allowed)
+        await qq_services.jobs.wait_idle()
+    assert sorted(images.requests) == ["ref0.png", "ref1.png", "ref2.png"]
+    edit_request = mock_upstream.requests[-1]
+    assert sorted(f.width for f in edit_request.files) == [32, 40, 48]

@@ -1,14 +1,14 @@
-"""Reference images from Discord attachments, downloaded as soon as they arrive.
+"""Reference images from Discord attachments, handed to the job as lazy sources.
 
-Attachment URLs are signed and expire, so the bytes are fetched while the interaction is
-handled, not when the job gets a slot. Each becomes an `ImageSource` that hands back those
-bytes, or raises the error met while getting them (a non-image file, too many bytes, a
-failed download) so the plugin reports it in the user's language.
+What Discord already says about an attachment is judged at once, for free: a file that is not
+an image, or a declared size over the limit, becomes a source that raises that error. The
+bytes themselves are fetched only when the job runner asks, after it has decided the user may
+run the job at all (ban, job limit, queue, credits), so a refused command downloads nothing.
+Signed attachment URLs live about a day; the runner fetches before the job is queued.
 """
 
 from __future__ import annotations
 
-import asyncio
 import mimetypes
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,11 +26,18 @@ DISCORD_CDN_HOSTS = ("cdn.discordapp.com", "media.discordapp.net")
 
 @dataclass(frozen=True, slots=True)
 class AttachmentImage:
-    """A downloaded attachment (implements `bot.chat.ImageSource`)."""
+    """An attachment, downloaded on `fetch` (implements `bot.chat.ImageSource`).
+
+    `error` holds what was already known against it at intake; `size` is Discord's word
+    for its byte count (0 when unknown).
+    """
 
     label: str
-    data: bytes = field(default=b"", repr=False)
+    url: str = field(default="", repr=False)
+    size: int = 0
+    hosts: tuple[str, ...] = ()
     error: ImageError | None = None
+    client: httpx.AsyncClient | None = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -39,13 +46,10 @@ class AttachmentImage:
     async def fetch(self, max_bytes: int) -> bytes:
         if self.error is not None:
             raise self.error
-        if len(self.data) > max_bytes:
-            raise ImageTooLargeError(
-                f"{len(self.data)} bytes",
-                size_mb=round(len(self.data) / MB, 1),
-                limit_mb=round(max_bytes / MB, 1),
-            )
-        return self.data
+        if self.size > max_bytes:
+            raise _too_large(self.size, max_bytes)
+        policy = FetchPolicy(allowed_hosts=self.hosts, max_bytes=max_bytes)
+        return await fetch_url(self.url, policy, client=self.client)
 
 
 def is_image(attachment: discord.Attachment) -> bool:
@@ -54,14 +58,14 @@ def is_image(attachment: discord.Attachment) -> bool:
     return mime.split(";", 1)[0].strip().lower().startswith("image/")
 
 
-async def download(
+def attachment_source(
     attachment: discord.Attachment,
     *,
     max_bytes: int,
     hosts: Sequence[str],
     client: httpx.AsyncClient | None = None,
 ) -> AttachmentImage:
-    """Fetch one attachment now, capped at `max_bytes`; failures are kept for the job."""
+    """A lazy source for one attachment; what its metadata already rules out fails at once."""
     label = attachment.filename
     if not is_image(attachment):
         return AttachmentImage(
@@ -69,31 +73,24 @@ async def download(
         )
     if attachment.size > max_bytes:
         # Discord tells the size up front: no need to start a download that must fail.
-        return AttachmentImage(
-            label,
-            error=ImageTooLargeError(
-                f"{attachment.size} bytes",
-                size_mb=round(attachment.size / MB, 1),
-                limit_mb=round(max_bytes / MB, 1),
-            ),
-        )
-    policy = FetchPolicy(allowed_hosts=tuple(hosts), max_bytes=max_bytes)
-    try:
-        data = await fetch_url(attachment.url, policy, client=client)
-    except ImageError as exc:
-        return AttachmentImage(label, error=exc)
-    return AttachmentImage(label, data)
+        return AttachmentImage(label, error=_too_large(attachment.size, max_bytes))
+    return AttachmentImage(label, attachment.url, attachment.size, tuple(hosts), client=client)
 
 
-async def download_all(
+def attachment_sources(
     attachments: Sequence[discord.Attachment],
     *,
     max_bytes: int,
     hosts: Sequence[str],
     client: httpx.AsyncClient | None = None,
 ) -> tuple[AttachmentImage, ...]:
-    """Fetch several attachments at once, in their order."""
-    results = await asyncio.gather(
-        *(download(a, max_bytes=max_bytes, hosts=hosts, client=client) for a in attachments)
+    """Lazy sources for several attachments, in their order."""
+    return tuple(
+        attachment_source(a, max_bytes=max_bytes, hosts=hosts, client=client) for a in attachments
     )
-    return tuple(results)
+
+
+def _too_large(size: int, max_bytes: int) -> ImageTooLargeError:
+    return ImageTooLargeError(
+        f"{size} bytes", size_mb=round(size / MB, 1), limit_mb=round(max_bytes / MB, 1)
+    )

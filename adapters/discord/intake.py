@@ -1,8 +1,9 @@
 """From Discord interactions to Invocations: a handful of short handlers around `dispatch`.
 
 Every handler answers Discord within its 3 seconds first (a deferred "thinking..." response,
-or a modal), then hands the rest to a task this intake owns: download the attachments at
-once (their URLs are signed and expire), build the `Invocation`, and call `dispatch`.
+or a modal), then hands the rest to a task this intake owns: turn the attachments into lazy
+sources (the job runner downloads them once it has admitted the job), build the
+`Invocation`, and call `dispatch`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from bot.services import Services
 from plugins.dispatch import dispatch
 from plugins.registry import CommandSpec
 
-from .attachments import download_all
+from .attachments import attachment_sources
 from .chat import PLATFORM, TOKEN_TTL, InteractionChat
 from .commands import asks_in_modal, image_option_names, text_option_name
 from .views import TextModal
@@ -259,7 +260,8 @@ class DiscordIntake:
         private: bool | None = None,
     ) -> None:
         try:
-            references = await download_all(
+            # Nothing is downloaded here: a banned or over-limit user costs no download.
+            references = attachment_sources(
                 attachments,
                 max_bytes=self.services.settings.max_input_bytes,
                 hosts=self._cdn_hosts,

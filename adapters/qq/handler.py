@@ -17,7 +17,7 @@ from nonebot.compat import type_validate_python
 from nonebot.matcher import Matcher
 
 from adapters.qq.chat import ONEBOT_ERRORS, PLATFORM, QQ_LIMITS, QQChat, SendPacer, chat_id_of
-from adapters.qq.references import image_urls, prefetch
+from adapters.qq.references import image_sources, image_urls
 from bot.chat import ChatLimits, ImageSource, Invocation
 from bot.fetch import FetchPolicy
 from bot.services import Services
@@ -78,7 +78,8 @@ class QQHandler:
                         else await _quoted_message(bot, quoted_ids[0])
                     )
                     urls += [u for u in image_urls(quoted) if u not in urls]
-                references = await prefetch(urls, self.policy)
+                # Lazy: nothing is downloaded before the job runner admits the job.
+                references = image_sources(urls, self.policy)
             sender = event.sender
             invocation = Invocation(
                 platform=PLATFORM,

@@ -39,7 +39,7 @@ WS_PATH = "/onebot/v11/ws"
 PACE_SECONDS = 1.0
 """Least time between two image sends in one chat (QQ risk control)."""
 HANDLER_GRACE = 5.0
-"""Seconds `stop` lets commands being handled (downloading references) finish; jobs have
+"""Seconds `stop` lets commands being handled (quoted messages, job checks) finish; jobs have
 had their own grace period before `drawbridge run` stops the platforms."""
 SERVER_GRACE = 8.0
 """Seconds `stop` waits for uvicorn to close connections and run nonebot's shutdown hooks."""

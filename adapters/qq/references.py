@@ -1,25 +1,21 @@
-"""Reference images in QQ messages, downloaded the moment the command arrives.
+"""Reference images in QQ messages, handed to the job as lazy sources.
 
-QQ image links (`multimedia.nt.qq.com.cn`, `gchat.qpic.cn`) expire within hours and a job may
-wait in the queue, so every image is fetched on receipt, under the SSRF policy of
-`bot.fetch`. A download that fails becomes a source that raises the same error when the job
-asks for it: the job runner then reports it the usual way, before anything is charged.
+Nothing is downloaded while the command is read: the job runner first decides whether this
+user may run the job at all (ban, job limit, queue, credits) and only then asks each source
+for its bytes, so a refused command costs no download. QQ image links expire within hours;
+the runner fetches before the job waits in the queue, well within that. Each source fetches
+under the SSRF policy of `bot.fetch` and raises its failure (`ForbiddenURLError`,
+`ImageFetchError`, `ImageTooLargeError`) for the runner to report before anything is charged.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from nonebot.adapters.onebot.v11 import Message
 
-from bot.chat import BytesImage, ImageSource
-from bot.errors import DrawbridgeError
+from bot.chat import ImageSource
 from bot.fetch import FetchPolicy, UrlImage
-
-MAX_PREFETCH = 16
-"""Images downloaded per command; more are passed on unfetched (the runner refuses them)."""
 
 
 def image_urls(message: Message) -> list[str]:
@@ -38,35 +34,10 @@ def image_urls(message: Message) -> list[str]:
     return urls
 
 
-@dataclass(frozen=True, slots=True)
-class UnavailableImage:
-    """A reference whose download already failed; `fetch` raises that failure."""
+def image_sources(urls: Sequence[str], policy: FetchPolicy) -> tuple[ImageSource, ...]:
+    """One lazy source per link, fetched only when the job runner asks.
 
-    label: str
-    error: DrawbridgeError
-
-    @property
-    def name(self) -> str:
-        return self.label
-
-    async def fetch(self, max_bytes: int) -> bytes:
-        raise self.error
-
-
-async def prefetch(urls: Sequence[str], policy: FetchPolicy) -> tuple[ImageSource, ...]:
-    """Download `urls` concurrently; each becomes in-memory bytes or an `UnavailableImage`.
-
-    Each download gets its own client (no proxies from the environment): `bot.fetch` pins
-    the connection to the address it checked, which a shared, proxied client would not keep.
+    No shared client: each fetch makes its own (no proxies from the environment), because
+    `bot.fetch` pins the connection to the address it checked, which a proxy would not keep.
     """
-    sources = [UrlImage(url, policy, f"image{i + 1}") for i, url in enumerate(urls)]
-    now, later = sources[:MAX_PREFETCH], sources[MAX_PREFETCH:]
-    fetched = await asyncio.gather(*(_download(source, policy) for source in now))
-    return (*fetched, *later)
-
-
-async def _download(source: UrlImage, policy: FetchPolicy) -> ImageSource:
-    try:
-        return BytesImage(await source.fetch(policy.max_bytes), source.label)
-    except DrawbridgeError as exc:
-        return UnavailableImage(source.label, exc)
+    return tuple(UrlImage(url, policy, f"image{i + 1}") for i, url in enumerate(urls))
