@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
+import time
+from typing import Final
+from weakref import WeakKeyDictionary
 
+from bot import probe
+from bot.config import ProviderConfig
 from bot.i18n import LANGUAGES
 from bot.jobs import today
 from bot.logs import redacts_argument
+from bot.probe import Balance
 from bot.secrets import mask_key
+from bot.services import Services
 from plugins.context import Context
 from plugins.registry import COMMANDS
 
@@ -16,6 +24,83 @@ log = logging.getLogger(__name__)
 
 # Reseller keys are "sk-" plus 20-200 URL-safe characters; anything else is likely a typo.
 _KEY_SHAPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]{15,199}$")
+
+# A probe must not keep a user waiting long: past this the relay counts as unreachable.
+PROBE_SECONDS: Final = 10.0
+# /quota asks the relay for the key's balance at most this often per user.
+BALANCE_CACHE_SECONDS: Final = 60.0
+
+# Per Services (one per process, several in tests): user id -> (expires, key digest, balance).
+_balances: WeakKeyDictionary[Services, dict[int, tuple[float, str, Balance | None]]] = (
+    WeakKeyDictionary()
+)
+
+
+def _digest(provider: ProviderConfig) -> str:
+    # The cache must not outlive a rebind; a digest, so no key sits in another structure.
+    return hashlib.sha256(f"{provider.api_base}\n{provider.api_key}".encode()).hexdigest()
+
+
+def _remember_balance(
+    services: Services, user_id: int, provider: ProviderConfig, balance: Balance | None
+) -> None:
+    cache = _balances.setdefault(services, {})
+    cache[user_id] = (time.monotonic() + BALANCE_CACHE_SECONDS, _digest(provider), balance)
+
+
+async def _key_balance(services: Services, user_id: int, key: str) -> Balance | None:
+    """The bound key's balance as its relay reports it, cached for a minute."""
+    providers = services.settings.providers()
+    if not providers:
+        return None
+    provider = providers[0].with_key(key)
+    cached = _balances.get(services, {}).get(user_id)
+    if cached is not None and cached[0] > time.monotonic() and cached[1] == _digest(provider):
+        return cached[2]
+    try:
+        balance = await probe.probe_balance(services.http, provider, deadline=PROBE_SECONDS)
+    except Exception:
+        # The balance is a courtesy: /quota must answer even when the relay does not.
+        log.info("balance lookup failed", exc_info=True)
+        balance = None
+    _remember_balance(services, user_id, provider, balance)
+    return balance
+
+
+def _amount(balance: Balance) -> str:
+    assert balance.amount is not None
+    return f"{balance.amount:.2f}" if balance.amount >= 1 else f"{balance.amount:.4f}"
+
+
+def _balance_line(ctx: Context, balance: Balance | None, prefix: str) -> str | None:
+    if balance is None:
+        return None
+    if balance.unlimited:
+        return ctx.t(f"{prefix}.unlimited")
+    return ctx.t(f"{prefix}.balance", balance=_amount(balance))
+
+
+async def _probe_key(ctx: Context, key: str) -> tuple[bool, list[str]]:
+    """Probe a key for free before binding it: (bind it?, lines to add to the answer)."""
+    providers = ctx.services.settings.providers()
+    if not providers:
+        return True, []  # nowhere to ask; the key will meet its relay at the first /draw
+    provider = providers[0].with_key(key)
+    found = await probe.probe_key(ctx.services.http, provider, deadline=PROBE_SECONDS)
+    models = found.models
+    if models.outcome == probe.INVALID_KEY:
+        return False, [ctx.t("token.refused", reason=models.detail or str(models.status))]
+    lines = []
+    if models.outcome in (probe.UNREACHABLE, probe.ERROR):
+        # Never lock a user out because the relay hiccuped: bind, and say it is unchecked.
+        lines.append(ctx.t("token.unchecked", reason=models.detail or str(models.status)))
+    elif models.has_model is False:
+        lines.append(ctx.t("token.no_model", model=provider.model))
+    balance_line = _balance_line(ctx, found.balance, "token")
+    if balance_line:
+        lines.append(balance_line)
+    _remember_balance(ctx.services, ctx.user.id, provider, found.balance)
+    return True, lines
 
 
 def _token_argument(ctx: Context) -> str:
@@ -51,10 +136,15 @@ async def token(ctx: Context) -> None:
     if not _KEY_SHAPE.match(arg):
         await ctx.reply("token.bad_format", ephemeral=True)
         return
-    await store.set_api_key(ctx.user.id, arg)
-    # Private chats: still try to remove the key from the chat history.
+    bind, notes = await _probe_key(ctx, arg)
+    # Private chats: still try to remove the key from the chat history, bound or not.
     await ctx.chat.delete_invocation()
-    await ctx.reply("token.bound", ephemeral=True, masked=mask_key(arg))
+    if not bind:
+        await ctx.chat.send_text("\n".join(notes), ephemeral=True)
+        return
+    await store.set_api_key(ctx.user.id, arg)
+    lines = [ctx.t("token.bound", masked=mask_key(arg)), *notes]
+    await ctx.chat.send_text("\n".join(lines), ephemeral=True)
 
 
 async def quota(ctx: Context) -> None:
@@ -64,9 +154,8 @@ async def quota(ctx: Context) -> None:
     credits = await store.credits(ctx.user.id, today(settings), settings.daily_credits)
     key = await store.get_api_key(ctx.user.id)
     key_text = ctx.t("quota.own_key", masked=mask_key(key)) if key else ctx.t("quota.shared_key")
-    await ctx.reply(
+    text = ctx.t(
         "quota.text",
-        ephemeral=True,
         daily_left=credits.daily_left,
         daily_total=credits.daily_allowance,
         balance=credits.balance,
@@ -74,6 +163,10 @@ async def quota(ctx: Context) -> None:
         active=ctx.services.jobs.active_count(ctx.user.id),
         tz=settings.timezone,
     )
+    if key:
+        line = _balance_line(ctx, await _key_balance(ctx.services, ctx.user.id, key), "quota.key")
+        text = f"{text}\n{line}" if line else text
+    await ctx.chat.send_text(text, ephemeral=True)
 
 
 async def help_(ctx: Context) -> None:
