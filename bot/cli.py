@@ -16,8 +16,10 @@ from bot.config import Settings
 from bot.i18n import normalize_lang, t
 from bot.images import extension_for_format, prepare_references
 from bot.logs import add_secrets, settings_secrets, setup_logging
+from bot.secrets import KeyBox
 from bot.sizes import parse_size
-from bot.upstream import ImageRequest, Progress, ProviderChain, build_clients
+from bot.store import Store
+from bot.upstream import CapabilityStore, ImageRequest, Progress, ProviderChain, build_clients
 
 
 def _image_arguments(parser: argparse.ArgumentParser) -> None:
@@ -157,15 +159,25 @@ async def _terminal_job(args: argparse.Namespace, settings: Settings) -> int:
             print(f"\r  waiting {elapsed // 60}:{elapsed % 60:02d} ", end="", file=sys.stderr)
             await asyncio.sleep(1)
 
-    async with httpx.AsyncClient() as http:
-        chain = ProviderChain(build_clients(providers, http=http))
-        print(f"{args.command} {request.size or 'auto'} x{request.n} ...", file=sys.stderr)
-        tick = asyncio.create_task(ticker())
-        try:
-            result = await chain.run(request, on_progress)
-        finally:
-            tick.cancel()
-            print(file=sys.stderr)
+    # The bot's store in DRAWBRIDGE_DATA_DIR: what the bot learned about each relay (cannot
+    # stream, cannot edit) spares the CLI a billed failure, and what the CLI learns helps it.
+    store = await Store.open(
+        settings.data_dir / "drawbridge.sqlite3",
+        keybox=KeyBox.load(settings.data_dir, settings.secret_key),
+    )
+    try:
+        async with httpx.AsyncClient() as http:
+            capabilities = CapabilityStore(store)
+            chain = ProviderChain(build_clients(providers, http=http, capabilities=capabilities))
+            print(f"{args.command} {request.size or 'auto'} x{request.n} ...", file=sys.stderr)
+            tick = asyncio.create_task(ticker())
+            try:
+                result = await chain.run(request, on_progress)
+            finally:
+                tick.cancel()
+                print(file=sys.stderr)
+    finally:
+        await store.close()
     for index, image in enumerate(result.images):
         ext = extension_for_format(image.mime.split("/")[-1])
         path = args.output / f"drawbridge-{stamp}-{index + 1}.{ext}"

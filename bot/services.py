@@ -12,7 +12,7 @@ from bot.i18n import normalize_lang, t
 from bot.jobs import JobRunner
 from bot.secrets import KeyBox
 from bot.store import Store
-from bot.upstream import build_clients
+from bot.upstream import CapabilityStore, build_clients
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,12 @@ class Services:
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=50),
             headers={"User-Agent": "drawbridge/0.1"},
         )
-        jobs = JobRunner(settings, store, build_clients(settings.providers(), http=http))
+        # What each relay was found able to do (streams, edits) is kept in the store, so a
+        # restart or the CLI does not pay again to find out.
+        clients = build_clients(
+            settings.providers(), http=http, capabilities=CapabilityStore(store)
+        )
+        jobs = JobRunner(settings, store, clients)
         # Kept job files are pruned now and hourly while running (shutdown stops it).
         jobs.start_housekeeping()
         services = cls(settings, store, jobs, http)
