@@ -43,6 +43,7 @@ from bot.probe import Balance, KeyProbe
 from bot.secrets import KeyBox
 from bot.store import Store
 from bot.upstream import ImageRequest, ImageResult, Progress, UpstreamClient
+from bot.upstream.capabilities import CapabilityStore
 
 PROMPT: Final = "drawbridge doctor test: one small red circle on white"
 SIZE: Final = "1024x1024"
@@ -330,8 +331,6 @@ def _advise(
         report.advice_notes.append(
             f'stream unknown{why}: "stream": false is safe (one-api and litellm fail image streams)'
         )
-    elif learned["stream"] is False:
-        report.advice["stream"] = False
     if "four_k" not in learned or learned["four_k"] is False:
         report.advice["size_fallback"] = True
         report.advice_notes.append(
@@ -402,9 +401,9 @@ async def diagnose(
     return report
 
 
-async def _remember(store: Store, report: ProviderReport) -> None:
+async def _remember(capabilities: CapabilityStore, report: ProviderReport) -> None:
     if report.learned:
-        await store.update_provider_capabilities(report.name, report.learned)
+        await capabilities.learn(report.name, **report.learned)
 
 
 async def run_doctor(
@@ -441,13 +440,15 @@ async def run_doctor(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     keybox = KeyBox.load(settings.data_dir, settings.secret_key)
     store = await Store.open(settings.data_dir / "drawbridge.sqlite3", keybox=keybox)
+    capabilities = CapabilityStore(store)
     reports = []
     try:
         async with httpx.AsyncClient() as http:
             for provider in providers:
+                # The raw stored object: only what was really learned, no None placeholders.
                 known = await store.provider_capabilities(provider.name)
                 report = await diagnose(http, provider, spend=spend, deadline=deadline, known=known)
-                await _remember(store, report)
+                await _remember(capabilities, report)
                 reports.append(report)
     finally:
         await store.close()
