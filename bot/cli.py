@@ -13,6 +13,7 @@ import httpx
 
 from bot import errors
 from bot.config import Settings
+from bot.datadir import secure_data_dir
 from bot.i18n import normalize_lang, t
 from bot.images import extension_for_format, prepare_references
 from bot.logs import add_secrets, settings_secrets, setup_logging
@@ -162,7 +163,7 @@ async def _terminal_job(args: argparse.Namespace, settings: Settings) -> int:
     # The bot's store in DRAWBRIDGE_DATA_DIR: what the bot learned about each relay (cannot
     # stream, cannot edit) spares the CLI a billed failure, and what the CLI learns helps it.
     store = await Store.open(
-        settings.data_dir / "drawbridge.sqlite3",
+        secure_data_dir(settings.data_dir) / "drawbridge.sqlite3",
         keybox=KeyBox.load(settings.data_dir, settings.secret_key),
     )
     try:

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from bot.config import Settings
+from bot.datadir import secure_data_dir
 from bot.i18n import normalize_lang, t
 from bot.jobs import JobRunner
 from bot.secrets import KeyBox
@@ -35,7 +36,7 @@ class Services:
     @classmethod
     async def create(cls, settings: Settings) -> Services:
         """Open the store (refunding jobs a crash left behind) and connect the upstream."""
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        secure_data_dir(settings.data_dir)
         keybox = KeyBox.load(settings.data_dir, settings.secret_key)
         store = await Store.open(
             settings.data_dir / "drawbridge.sqlite3", keybox=keybox, admins=settings.admin_ids()
