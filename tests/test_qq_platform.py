@@ -132,5 +132,23 @@ def test_access_token_is_compared_in_constant_time(
         # Every candidate token went through the constant-time comparison.
         assert (token.encode(), token.encode()) in compared
         assert (f"{token[:-1]}x".encode(), token.encode()) in compared
+
+        # The HTTP route's HMAC signature as well, when a secret is set.
+        secret, body = "onebot-" + "secret-9b2c", b'{"post_type": "meta_event"}'
+        adapter.onebot_config = adapter.onebot_config.model_copy(update={"onebot_secret": secret})
+        good = "sha1=" + hmac.new(secret.encode(), body, "sha1").hexdigest()
+
+        def signed(signature: str | None) -> int | None:
+            headers = {"x-signature": signature} if signature is not None else {}
+            request = Request("POST", "http://127.0.0.1/onebot/v11/", headers=headers, content=body)
+            response = adapter._check_signature(request)
+            return None if response is None else response.status_code
+
+        compared.clear()
+        assert signed(good) is None
+        assert signed(good[:-1] + ("0" if good[-1] != "0" else "1")) == 403
+        assert signed(None) == 401
+        assert (good.encode(), good.encode()) in compared
     finally:
+        adapter.onebot_config = adapter.onebot_config.model_copy(update={"onebot_secret": None})
         ensure_adapter(ensure_driver(settings_factory(qq_enabled=True)), "")

@@ -15,6 +15,7 @@ import asyncio
 import signal
 import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,7 @@ async def test_hostile_text_reaches_qq_as_plain_text_on_every_reply_path(
     assert bad_reply.text == t("en", "error.bad_option", option="format", value=HOSTILE)
     assert warning.text == t("en", "token.group_deleted", user=HOSTILE)
     assert _smuggled(running.onebot.calls) == []
+    assert [c.action for c in _sent(running.onebot.calls) if c.sent_as_string] == []
 
 
 async def test_wrong_or_missing_access_token_is_refused_and_the_right_one_accepted(
@@ -180,6 +182,45 @@ async def test_wrong_or_missing_access_token_is_refused_and_the_right_one_accept
         await friend.close()
 
 
+def _group_event(message_id: int, user_id: int, words: str) -> dict[str, object]:
+    return {
+        "time": int(time.time()),
+        "self_id": SELF_ID,
+        "post_type": "message",
+        "message_type": "group",
+        "sub_type": "normal",
+        "message_id": message_id,
+        "group_id": GROUP,
+        "user_id": user_id,
+        "message": [text(words)],
+        "raw_message": words,
+        "font": 0,
+        "sender": {"user_id": user_id, "nickname": "mallory", "role": "owner"},
+    }
+
+
+async def test_forged_http_event_without_the_token_is_refused(running: Running) -> None:
+    # An HTTP POST under the connected bot's X-Self-ID, as from anyone who reaches the port:
+    # nonebot took it as that bot's own event, past the WebSocket's access token.
+    base = running.url.removesuffix("/ws")
+    forged = {"X-Self-ID": str(SELF_ID)}
+    statuses = []
+    async with aiohttp.ClientSession() as session:
+        for message_id, path, headers in (
+            (90001, "/", forged),
+            (90002, "/http", forged),
+            (90003, "/http/", {**forged, "Authorization": f"Bearer {ACCESS_TOKEN[:-1]}0"}),
+            # The right token opens this route as it opens the WebSocket.
+            (90004, "/", {**forged, "Authorization": f"Bearer {ACCESS_TOKEN}"}),
+        ):
+            event = _group_event(message_id, 63001, "/help")
+            async with session.post(base + path, json=event, headers=headers) as answer:
+                statuses.append(answer.status)
+    assert statuses == [403, 403, 403, 204]
+    await _answers(running, 90004)
+    assert [c for c in _sent(running.onebot.calls) if c.reply_to() in (90001, 90002, 90003)] == []
+
+
 async def test_notice_after_a_crash_carries_the_hostile_prompt_as_text(tmp_path: Path) -> None:
     upstream = MockUpstream(MockOptions(latency=120))
     api_base = await upstream.start()
@@ -213,6 +254,7 @@ async def test_notice_after_a_crash_carries_the_hostile_prompt_as_text(tmp_path:
         assert notice.action == "send_group_msg" and notice.params["group_id"] == GROUP
         assert notice.text == t("en", "error.interrupted", job=job_id, prompt=HOSTILE)
         assert _smuggled(onebot.calls) == []
+        assert not notice.sent_as_string
     finally:
         for bot in (first, second):
             if bot.process is not None:

@@ -181,11 +181,13 @@ def ensure_driver(settings: Settings) -> Driver:
 
 
 class OneBotEndpoint(OneBotAdapter):
-    """nonebot's OneBot v11 adapter, comparing the access token in constant time.
+    """nonebot's OneBot v11 adapter, with the access token required on every route and
+    compared in constant time.
 
     nonebot's own check compares with `!=`, whose time tells a remote guesser how many
-    leading characters were right. The forms accepted stay nonebot's: an `Authorization`
-    header with the `Bearer` or `Token` scheme (this adapter version reads no query string).
+    leading characters were right, and guards the WebSocket routes only. The forms accepted
+    stay nonebot's: an `Authorization` header with the `Bearer` or `Token` scheme (this
+    adapter version reads no query string).
     """
 
     def _check_access_token(self, request: Request) -> Response | None:
@@ -200,6 +202,35 @@ class OneBotEndpoint(OneBotAdapter):
         reason = "Authorization Header is invalid" if token else "Missing Authorization Header"
         log.warning("qq: refused a OneBot connection: %s", reason)
         return Response(403, content=reason)
+
+    async def _handle_http(self, request: Request) -> Response:
+        # nonebot checks the access token on WebSocket connections only. Its HTTP POST route
+        # takes an event under any X-Self-ID, a connected bot's included, and handles it as if
+        # that implementation had sent it: a forged admin `/grant` past the token.
+        refused = self._check_access_token(request)
+        if refused is not None:
+            return refused
+        return await super()._handle_http(request)
+
+    def _check_signature(self, request: Request) -> Response | None:
+        # nonebot's own compares the HMAC with `!=`; same answers, in constant time.
+        secret = self.onebot_config.onebot_secret
+        if not secret:
+            return None
+        signature = request.headers.get("x-signature")
+        if not signature:
+            return Response(401, content="Missing Signature", request=request)
+        if request.content is None:
+            return Response(400, content="Missing Content", request=request)
+        body = request.content
+        body = body if isinstance(body, bytes) else str(body).encode("utf-8")
+        expected = "sha1=" + hmac.new(secret.encode("utf-8"), body, "sha1").hexdigest()
+        if not hmac.compare_digest(
+            signature.encode("utf-8", "surrogateescape"), expected.encode("ascii")
+        ):
+            log.warning("qq: refused a OneBot HTTP event: bad signature")
+            return Response(403, content="Signature is invalid")
+        return None
 
 
 def ensure_adapter(driver: Driver, access_token: str) -> OneBotAdapter:
