@@ -74,6 +74,7 @@ class _Failure:
     description: str
     retry_after: int | None
     times: int
+    chat_id: int | None = None
 
 
 @dataclass
@@ -291,15 +292,21 @@ class FakeTelegram:
         description: str | None = None,
         retry_after: int | None = None,
         times: int = 1,
+        chat_id: int | None = None,
     ) -> None:
-        """Answer the next `times` calls of `method` with this error instead of running them."""
+        """Answer the next `times` calls of `method` with this error instead of running them.
+
+        With `chat_id`, only calls to that chat fail (one chat in a flood wait, others not).
+        """
         if description is None:
             description = (
                 f"Too Many Requests: retry after {retry_after}"
                 if error_code == 429
                 else "Bad Request: injected failure"
             )
-        self._failures.append(_Failure(method, error_code, description, retry_after, times))
+        self._failures.append(
+            _Failure(method, error_code, description, retry_after, times, chat_id)
+        )
 
     # --- the bot's side, for assertions ---
 
@@ -378,7 +385,7 @@ class FakeTelegram:
         try:
             if request.match_info["token"] != self.token:
                 return self._error(call, 401, "Unauthorized")
-            failure = self._take_failure(method)
+            failure = self._take_failure(method, fields.get("chat_id"))
             if failure is not None:
                 return self._error(
                     call, failure.error_code, failure.description, failure.retry_after
@@ -403,8 +410,10 @@ class FakeTelegram:
             body["parameters"] = {"retry_after": retry_after}
         return web.json_response(body, status=code)
 
-    def _take_failure(self, method: str) -> _Failure | None:
+    def _take_failure(self, method: str, chat_id: str | None) -> _Failure | None:
         for failure in self._failures:
+            if failure.chat_id is not None and str(failure.chat_id) != chat_id:
+                continue
             if failure.method == method and failure.times > 0:
                 failure.times -= 1
                 return failure

@@ -330,7 +330,9 @@ async def test_pacer_spaces_messages_in_one_chat(
     fake: FakeTelegram, settings_factory: Callable[..., Settings], services: Any
 ) -> None:
     settings = settings_factory(telegram_bot_token=fake.token, telegram_api_server=fake.base_url)
-    paced = FloodPolicy(chat_interval=0.2, group_limit=3, group_window=0.8, global_interval=0.0)
+    paced = FloodPolicy(
+        chat_interval=0.2, chat_burst=1, group_limit=3, group_window=0.8, global_interval=0.0
+    )
     tg = TelegramPlatform(settings, services, flood=paced, polling_timeout=5)
     await tg.start()
     try:

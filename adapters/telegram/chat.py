@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiogram.exceptions import (
@@ -41,7 +42,7 @@ from aiogram.types import (
 )
 from PIL import Image
 
-from adapters.telegram.flood import TelegramSender
+from adapters.telegram.flood import Skipped, TelegramSender
 from bot.chat import MB, ChatLimits, MessageRef, OutFile, ResultMeta
 from bot.errors import DeliveryError
 from bot.images import make_preview
@@ -90,6 +91,23 @@ class TelegramLink:
     services: Services
     prompts: EditPrompts
     local: bool = False
+    # Status edits waiting for a slot; the platform cancels them on stop.
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run `work` in the background, owned by this link until it ends or `close`."""
+        task = asyncio.create_task(work, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def close(self) -> None:
+        """Cancel background work (pending status edits are moot once the bot stops)."""
+        pending = set(self.tasks)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +148,15 @@ class TelegramChat:
         # When set, the next text is the Edit button's prompt for this job (a ForceReply).
         self._edit_prompt_for = edit_prompt_for
         self._previews: list[MessageRef] = []
+        # Status text: the newest asked for and not yet sent, and what the chat shows.
         self._latest: dict[str, str] = {}
         self._shown: dict[str, str] = {}
-        self._edit_locks: dict[str, asyncio.Lock] = {}
+        self._flushers: dict[str, asyncio.Task[None]] = {}
+        # Messages deleted by `delete`: late edits of them are dropped.
+        self._gone: set[str] = set()
+        # While results are being sent (and after), previews and status edits give way.
+        self._delivering = 0
+        self._delivered = False
 
     @property
     def limits(self) -> ChatLimits:
@@ -173,40 +197,71 @@ class TelegramChat:
         return MessageRef(str(message.message_id))
 
     async def edit_text(self, ref: MessageRef, text: str) -> None:
-        # Edits are paced like sends; while one waits for its slot, newer text replaces older,
-        # so a slow chat shows the latest status instead of replaying every tick.
+        # Never holds up the caller (the job runner edits "uploading" just before the
+        # result): the newest text for a message goes out from a background task in a spare
+        # slot; newer text replaces text still waiting, and results on their way drop it.
         key = ref.id
+        if key in self._gone:
+            return
         self._latest[key] = text
-        lock = self._edit_locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            if key not in self._latest:
-                return
-            await self._sender.pace(self.chat_id)
-            latest = self._latest.pop(key, None)
-            if latest is None or latest == self._shown.get(key):
-                return
-            try:
-                await self._sender.call(
-                    EditMessageText(
-                        chat_id=self.chat_id, message_id=int(key), text=_clip(latest, TEXT_LIMIT)
-                    ),
-                    chat_id=self.chat_id,
-                    paced=False,
-                )
-            except AiogramError as exc:
-                if "not modified" not in str(exc):
-                    log.info("telegram: status edit failed: %s", type(exc).__name__)
-                return
-            self._shown[key] = latest
+        if key not in self._flushers:
+            self._flushers[key] = self._link.spawn(
+                self._flush_edits(key), name=f"telegram-edit-{self.chat_id}-{key}"
+            )
+
+    async def _flush_edits(self, key: str) -> None:
+        """Send the newest status text of message `key` until none is left waiting."""
+
+        def wanted() -> bool:
+            return key in self._latest and not self._delivering
+
+        try:
+            while (text := self._latest.get(key)) is not None:
+                if text == self._shown.get(key):
+                    del self._latest[key]
+                    continue
+                sending: list[str] = []
+                # The text current once the slot is there, not when the wait began.
+                build = functools.partial(self._edit_method, key, sending)
+                try:
+                    await self._sender.call_spare(
+                        build, chat_id=self.chat_id, wait=True, wanted=wanted
+                    )
+                except Skipped:
+                    if not sending or self._delivering or key in self._gone:
+                        # A result is on its way or the message is gone: the text is moot.
+                        self._latest.pop(key, None)
+                        return
+                    # A 429 holds the chat: send it (or a newer text) once it is over.
+                    self._latest.setdefault(key, sending[0])
+                    continue
+                except AiogramError as exc:
+                    if "not modified" not in str(exc):
+                        log.info("telegram: status edit failed: %s", type(exc).__name__)
+                    continue
+                self._shown[key] = sending[0]
+        finally:
+            self._flushers.pop(key, None)
+
+    def _edit_method(self, key: str, sending: list[str]) -> EditMessageText:
+        """Take message `key`'s newest text (noted in `sending`) into an edit."""
+        sending.append(self._latest.pop(key))
+        return EditMessageText(
+            chat_id=self.chat_id, message_id=int(key), text=_clip(sending[0], TEXT_LIMIT)
+        )
 
     # --- previews and results ---
 
     async def send_preview(self, ref: MessageRef | None, image: bytes) -> MessageRef | None:
-        await self._action()
+        # The image's stream waits while this runs, and a preview is only worth showing
+        # while it is current: one that cannot go out at once (the chat is busy or held by a
+        # 429, or the result is on its way) is dropped, never queued in front of the result.
+        if self._delivering or self._delivered:
+            return ref
         photo = BufferedInputFile(image, "preview.jpg")
         try:
             if ref is None:
-                message = await self._sender.call(
+                message = await self._sender.call_spare(
                     SendPhoto(
                         chat_id=self.chat_id,
                         photo=photo,
@@ -217,15 +272,21 @@ class TelegramChat:
                     request_timeout=UPLOAD_TIMEOUT,
                 )
                 ref = MessageRef(str(message.message_id))
+                if self._delivering or self._delivered:
+                    # The result overtook this preview: it has nothing left to show.
+                    await self.delete(ref)
+                    return None
                 self._previews.append(ref)
                 return ref
-            await self._sender.call(
+            await self._sender.call_spare(
                 EditMessageMedia(
                     chat_id=self.chat_id, message_id=int(ref.id), media=InputMediaPhoto(media=photo)
                 ),
                 chat_id=self.chat_id,
                 request_timeout=UPLOAD_TIMEOUT,
             )
+        except Skipped:
+            log.debug("telegram: preview dropped in %s", self.chat_id)
         except AiogramError as exc:
             log.info("telegram: preview failed: %s", type(exc).__name__)
         return ref
@@ -239,6 +300,9 @@ class TelegramChat:
         if meta.actions:
             text = self._link.services.t(lang, "result.actions", job=meta.job_id)
             actions = _Actions(self._buttons(meta.job_id, lang), text)
+        # Status edits and previews still waiting for a slot give way to the result.
+        self._delivering += 1
+        self._sender.pacer.poke(self.chat_id)
         try:
             async with self._uploading():
                 if meta.originals:
@@ -250,6 +314,9 @@ class TelegramChat:
                     sent = await self._send_album(files, caption, actions)
         except TelegramAPIError as exc:
             raise DeliveryError(f"{type(exc).__name__}: {exc.message[:200]}") from exc
+        finally:
+            self._delivering -= 1
+        self._delivered = True
         try:
             for message_id in sent:
                 await self._link.services.remember_result(
@@ -476,6 +543,10 @@ class TelegramChat:
             return False
 
     async def delete(self, ref: MessageRef) -> None:
+        # Edits of this message still waiting for a slot have nothing left to edit.
+        self._gone.add(ref.id)
+        if self._latest.pop(ref.id, None) is not None:
+            self._sender.pacer.poke(self.chat_id)
         try:
             await self._sender.call(
                 DeleteMessage(chat_id=self.chat_id, message_id=int(ref.id)),

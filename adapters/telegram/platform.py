@@ -166,6 +166,9 @@ class TelegramPlatform:
                 task.cancel()
             if late:
                 await asyncio.wait(late, timeout=5)
+        link: TelegramLink | None = getattr(self, "link", None)
+        if link is not None:
+            await link.close()
         if self.bot is not None:
             await self.bot.session.close()
         log.info("telegram: stopped")
