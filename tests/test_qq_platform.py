@@ -138,8 +138,10 @@ def test_access_token_is_compared_in_constant_time(
         adapter.onebot_config = adapter.onebot_config.model_copy(update={"onebot_secret": secret})
         good = "sha1=" + hmac.new(secret.encode(), body, "sha1").hexdigest()
 
-        def signed(signature: str | None) -> int | None:
-            headers = {"x-signature": signature} if signature is not None else {}
+        def signed(signature: str | None, authorization: str = f"Bearer {token}") -> int | None:
+            headers = {"authorization": authorization}
+            if signature is not None:
+                headers["x-signature"] = signature
             request = Request("POST", "http://127.0.0.1/onebot/v11/", headers=headers, content=body)
             response = adapter._check_signature(request)
             return None if response is None else response.status_code
@@ -148,6 +150,8 @@ def test_access_token_is_compared_in_constant_time(
         assert signed(good) is None
         assert signed(good[:-1] + ("0" if good[-1] != "0" else "1")) == 403
         assert signed(None) == 401
+        # The HTTP route asks for the access token as the WebSocket does.
+        assert signed(good, authorization="") == 403
         assert (good.encode(), good.encode()) in compared
     finally:
         adapter.onebot_config = adapter.onebot_config.model_copy(update={"onebot_secret": None})

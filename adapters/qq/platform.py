@@ -203,16 +203,13 @@ class OneBotEndpoint(OneBotAdapter):
         log.warning("qq: refused a OneBot connection: %s", reason)
         return Response(403, content=reason)
 
-    async def _handle_http(self, request: Request) -> Response:
-        # nonebot checks the access token on WebSocket connections only. Its HTTP POST route
-        # takes an event under any X-Self-ID, a connected bot's included, and handles it as if
-        # that implementation had sent it: a forged admin `/grant` past the token.
+    def _check_signature(self, request: Request) -> Response | None:
+        # The one check nonebot's HTTP POST route makes, looked up on the instance, so the
+        # access token goes here too: without it, an event posted under a connected bot's
+        # X-Self-ID is handled as if that implementation sent it (a forged admin `/grant`).
         refused = self._check_access_token(request)
         if refused is not None:
             return refused
-        return await super()._handle_http(request)
-
-    def _check_signature(self, request: Request) -> Response | None:
         # nonebot's own compares the HMAC with `!=`; same answers, in constant time.
         secret = self.onebot_config.onebot_secret
         if not secret:
