@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import httpx
+from pydantic import ValidationError
+from pydantic_settings.exceptions import SettingsError
 
 from bot import errors
-from bot.config import Settings
+from bot.config import Settings, settings_error_lines
 from bot.datadir import secure_data_dir
 from bot.i18n import normalize_lang, t
 from bot.images import extension_for_format, prepare_references
@@ -82,7 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
         return 0
-    settings = Settings()
+    try:
+        settings = Settings()
+    except (ValidationError, SettingsError) as exc:
+        # A wrong setting is the operator's to fix: name it, no traceback.
+        for line in settings_error_lines(exc):
+            print(f"error: {line}", file=sys.stderr)
+        return 2
     setup_logging(settings.log_level)
     add_secrets(settings_secrets(settings), configured=True)
     if args.command == "run":

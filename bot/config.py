@@ -6,11 +6,21 @@ operators and outside checks: add new ones, never rename.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 MB = 1024 * 1024
 
@@ -222,6 +232,20 @@ class Settings(BaseSettings):
     def providers(self) -> list[ProviderConfig]:
         """The configured providers in the order they are tried.
 
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        # Checked here, not at the first /draw: an unknown zone would otherwise start fine and
+        # then fail every command that needs "today" with an internal error.
+        name = value.strip()
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            raise ValueError(
+                "must be an IANA time zone name such as Asia/Shanghai, Europe/Berlin or UTC"
+            ) from None
+        return name
+
         `DRAWBRIDGE_PROVIDERS` (a JSON list) wins; otherwise one provider is made from
         `DRAWBRIDGE_API_BASE`, `DRAWBRIDGE_API_KEY` and `DRAWBRIDGE_MODEL`. Fields a provider
         leaves out inherit the global settings.
@@ -271,3 +295,46 @@ class Settings(BaseSettings):
     def discord_guilds(self) -> list[int]:
         """Guild ids to sync slash commands to; empty means global."""
         return [int(g) for g in self.discord_guild_ids.replace(" ", "").split(",") if g]
+
+
+def env_name(field: str) -> str:
+    """The environment variable an operator sets for a `Settings` field (or alias) name."""
+    return _ENV_NAMES.get(field.lower(), field)
+
+
+def _env_names() -> dict[str, str]:
+    names: dict[str, str] = {}
+    for field, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else []
+        env = next((c for c in choices if isinstance(c, str) and c.isupper()), field.upper())
+        names[field.lower()] = env
+        for choice in choices:
+            if isinstance(choice, str):
+                names[choice.lower()] = env
+    return names
+
+
+_ENV_NAMES = _env_names()
+_FIELD_IN_MESSAGE = re.compile(r'field "(\w+)"')
+
+
+def settings_error_lines(error: ValidationError | SettingsError) -> list[str]:
+    """One line per problem with the settings, naming the environment variable to fix.
+
+    For a terminal, instead of a traceback. Input values are left out: the setting at fault
+    may hold a key.
+    """
+    if isinstance(error, SettingsError):
+        # pydantic-settings names the field of a value it could not parse (bad JSON, say).
+        found = _FIELD_IN_MESSAGE.search(str(error))
+        name = env_name(found.group(1)) if found else "settings"
+        return [f"{name}: cannot be parsed (lists and tables are JSON; see .env.example)"]
+    lines = []
+    for problem in error.errors(include_input=False, include_url=False):
+        where = [str(part) for part in problem["loc"]]
+        name = env_name(where[0]) if where else "settings"
+        path = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in where[1:])
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        lines.append(f"{name}{path}: {message}")
+    return lines or [str(error)]
