@@ -162,6 +162,14 @@ class Settings(BaseSettings):
         ge=1,
         validation_alias=AliasChoices("DRAWBRIDGE_USER_DOWNLOAD_BYTES", "user_download_bytes"),
     )
+    # Pixels all reference images of one /edit may declare together, refused from their
+    # headers before any decode. Decoding time grows with pixels (references are decoded one
+    # at a time, so memory does not): 800 MP is sixteen 50 MP phone photos (bot/images.py).
+    max_job_pixels: int = Field(
+        default=800_000_000,
+        ge=1,
+        validation_alias=AliasChoices("DRAWBRIDGE_MAX_JOB_PIXELS", "max_job_pixels"),
+    )
     keep_hours: float = Field(
         default=72.0, validation_alias=AliasChoices("DRAWBRIDGE_KEEP_HOURS", "keep_hours")
     )

@@ -5,6 +5,12 @@ Every image comes from a user, so decoding is treated as hostile: only the forma
 anything is decoded, and Pillow's decompression-bomb warning is turned into an error. Pillow's
 global settings are never changed.
 
+Memory is spent one image at a time: `prepare_references` reads every header first (the
+per-image limit and the job's total pixel budget are checked before any decode), then
+prepares the references one after another, each freed before the next. An image larger
+than needed is decoded small where the format allows (JPEG DCT scaling via `draft`) and
+otherwise reduced by a whole factor first, so no full-size copy is made besides the decode.
+
 The sync work (`probe` and the `_..._sync` functions) is CPU-bound; the async functions run
 it in `asyncio.to_thread` so the event loop keeps serving chats meanwhile.
 """
@@ -21,20 +27,26 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Final
 
-from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from bot.errors import (
     DrawbridgeError,
     ImageError,
     ImageTooLargeError,
+    JobTooManyPixelsError,
     TooManyPixelsError,
     TooManyReferencesError,
     UnsupportedImageError,
 )
 
 ALLOWED_FORMATS: Final = ("PNG", "JPEG", "WEBP", "GIF")
-MAX_PIXELS: Final = 40_000_000
-"""Our decompression-bomb limit, below Pillow's own (89 M pixels warns, 179 M raises)."""
+MAX_PIXELS: Final = 52_000_000
+"""Our decompression-bomb limit, below Pillow's own (89 M pixels warns, 179 M raises).
+
+Just above the full-resolution photos of current phones (48 MP 8064x6048, 50 MP 8160x6144),
+which must work; one such photo decodes to at most ~210 MB (PNG or WebP; a JPEG decodes at
+half size, ~50 MB), and references are decoded one at a time.
+"""
 
 MB: Final = 1024 * 1024
 
@@ -57,6 +69,23 @@ _PARTIAL_QUALITY: Final = 80
 _PARTIAL_MAX_BYTES: Final = 2 * MB
 _MAX_SHRINK_STEPS: Final = 12
 _MIN_EDGE: Final = 64
+# A reference may come out up to 10% under the provider's max edge when that lets it be
+# decoded (JPEG) or reduced by a whole factor: a 7744 px photo becomes 3872 px from a
+# quarter-size decode instead of a full decode, an 85 MB resampling pass and a 45 MB result.
+_REFERENCE_NEAR: Final = 0.9
+# Output rows per strip when reducing an image with alpha (see `_reduced`).
+_REDUCE_STRIP_ROWS: Final = 128
+# Modes that reduce() and resize() handle as they are; others are converted to RGB(A) first.
+_RESIZABLE_MODES: Final = frozenset({"L", "LA", "RGB", "RGBA"})
+_TRANSPOSE: Final = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 # `warnings.catch_warnings` swaps process-wide filters; the lock keeps our own threads from
 # restoring each other's filters out of order. Only the header parse runs under it.
@@ -112,7 +141,8 @@ async def prepare_reference(
 
     PNG/JPEG/WEBP already within limits and upright pass through byte for byte; anything else
     is re-encoded (PNG when it has transparency, else JPEG) without metadata and shrunk until
-    it fits `max_bytes`. Errors carry `index` (1-based) so the user knows which image failed.
+    it fits `max_bytes`. An image over `max_edge` may come out up to 10% under it (a whole
+    decode or reduce factor). Errors carry `index` (1-based) so the user knows which failed.
     """
     try:
         return await asyncio.to_thread(_prepare_reference_sync, data, index, max_bytes, max_edge)
@@ -122,20 +152,32 @@ async def prepare_reference(
 
 
 async def prepare_references(
-    images: Sequence[bytes], *, max_count: int, max_bytes: int
+    images: Sequence[bytes],
+    *,
+    max_count: int,
+    max_bytes: int,
+    max_edge: int = 4096,
+    max_total_pixels: int | None = None,
 ) -> list[Reference]:
-    """Prepare several references concurrently, keeping their order.
+    """Prepare several references one after another, keeping their order.
 
-    Raises `TooManyReferencesError` (params `count`, `limit`) before decoding anything.
+    Before decoding anything: raises `TooManyReferencesError` (params `count`, `limit`), then
+    reads every header, raising `TooManyPixelsError` for one image over `MAX_PIXELS` (with its
+    `index`) or `JobTooManyPixelsError` when all of them together declare more than
+    `max_total_pixels` (None: no budget). Then each image is decoded, converted and freed
+    before the next, so the memory needed is that of the largest image, not of all of them.
+
+    The budget (`DRAWBRIDGE_MAX_JOB_PIXELS`, default 800 MP = sixteen 50 MP photos) bounds
+    the CPU time one /edit may take, which grows with the pixels decoded.
     """
     if len(images) > max_count:
         raise TooManyReferencesError(
             f"{len(images)} references", count=len(images), limit=max_count
         )
-    return list(
-        await asyncio.gather(
-            *(prepare_reference(data, i, max_bytes=max_bytes) for i, data in enumerate(images))
-        )
+    # One thread job for all of them: one per reference would let the pool hand them to
+    # different threads, each keeping its own malloc arena full of freed image memory.
+    return await asyncio.to_thread(
+        _prepare_references_sync, images, max_bytes, max_edge, max_total_pixels
     )
 
 
@@ -176,6 +218,13 @@ def _canonical_format(fmt: str) -> str:
 
 def _open_checked(data: bytes) -> tuple[ImageFile.ImageFile, ImageInfo]:
     """Open, check the pixel count, then decode the first frame."""
+    img, info = _open_header(data)
+    _decode(img)
+    return img, info
+
+
+def _open_header(data: bytes) -> tuple[ImageFile.ImageFile, ImageInfo]:
+    """Read the header only and check the pixel count: nothing is decoded yet."""
     with _OPEN_LOCK, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -206,11 +255,36 @@ def _open_checked(data: bytes) -> tuple[ImageFile.ImageFile, ImageInfo]:
     fmt = img.format or ""
     if fmt not in (*ALLOWED_FORMATS, "MPO"):
         raise UnsupportedImageError(f"format {fmt}", format=fmt)
+    return img, ImageInfo(_canonical_format(fmt), width, height, animated)
+
+
+def _decode(img: ImageFile.ImageFile) -> None:
     try:
         img.load()
     except Exception as exc:
         raise ImageError(f"undecodable image: {type(exc).__name__}", reason="corrupt") from exc
-    return img, ImageInfo(_canonical_format(fmt), width, height, animated)
+
+
+def _check_headers(images: Sequence[bytes], limit: int | None) -> None:
+    """Every image's own checks, then the sum of the pixels they declare, before any decode."""
+    total = 0
+    for index, data in enumerate(images):
+        try:
+            _, info = _open_header(data)
+        except ImageError as exc:
+            exc.params.setdefault("index", index + 1)
+            raise
+        total += info.width * info.height
+    if limit is not None and total > limit:
+        raise JobTooManyPixelsError(
+            f"{total} pixels in {len(images)} references",
+            count=len(images),
+            pixels=total,
+            limit=limit,
+            reason="job_pixels",
+            megapixels=total // 1_000_000,
+            limit_mp=limit // 1_000_000,
+        )
 
 
 def _check_pixels(width: int, height: int) -> None:
@@ -235,19 +309,23 @@ def _orientation(img: Image.Image) -> int:
 
 
 def _upright(img: Image.Image, orientation: int) -> Image.Image:
-    if orientation == 1:
-        return img
-    return ImageOps.exif_transpose(img)
+    # The orientation was read from the file; `img` may be a reduced copy without its EXIF.
+    method = _TRANSPOSE.get(orientation)
+    return img if method is None else img.transpose(method)
 
 
 def _to_rgb_or_rgba(img: Image.Image) -> Image.Image:
-    """RGBA when any pixel is see-through, else RGB; keeps an RGB ICC profile."""
+    """RGBA when any pixel is see-through, else RGB; keeps an RGB ICC profile.
+
+    An image already in the wanted mode is returned as it is, not copied.
+    """
     source_mode = img.mode
     if source_mode.startswith("I;16") or source_mode in ("I", "F"):
         # 16-bit greyscale would clip to white in a plain convert: scale it to 8 bits first.
         img = img.convert("I").point(lambda v: v / 256).convert("L")
     has_alpha = "A" in img.getbands() or "transparency" in img.info
-    out = img.convert("RGBA") if has_alpha else img.convert("RGB")
+    wanted = "RGBA" if has_alpha else "RGB"
+    out = img if img.mode == wanted else img.convert(wanted)
     if has_alpha and out.getchannel("A").getextrema() == (255, 255):
         out = out.convert("RGB")
     if source_mode not in _RGB_PROFILE_MODES:
@@ -262,6 +340,54 @@ def _flatten_on_white(img: Image.Image) -> Image.Image:
     background.paste(img, mask=img.getchannel("A"))
     background.info["icc_profile"] = img.info.get("icc_profile")
     return background
+
+
+def _whole_factor(long_edge: int, max_edge: int, near: float) -> int:
+    """The largest whole factor that keeps `long_edge` at least `near * max_edge`; >= 1."""
+    return max(1, int(long_edge / (max_edge * near)))
+
+
+def _draft(img: ImageFile.ImageFile, max_edge: int, near: float) -> None:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 size when that still fits (near) `max_edge`."""
+    if img.format not in ("JPEG", "MPO"):
+        return
+    factor = _whole_factor(max(img.size), max_edge, near)
+    if factor > 1:
+        # draft picks the largest power-of-two scale that keeps both sides at least this.
+        img.draft(None, (max(1, img.width // factor), max(1, img.height // factor)))
+
+
+def _shrink(img: Image.Image, max_edge: int, near: float) -> Image.Image:
+    """Within `max_edge`: first a cheap whole-factor reduce(), then Lanczos for the rest."""
+    if max(img.size) <= max_edge:
+        return img
+    if img.mode not in _RESIZABLE_MODES or "transparency" in img.info:
+        # Palette indices and colour keys cannot be averaged.
+        img = _to_rgb_or_rgba(img)
+    factor = _whole_factor(max(img.size), max_edge, near)
+    if factor > 1:
+        img = _reduced(img, factor)
+    return _fit_edge(img, max_edge)
+
+
+def _reduced(img: Image.Image, factor: int) -> Image.Image:
+    """`img.reduce(factor)`, without a full-size copy for an image with alpha.
+
+    Pillow reduces RGBA and LA through a premultiplied copy of the whole image; done strip by
+    strip, that copy is one strip at a time. Strip heights are multiples of the factor, so
+    every output pixel averages the same source pixels as one whole reduce() would.
+    """
+    if img.mode not in ("RGBA", "LA"):
+        out = img.reduce(factor)
+    else:
+        width, height = img.size
+        out = Image.new(img.mode, (-(-width // factor), -(-height // factor)))
+        step = factor * _REDUCE_STRIP_ROWS
+        for top in range(0, height, step):
+            strip = img.crop((0, top, width, min(height, top + step))).reduce(factor)
+            out.paste(strip, (0, top // factor))
+    out.info["icc_profile"] = img.info.get("icc_profile")
+    return out
 
 
 def _fit_edge(img: Image.Image, max_edge: int) -> Image.Image:
@@ -319,9 +445,32 @@ def _encode_within(
     )
 
 
+def _decoded(data: bytes, max_edge: int, near: float) -> tuple[Image.Image, ImageInfo, int]:
+    """Decode (small, where the format allows); also the EXIF orientation."""
+    img, info = _open_header(data)
+    if max(info.width, info.height) > max_edge:
+        _draft(img, max_edge, near)
+    _decode(img)
+    return img, info, _orientation(img)
+
+
+def _prepare_references_sync(
+    images: Sequence[bytes], max_bytes: int, max_edge: int, max_total_pixels: int | None
+) -> list[Reference]:
+    _check_headers(images, max_total_pixels)
+    references: list[Reference] = []
+    for index, data in enumerate(images):
+        try:
+            # In turn: each decoded image is freed before the next is decoded.
+            references.append(_prepare_reference_sync(data, index, max_bytes, max_edge))
+        except ImageError as exc:
+            exc.params.setdefault("index", index + 1)
+            raise
+    return references
+
+
 def _prepare_reference_sync(data: bytes, index: int, max_bytes: int, max_edge: int) -> Reference:
-    img, info = _open_checked(data)
-    orientation = _orientation(img)
+    img, info, orientation = _decoded(data, max_edge, _REFERENCE_NEAR)
     if (
         info.format in _PASS_THROUGH_MODES
         and img.format != "MPO"
@@ -338,7 +487,9 @@ def _prepare_reference_sync(data: bytes, index: int, max_bytes: int, max_edge: i
             width=info.width,
             height=info.height,
         )
-    prepared = _fit_edge(_to_rgb_or_rgba(_upright(img, orientation)), max_edge)
+    # Shrink first: every later step (turn, convert, encode) then works on the small image.
+    prepared = _to_rgb_or_rgba(_upright(_shrink(img, max_edge, _REFERENCE_NEAR), orientation))
+    del img  # the full-size decode is not needed past this point
     fmt = "PNG" if prepared.mode == "RGBA" else "JPEG"
     out, final = _encode_within(
         prepared, fmt, max_bytes, _REFERENCE_QUALITY, _REFERENCE_MIN_QUALITY
@@ -353,10 +504,11 @@ def _prepare_reference_sync(data: bytes, index: int, max_bytes: int, max_edge: i
 
 
 def _preview_sync(data: bytes, max_bytes: int, max_edge: int, fmt: str, quality: int) -> bytes:
-    img, _ = _open_checked(data)
-    prepared = _to_rgb_or_rgba(_upright(img, _orientation(img)))
+    # Previews keep their exact edge (near = 1): a whole factor only where it lands above it.
+    img, _, orientation = _decoded(data, max_edge, 1.0)
+    prepared = _to_rgb_or_rgba(_upright(_shrink(img, max_edge, 1.0), orientation))
+    del img
     if fmt == "JPEG":
         prepared = _flatten_on_white(prepared)
-    prepared = _fit_edge(prepared, max_edge)
     out, _ = _encode_within(prepared, fmt, max_bytes, quality, _PREVIEW_MIN_QUALITY)
     return out
