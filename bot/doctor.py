@@ -144,12 +144,14 @@ async def _free_checks(
     return found
 
 
-def _references() -> tuple[Reference, ...]:
-    """A PNG and a JPEG, with names whose extensions match their bytes (new-api needs that)."""
+_PNG: Final = ("PNG", "png", "image/png")
+_JPEG: Final = ("JPEG", "jpg", "image/jpeg")
+
+
+def _references(second: tuple[str, str, str] = _JPEG) -> tuple[Reference, ...]:
+    """A PNG and (by default) a JPEG, named by their real format (new-api needs that)."""
     refs = []
-    for index, (fmt, ext, mime, colour) in enumerate(
-        (("PNG", "png", "image/png", "red"), ("JPEG", "jpg", "image/jpeg", "blue"))
-    ):
+    for index, ((fmt, ext, mime), colour) in enumerate(((_PNG, "red"), (second, "blue"))):
         buffer = io.BytesIO()
         Image.new("RGB", (256, 256), colour).save(buffer, fmt)
         refs.append(Reference(buffer.getvalue(), f"ref{index + 1}.{ext}", mime, 256, 256))
@@ -284,6 +286,19 @@ async def _paid_checks(
         report.rows.append(
             Row("edit, 2 images", "unknown", f"{_error_text(edit.error)}; {edit.cost_text()}")
         )
+        if type(edit.error) is UpstreamError and edit.error.status == 400:
+            # litellm renames every upload to image.png, so an upstream that checks names
+            # against bytes refuses the JPEG: two PNGs tell that apart from no edits at all.
+            pngs = await spend(
+                plain,
+                ImageRequest(
+                    prompt=PROMPT, size=SIZE, quality=QUALITY, references=_references(_PNG)
+                ),
+            )
+            if pngs.result is not None:
+                report.learned["edits"] = True
+                note = "a JPEG reference was refused (the relay may rename uploads)"
+                report.rows.append(Row("edit, 2 PNGs", "yes", f"{note}; {pngs.cost_text()}"))
 
     big = await spend(plain, ImageRequest(prompt=PROMPT, size=SIZE_4K, quality=QUALITY))
     if big.result is not None:

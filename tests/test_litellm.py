@@ -218,7 +218,7 @@ async def test_draw_and_a_two_image_edit_through_litellm_with_default_settings(
         assert mock.requests[-1].stream is False
 
 
-async def test_doctor_through_litellm_passes_free_checks_without_a_balance(
+async def test_doctor_through_litellm_passes_free_checks_and_learns_streams_fail(
     litellm_proxy: tuple[str, MockUpstream], tmp_path: Path
 ) -> None:
     base, mock = litellm_proxy
@@ -231,6 +231,19 @@ async def test_doctor_through_litellm_passes_free_checks_without_a_balance(
     assert code == 0, f"{out}\n{err}"
     assert "listed" in out and "not reported" in out  # litellm has no billing endpoints
     assert mock.requests == []
+    # --spend finds out that image streams fail through litellm (after the upstream ran).
+    code, out, err = await drawbridge("doctor", "--spend", env=env, cwd=tmp_path)
+    assert code == 0, f"{out}\n{err}"
+    [stream_row] = [line for line in out.splitlines() if "  stream  " in line]
+    assert "FAILS" in stream_row and "model_dump" in stream_row
+    assert "may have been charged" in stream_row
+    assert mock.requests[0].stream is True  # it did reach the upstream
+    # litellm renames every upload to image.png: the upstream refuses the JPEG reference,
+    # two PNGs go through.
+    [mixed] = [line for line in out.splitlines() if "  edit, 2 images  " in line]
+    assert "unsupported file type" in mixed
+    [pngs] = [line for line in out.splitlines() if "  edit, 2 PNGs  " in line]
+    assert "  yes  " in pngs
 
 
 if __name__ == "__main__":  # pragma: no cover - a manual check of the install
