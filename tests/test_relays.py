@@ -289,6 +289,16 @@ async def test_learning_works_without_a_store_for_the_life_of_the_client(
     assert relay.streamed_flags() == [True, False, False]
 
 
+async def test_a_relay_refusing_stream_as_unknown_is_remembered_for_new_clients(
+    mock_factory: Callable[..., Awaitable[MockUpstream]], store: Store
+) -> None:
+    strict = await mock_factory(refuse_fields=("partial_images",))
+    settings = settings_for({"name": "strict", "api_base": strict.base_url})
+    await draw(chain_for(settings, store))
+    await draw(chain_for(settings, store), "again")  # a new client, as after a restart
+    assert [r.stream for r in strict.requests] == [True, False, False]
+
+
 # --- fail over only when surely unbilled ---
 
 

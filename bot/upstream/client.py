@@ -266,6 +266,11 @@ class UpstreamClient:
                     raise
                 self._refused.add(param)
                 log.warning("%s refuses %r; asking without it", self.provider.name, param)
+                if param in ("stream", "partial_images"):
+                    stream = False
+                    if self.provider.stream is None:
+                        # Refused before running (nothing billed); new clients need not ask.
+                        await self._learn(stream=False, stream_checked_at=time.time())
                 await notify(on_progress, Progress("retry", detail=f"without_{param}"))
                 continue
             except (RelayStreamError, MalformedResponseError) as error:
