@@ -299,6 +299,19 @@ async def test_a_relay_refusing_stream_as_unknown_is_remembered_for_new_clients(
     assert [r.stream for r in strict.requests] == [True, False, False]
 
 
+async def test_results_4k_and_edits_are_recorded_as_seen(
+    mock_factory: Callable[..., Awaitable[MockUpstream]], store: Store
+) -> None:
+    small = await mock_factory(mode="url", reject_4k=True)
+    chain = chain_for(settings_for({"name": "small", "api_base": small.base_url}), store)
+    result = await chain.run(ImageRequest("a wide sea", size="3840x2160"))
+    assert result.fallback_size is not None
+    await chain.run(ImageRequest("recolour", references=(png_reference(),)))
+    learned = await store.provider_capabilities("small")
+    assert learned["four_k"] is False and learned["result"] == "url"
+    assert learned["edits"] is True and learned["stream"] is True
+
+
 # --- fail over only when surely unbilled ---
 
 
