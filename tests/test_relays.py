@@ -27,6 +27,7 @@ from bot.i18n import CATALOGS, t
 from bot.images import Reference
 from bot.mock_upstream import MockUpstream
 from bot.secrets import KeyBox
+from bot.services import Services
 from bot.store import Store
 from bot.upstream import (
     CapabilityStore,
@@ -37,6 +38,7 @@ from bot.upstream import (
     build_clients,
 )
 from bot.upstream.classify import FALLBACK, ROWS, Row, Sample, classify_error, find_row, read_answer
+from tests.recording_chat import invocation, run_command
 from tests.relay_double import LITELLM, ONE_API, RelayDouble
 
 KEY = "sk-test-relay-user-123456"
@@ -168,6 +170,28 @@ async def test_one_api_default_settings_learn_not_to_stream_after_one_plain_retr
     assert relay.billed == 4
     assert len(stream_warnings(caplog)) == 1
     await chain.aclose()
+
+
+async def test_the_bot_learns_through_its_job_runner_and_remembers_after_a_restart(
+    relay_factory: RelayFactory, settings_factory: Callable[..., Settings]
+) -> None:
+    relay, _ = await relay_factory(ONE_API)
+    settings = settings_factory(api_base=relay.base_url)  # DRAWBRIDGE_STREAM=true, the default
+    services = await Services.create(settings)
+    try:
+        first = await run_command(services, invocation("draw", "a red fox"))
+        second = await run_command(services, invocation("draw", "a blue fox"))
+        assert first.results() and second.results()
+    finally:
+        await services.close()
+    assert relay.streamed_flags() == [True, False, False]
+
+    restarted = await Services.create(settings)
+    try:
+        assert (await run_command(restarted, invocation("draw", "a green fox"))).results()
+    finally:
+        await restarted.close()
+    assert relay.streamed_flags() == [True, False, False, False]
 
 
 async def test_the_cli_reads_what_the_bot_learned_and_does_not_stream(
