@@ -164,9 +164,10 @@ class Settings(BaseSettings):
     )
     # Pixels all reference images of one /edit may declare together, refused from their
     # headers before any decode. Decoding time grows with pixels (references are decoded one
-    # at a time, so memory does not): 800 MP is sixteen 50 MP phone photos (bot/images.py).
+    # at a time, so memory does not). 832 MP is sixteen images at the per-image limit
+    # (bot.images.MAX_PIXELS, 52 MP): sixteen 50 MP phone photos always fit.
     max_job_pixels: int = Field(
-        default=800_000_000,
+        default=832_000_000,
         ge=1,
         validation_alias=AliasChoices("DRAWBRIDGE_MAX_JOB_PIXELS", "max_job_pixels"),
     )
