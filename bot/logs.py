@@ -36,24 +36,32 @@ _MASK = "***"
 # quotes) or as a log line escapes them (`\'`, `\"` in repr() and JSON).
 _QUOTE = r"\\?[\"'“”‘’「」『』]"
 
-_PATTERNS = (
+# (words one of which the lower-cased line must contain, pattern, replacement). The words
+# are a cheap test first: most lines hold none of them, and a regex without a literal prefix
+# (case-insensitive ones, say) scans the whole line.
+_PATTERNS: tuple[tuple[tuple[str, ...], re.Pattern[str], str], ...] = (
     # API keys: OpenAI/new-api style "sk-...".
-    (re.compile(r"sk-[A-Za-z0-9_\-]{6,}"), "sk-***"),
+    (("sk-",), re.compile(r"sk-[A-Za-z0-9_\-]{6,}"), "sk-***"),
     # Telegram bot tokens "123456:ABC...", also inside URLs ("/bot123456:ABC...").
-    (re.compile(r"(?<!\d)\d{5,}:[A-Za-z0-9_\-]{30,}"), "***:***"),
+    ((":",), re.compile(r"(?<!\d)\d{5,}+:[A-Za-z0-9_\-]{30,}"), "***:***"),
     # Whatever follows /token in a message, in any language alias: a quoted argument up to
     # its closing quote (or the end of the line), else the next word.
     (
+        ("token", "令牌"),
         re.compile(
             rf"([/／]\s*(?:token|令牌)(?:@\w+)?)\s*(?:{_QUOTE}.*?(?:{_QUOTE}|$)|[^\s*]\S*)",
             re.IGNORECASE | re.MULTILINE,
         ),
         rf"\1 {_MASK}",
     ),
-    (re.compile(r"(Bearer)\s+\S+", re.IGNORECASE), rf"\1 {_MASK}"),
+    (("bearer",), re.compile(r"(Bearer)\s+\S+", re.IGNORECASE), rf"\1 {_MASK}"),
     # Discord interaction tokens (valid 15 minutes) in REST paths:
     # /interactions/{id}/{token}/callback and /webhooks/{application id}/{token}[/messages/..].
-    (re.compile(r"(/(?:interactions|webhooks)/\d+/)[^/\s?'\"]+"), rf"\1{_MASK}"),
+    (
+        ("/interactions/", "/webhooks/"),
+        re.compile(r"(/(?:interactions|webhooks)/\d+/)[^/\s?'\"]+"),
+        rf"\1{_MASK}",
+    ),
 )
 
 # --- literal secrets ---------------------------------------------------------------------
@@ -195,8 +203,10 @@ def redact(text: str) -> str:
     prefixes = _bound_prefixes
     if prefixes:
         text = _mask_bound_keys(text, prefixes)
-    for shape, replacement in _PATTERNS:
-        text = shape.sub(replacement, text)
+    lowered = text.lower()
+    for words, shape, replacement in _PATTERNS:
+        if any(word in lowered for word in words):
+            text = shape.sub(replacement, text)
     return text
 
 
