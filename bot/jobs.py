@@ -816,10 +816,11 @@ class JobRunner:
                 log.warning("could not prune %s: %s", folder, exc)
         return removed
 
-    def start_housekeeping(self, every: float = PRUNE_EVERY) -> None:
-        """Prune kept job files now and every `every` seconds, until `shutdown()`."""
+    def start_housekeeping(self, every: float | None = None) -> None:
+        """Prune kept job files now and every `every` s (default `PRUNE_EVERY`) until shutdown."""
         if self._housekeeper is None:
-            self._housekeeper = asyncio.create_task(self._prune_forever(every), name="prune")
+            interval = PRUNE_EVERY if every is None else every
+            self._housekeeper = asyncio.create_task(self._prune_forever(interval), name="prune")
 
     async def _prune_forever(self, every: float) -> None:
         while True:
