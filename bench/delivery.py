@@ -1,7 +1,7 @@
 """Result delivery lag: from the upstream's last byte to the platform receiving the result.
 
-    python bench/delivery.py                    # 7 streamed /draw jobs per platform
-    python bench/delivery.py --quick            # 2 per platform (well under a minute)
+    python bench/delivery.py                    # 7 streamed /draw jobs per platform and latency
+    python bench/delivery.py --quick            # 2 per platform and latency (under a minute)
     python bench/delivery.py --before REV       # also the bot as of git revision REV
 
 One `python -m bot run` process (empty working directory, fresh data directory) serves all
@@ -14,10 +14,11 @@ three platforms against the fakes the tests use, all on 127.0.0.1 and all in thi
             the /draw slash command
 
 The upstream is the mock (`bot.mock_upstream.MockUpstream`) streaming each image with the
-default 2 partial previews over `--latency` seconds (default 2.0: a partial every 0.67 s),
-so the bot has shown a status line and a preview, and has an edit or a preview in hand,
-when the final image arrives. The bot's settings are the defaults (stream on, Telegram's
-default flood policy: what a deployment runs).
+default 2 partial previews, spread over each of the `--latency` values in turn (default 1.0
+and 2.0 s: a partial every 0.33 or 0.67 s), so the bot has shown a status line and a
+preview, and has an edit or a preview in hand, when the final image arrives. The bot's
+settings are the defaults (stream on, Telegram's default flood policy: what a deployment
+runs).
 
 The lag of one job is measured on this process's monotonic clock, from the mock writing the
 last byte of its answer (after `write_eof`) to the fake having received the whole result
@@ -95,10 +96,10 @@ class Fakes:
 
 @dataclass
 class Run:
-    """The lags one bot checkout showed, per platform, in seconds."""
+    """The lags one bot checkout showed, by (mock latency, platform), in seconds."""
 
     label: str
-    lags: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PLATFORMS})
+    lags: dict[tuple[float, str], list[float]] = field(default_factory=dict)
     error: str = ""
 
 
@@ -111,8 +112,8 @@ def _free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def fakes(latency: float) -> AsyncIterator[Fakes]:
-    mock = TimedMock(MockOptions(latency=latency))
+async def fakes() -> AsyncIterator[Fakes]:
+    mock = TimedMock(MockOptions())
     async with contextlib.AsyncExitStack() as stack:
         await mock.start()
         stack.push_async_callback(mock.stop)
@@ -124,8 +125,10 @@ async def fakes(latency: float) -> AsyncIterator[Fakes]:
         yield Fakes(mock, telegram, fake_discord)
 
 
-async def measure(label: str, code: Path, shared: Fakes, runs: int, tmp: Path) -> Run:
-    """Start the bot from `code`, run `runs` jobs on each platform, one at a time."""
+async def measure(
+    label: str, code: Path, shared: Fakes, latencies: list[float], runs: int, tmp: Path
+) -> Run:
+    """Start the bot from `code`; per latency, `runs` jobs on each platform, one at a time."""
     run = Run(label)
     workdir = Path(tempfile.mkdtemp(prefix="delivery-", dir=tmp))
     port = _free_port()
@@ -161,12 +164,14 @@ async def measure(label: str, code: Path, shared: Fakes, runs: int, tmp: Path) -
             "discord": lambda: _discord_job(shared),
         }
         done = 0
-        for _ in range(runs):
-            for platform in PLATFORMS:
-                lag = await _timed(shared.mock, jobs[platform])
-                run.lags[platform].append(lag)
-                done += 1
-                await _until_done(bot, done)
+        for latency in latencies:
+            shared.mock.options.latency = latency
+            for _ in range(runs):
+                for platform in PLATFORMS:
+                    lag = await _timed(shared.mock, jobs[platform])
+                    run.lags.setdefault((latency, platform), []).append(lag)
+                    done += 1
+                    await _until_done(bot, done)
     except (AssertionError, TimeoutError) as exc:
         run.error = f"{type(exc).__name__}: {exc}"[:300] + "\n" + "".join(bot.output[-20:])
     finally:
@@ -252,22 +257,28 @@ def worktree(revision: str, tmp: Path) -> Any:
         )
 
 
-def report(runs: list[Run], latency: float, count: int) -> bool:
-    headers = ["bot", *(f"{p} median ms" for p in PLATFORMS), *(f"{p} max" for p in PLATFORMS)]
+def report(runs: list[Run], latencies: list[float], count: int) -> bool:
+    """Print the table and the verdicts; True when this checkout met the goal everywhere."""
+    headers = ["bot", "latency s", *(f"{p} ms: median / max" for p in PLATFORMS)]
     rows = []
     for run in runs:
-        medians = [f"{median(run.lags[p]) * 1000:.0f}" for p in PLATFORMS]
-        maxima = [f"{max(run.lags[p], default=float('nan')) * 1000:.0f}" for p in PLATFORMS]
-        rows.append([run.label, *medians, *maxima])
+        for latency in latencies:
+            cells = []
+            for platform in PLATFORMS:
+                lags = run.lags.get((latency, platform), [])
+                worst = max(lags, default=float("nan"))
+                cells.append(f"{median(lags) * 1000:.0f} / {worst * 1000:.0f}")
+            rows.append([run.label, f"{latency:.1f}", *cells])
     print(
-        f"\n{count} streamed /draw jobs per platform (mock latency {latency:.1f} s, "
-        f"2 partial previews), lag from the mock's last byte to the fake's receipt, ms"
+        f"\n{count} streamed /draw jobs per platform and latency (2 partial previews); lag from "
+        "the mock's last byte to the fake's receipt of the result"
     )
     print(table(headers, rows))
     ok = True
     current = runs[0]
     for platform in PLATFORMS:
-        worst = max(current.lags[platform], default=float("inf"))
+        lags = [lag for (_, p), found in current.lags.items() if p == platform for lag in found]
+        worst = max(lags, default=float("inf"))
         met = verdict(worst, GOAL)
         ok = ok and met == "ok"
         print(f"{platform}: max {worst * 1000:.0f} ms (goal <= {GOAL * 1000:.0f} ms: {met})")
@@ -282,7 +293,13 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="2 jobs per platform")
     parser.add_argument("--runs", type=int, help="jobs per platform (default 7, quick 2)")
-    parser.add_argument("--latency", type=float, default=2.0, help="mock seconds per image")
+    parser.add_argument(
+        "--latency",
+        type=float,
+        nargs="+",
+        default=[1.0, 2.0],
+        help="mock seconds per image, one set of jobs each (default 1.0 2.0)",
+    )
     parser.add_argument("--before", metavar="REV", help="also run the bot as of this revision")
     args = parser.parse_args()
     count = args.runs or (2 if args.quick else 7)
@@ -291,12 +308,12 @@ async def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-delivery-") as folder:
         tmp = Path(folder)
         runs: list[Run] = []
-        async with fakes(args.latency) as shared:
-            runs.append(await measure("this checkout", REPO, shared, count, tmp))
+        async with fakes() as shared:
+            runs.append(await measure("this checkout", REPO, shared, args.latency, count, tmp))
             if args.before:
                 with worktree(args.before, tmp) as path:
                     label = f"before ({args.before})"
-                    runs.append(await measure(label, path, shared, count, tmp))
+                    runs.append(await measure(label, path, shared, args.latency, count, tmp))
         return 0 if report(runs, args.latency, count) else 1
 
 
