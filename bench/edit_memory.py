@@ -1,12 +1,13 @@
 """One /edit's references: peak memory and CPU of preparing 16 images of 40 MP each.
 
-    python bench/edit_memory.py           # 16 references, PNG (RGBA) and JPEG
-    python bench/edit_memory.py --quick   # 4 references, PNG only (a few seconds)
+    python bench/edit_memory.py           # 16 references: PNG, JPEG and 50 MP photos
+    python bench/edit_memory.py --quick   # 4 references, PNG only (~20 s)
 
-The references are what an outside review sent: 7744x5164 (40.0 MP, just under
-`bot.images.MAX_PIXELS`) images of one flat colour, so they are tiny on the wire (an RGBA
-PNG is ~160 KB, a JPEG ~630 KB) and huge decoded. Each is a separate bytes object, as if
-downloaded one by one.
+The references are what an outside review sent: 7744x5164 (40.0 MP) images of one flat
+colour, so they are tiny on the wire (an RGBA PNG is ~160 KB, a JPEG ~610 KB) and huge
+decoded. The full run adds ordinary use: sixteen photo-like 8160x6144 (50.1 MP) JPEGs of
+~4 MB (blurred noise with grain; a phone's full-resolution mode). Each reference is a
+separate bytes object, as if downloaded one by one.
 
 Every figure comes from a fresh `python` process that loads the images from a file, imports
 what it needs, records its RSS (the baseline), resets the peak mark (/proc/self/clear_refs),
@@ -15,7 +16,7 @@ makes the one call, and reports its peak RSS (VmHWM) minus the baseline, the pro
 
   ours      `bot.images.prepare_references(images, max_count=16, max_bytes=20 MB)`: the
             provider's default limits (max edge 4096), with the default pixel budget
-            (`DRAWBRIDGE_MAX_JOB_PIXELS`, 800 MP);
+            (`DRAWBRIDGE_MAX_JOB_PIXELS`, 832 MP);
   baseline  the code before this change, reproduced here: every reference submitted at once
             to the default thread pool (`asyncio.gather` of `asyncio.to_thread`), each one
             decoded whole, converted (`convert` copies even an RGB image; RGBA is checked
@@ -37,24 +38,37 @@ from pathlib import Path
 from _common import MB, REPO, machine, peak_rss_bytes, reset_peak_rss, rss_bytes, table, verdict
 
 WIDTH, HEIGHT = 7744, 5164
+PHOTO_WIDTH, PHOTO_HEIGHT = 8160, 6144
 MAX_EDGE = 4096
 MAX_BYTES = 20 * MB
-MAX_JOB_PIXELS = 800_000_000  # the default of DRAWBRIDGE_MAX_JOB_PIXELS
+MAX_JOB_PIXELS = 832_000_000  # the default of DRAWBRIDGE_MAX_JOB_PIXELS
 GOAL_MB = 300.0
 
 
 # --- the images ---
 
 
-def make_image(fmt: str) -> bytes:
-    """One 40 MP flat-colour image: an opaque RGBA PNG, or an RGB JPEG."""
-    from PIL import Image
+def make_image(kind: str) -> bytes:
+    """A 40 MP flat-colour opaque RGBA PNG or RGB JPEG, or a 50 MP photo-like JPEG."""
+    import random
+
+    from PIL import Image, ImageFilter
 
     buf = BytesIO()
-    if fmt == "PNG":
+    if kind == "PNG":
         Image.new("RGBA", (WIDTH, HEIGHT), (200, 120, 40, 255)).save(buf, "PNG")
-    else:
+    elif kind == "JPEG":
         Image.new("RGB", (WIDTH, HEIGHT), (200, 120, 40)).save(buf, "JPEG", quality=90)
+    else:
+        # Soft shapes (blurred noise, upscaled) and fine grain: entropy like a real photo's.
+        rng = random.Random(3)
+        w, h = PHOTO_WIDTH, PHOTO_HEIGHT
+        small = Image.frombytes("RGB", (w // 8, h // 8), rng.randbytes(w // 8 * (h // 8) * 3))
+        img = small.filter(ImageFilter.GaussianBlur(2)).resize((w, h), Image.Resampling.BICUBIC)
+        grain = Image.frombytes("L", (w, h), rng.randbytes(w * h))
+        grain = grain.point(lambda v: 128 + (v - 128) // 12)
+        img = Image.merge("RGB", [Image.blend(band, grain, 0.25) for band in img.split()])
+        img.save(buf, "JPEG", quality=88)
     return buf.getvalue()
 
 
@@ -157,14 +171,17 @@ def main() -> int:
         child(args.child[0], Path(args.child[1]), count)
         return 0
 
-    formats = ["PNG"] if args.quick else ["PNG", "JPEG"]
+    kinds = ["PNG"] if args.quick else ["PNG", "JPEG", "photo"]
     print(machine())
-    print(f"{count} references of {WIDTH}x{HEIGHT} ({WIDTH * HEIGHT / 1e6:.1f} MP) each")
+    print(
+        f"{count} references of {WIDTH}x{HEIGHT} ({WIDTH * HEIGHT / 1e6:.1f} MP) each; photos "
+        f"{PHOTO_WIDTH}x{PHOTO_HEIGHT} ({PHOTO_WIDTH * PHOTO_HEIGHT / 1e6:.1f} MP)"
+    )
     rows: list[list[object]] = []
     verdicts: list[str] = []
     with tempfile.TemporaryDirectory(prefix="drawbridge-bench-") as tmp:
-        for fmt in formats:
-            path = Path(tmp) / f"ref.{fmt.lower()}"
+        for fmt in kinds:
+            path = Path(tmp) / f"ref-{fmt.lower()}"
             path.write_bytes(make_image(fmt))
             size_kb = path.stat().st_size / 1024
             old = measure("old", path, count)
