@@ -125,10 +125,14 @@ async def test_redaction_literals_stay_bounded_after_10000_token_calls(
 ) -> None:
     before = secret_counts()
     for index in range(10_000):
+        # Groups (deleted, never bound), private texts no key looks like (refused) and, every
+        # 100th, a private key-shaped one (probed and bound): what an attacker can send.
+        private = index % 2 == 0
         text = f"k{index:05d}{secrets.token_hex(8)}"
+        if private and index % 100:
+            text = f"{text}!"
         await run_command(
-            services,
-            invocation("token", text, user_id=f"u{index % 50}", is_private=index % 2 == 0),
+            services, invocation("token", text, user_id=f"u{index % 50}", is_private=private)
         )
     # /token alone adds nothing process-wide.
     assert secret_counts() == before
