@@ -282,6 +282,41 @@ async def test_oversized_edges_are_scaled_down_to_max_edge() -> None:
     assert decode(ref.data).size == (600, 200)
 
 
+async def test_big_jpeg_decodes_small_and_lands_near_the_max_edge() -> None:
+    # 2000 px over a 1000 px edge: DCT scaling decodes it at half size, turned upright.
+    img = solid((2000, 1000), RED)
+    img.paste(solid((1000, 1000), BLUE), (1000, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    ref = await prepare_reference(encode(img, "JPEG", exif=exif), 0, max_bytes=MB, max_edge=1000)
+    out = decode(ref.data)
+    assert out.size == (ref.width, ref.height) == (500, 1000)
+    assert close_to(pixel(out, (250, 100)), RED) and close_to(pixel(out, (250, 900)), BLUE)
+
+
+async def test_image_a_little_over_the_edge_is_resized_to_exactly_the_edge() -> None:
+    # 1500 px over 1000: no whole factor lands within 10% of the edge, so Lanczos does it.
+    ref = await prepare_reference(
+        encode(noise((1500, 600)), "PNG"), 0, max_bytes=20 * MB, max_edge=1000
+    )
+    assert (ref.width, ref.height) == (1000, 400)
+
+
+async def test_transparent_png_is_reduced_with_its_alpha_intact() -> None:
+    # Wider than tall, far over the edge: reduced by a whole factor, strip by strip.
+    img = Image.new("RGBA", (4000, 600), (0, 0, 0, 0))
+    img.paste(solid((1998, 600), RED).convert("RGBA"), (2002, 0))
+    ref = await prepare_reference(encode(img, "PNG"), 0, max_bytes=MB, max_edge=1000)
+    out = decode(ref.data)
+    assert (out.format, out.mode, out.size) == ("PNG", "RGBA", (1000, 150))
+    assert pixel(out, (100, 75))[3] == 0
+    assert pixel(out, (900, 75)) == (*RED, 255)
+    # Output column 500 covers two clear and two red columns: half see-through, and still
+    # red, not darkened by the clear pixels' black (the reduce averages premultiplied).
+    edge = pixel(out, (500, 75))
+    assert 120 <= edge[3] <= 135 and close_to(edge[:3], RED, tolerance=4), edge
+
+
 async def test_impossible_budget_gives_up_with_image_too_large() -> None:
     data = encode(noise((300, 300)), "PNG")
     with pytest.raises(ImageTooLargeError) as info:
