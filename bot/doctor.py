@@ -32,6 +32,7 @@ from PIL import Image
 
 from bot import probe
 from bot.config import ProviderConfig, Settings
+from bot.datadir import secure_data_dir
 from bot.errors import (
     NoChannelError,
     NotSupportedError,
@@ -452,7 +453,7 @@ async def run_doctor(
             f"${math.ceil(196 * PRICE_OUTPUT * 10000) / 10000:.4f} each",
             file=sys.stderr,
         )
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    secure_data_dir(settings.data_dir)
     keybox = KeyBox.load(settings.data_dir, settings.secret_key)
     store = await Store.open(settings.data_dir / "drawbridge.sqlite3", keybox=keybox)
     capabilities = CapabilityStore(store)
