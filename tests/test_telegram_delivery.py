@@ -125,7 +125,7 @@ async def test_result_goes_first_and_drops_the_waiting_edit_and_preview(
     preview = await chat.send_preview(None, make_png(32, 32, (9, 9, 9)))
     await chat.send_results([result_file()], ResultMeta(1, "a heron"))
     await chat.delete(status)
-    await until(lambda: not tg.link.tasks, "the waiting edit gave up")
+    await until(lambda: not tg.link.background.tasks, "the waiting edit gave up")
 
     assert preview is None  # no spare slot: dropped, not queued in front of the result
     methods = [c.method for c in chat_calls(fake, 1001) if c.method != "sendChatAction"]
@@ -147,7 +147,7 @@ async def test_status_edit_waiting_out_a_429_sends_only_the_newest_text(
     await chat.edit_text(status, "queued #1")
     await chat.edit_text(status, "drawing 0:00")
     await fake.wait_call("editMessageText")
-    await until(lambda: not tg.link.tasks, "the edit queue is empty")
+    await until(lambda: not tg.link.background.tasks, "the edit queue is empty")
 
     texts = [(c.status, c.fields["text"]) for c in fake.calls_of("editMessageText")]
     assert texts == [(429, "queued #2"), (200, "drawing 0:00")]
@@ -164,9 +164,9 @@ async def test_edits_are_never_awaited_by_the_caller_while_the_chat_is_busy(
 
     await chat.edit_text(status, "uploading")  # returns although no slot is free for 30 s
 
-    assert len(tg.link.tasks) == 1
+    assert len(tg.link.background.tasks) == 1
     await chat.delete(status)
-    await until(lambda: not tg.link.tasks, "the edit of a deleted message gave up")
+    await until(lambda: not tg.link.background.tasks, "the edit of a deleted message gave up")
     assert not fake.calls_of("editMessageText")
 
 

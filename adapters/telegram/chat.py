@@ -83,6 +83,33 @@ class EditPrompts:
         return self._jobs.get((chat_id, message_id))
 
 
+class Background:
+    """Status edits waiting for a slot, owned here so that the platform ends them on stop."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None] | None:
+        """Run `work` until it ends or `close`; None (and `work` unrun) once closed."""
+        if self.closed:
+            work.close()
+            return None
+        task = asyncio.create_task(work, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def close(self) -> None:
+        """Cancel what is still waiting: a status edit is moot once the bot stops."""
+        self.closed = True
+        pending = set(self.tasks)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+
+
 @dataclass(frozen=True, slots=True)
 class TelegramLink:
     """What every chat of one bot shares: the sender, the services, the edit prompts."""
@@ -91,23 +118,7 @@ class TelegramLink:
     services: Services
     prompts: EditPrompts
     local: bool = False
-    # Status edits waiting for a slot; the platform cancels them on stop.
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-
-    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        """Run `work` in the background, owned by this link until it ends or `close`."""
-        task = asyncio.create_task(work, name=name)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
-
-    async def close(self) -> None:
-        """Cancel background work (pending status edits are moot once the bot stops)."""
-        pending = set(self.tasks)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=5)
+    background: Background = field(default_factory=Background)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,9 +216,10 @@ class TelegramChat:
             return
         self._latest[key] = text
         if key not in self._flushers:
-            self._flushers[key] = self._link.spawn(
-                self._flush_edits(key), name=f"telegram-edit-{self.chat_id}-{key}"
-            )
+            name = f"telegram-edit-{self.chat_id}-{key}"
+            task = self._link.background.spawn(self._flush_edits(key), name)
+            if task is not None:
+                self._flushers[key] = task
 
     async def _flush_edits(self, key: str) -> None:
         """Send the newest status text of message `key` until none is left waiting."""

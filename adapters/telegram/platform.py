@@ -168,7 +168,7 @@ class TelegramPlatform:
                 await asyncio.wait(late, timeout=5)
         link: TelegramLink | None = getattr(self, "link", None)
         if link is not None:
-            await link.close()
+            await link.background.close()
         if self.bot is not None:
             await self.bot.session.close()
         log.info("telegram: stopped")
