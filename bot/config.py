@@ -233,14 +233,6 @@ class Settings(BaseSettings):
         default="", validation_alias=AliasChoices("DISCORD_GUILD_IDS", "discord_guild_ids")
     )
 
-    @model_validator(mode="after")
-    def _check(self) -> Settings:
-        self.api_base = normalize_api_base(self.api_base) if self.api_base else ""
-        return self
-
-    def providers(self) -> list[ProviderConfig]:
-        """The configured providers in the order they are tried.
-
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, value: str) -> str:
@@ -254,6 +246,14 @@ class Settings(BaseSettings):
                 "must be an IANA time zone name such as Asia/Shanghai, Europe/Berlin or UTC"
             ) from None
         return name
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        self.api_base = normalize_api_base(self.api_base) if self.api_base else ""
+        return self
+
+    def providers(self) -> list[ProviderConfig]:
+        """The configured providers in the order they are tried.
 
         `DRAWBRIDGE_PROVIDERS` (a JSON list) wins; otherwise one provider is made from
         `DRAWBRIDGE_API_BASE`, `DRAWBRIDGE_API_KEY` and `DRAWBRIDGE_MODEL`. Fields a provider
