@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
+import pytest
+from PIL import Image
+
+from bot.chat import BytesImage
 from bot.config import Settings
 from bot.jobs import today
 from bot.mock_upstream import MockUpstream
 from bot.services import Services
 from tests.recording_chat import RecordingChat, invocation, run_command
+from tests.test_store import assert_ledger_exact
 
 
 async def draw(services: Services, text: str) -> RecordingChat:
@@ -140,3 +148,42 @@ async def test_second_provider_takes_over_when_the_first_has_no_channel(
         assert await outcome(services) == (4, "succeeded", None)
     finally:
         await services.close()
+
+
+# --- a full disk: the result was made and paid for, so the user gets it ---
+
+
+async def test_a_full_disk_still_delivers_the_result_and_charges_once(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(self: Path, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    # The OS refusing every file write (SQLite writes through its own calls, unaffected).
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    chat = await draw(services, "a fox")
+    [result] = chat.results()
+    assert result.files and result.files[0].data.startswith(b"\x89PNG")
+    assert not any("charged" in text.lower() for text in chat.texts())
+    assert await outcome(services) == (4, "succeeded", None)
+    job = await services.store.job(1)
+    assert job is not None and (job.ledger_state, job.spent) == ("committed", 1)
+    assert not services.jobs.has_results(1)
+    assert_ledger_exact(services.settings.data_dir / "drawbridge.sqlite3")
+
+
+async def test_a_file_where_the_jobs_folder_should_be_still_delivers_an_edit(
+    services: Services,
+) -> None:
+    if services.jobs.files_dir.is_dir():
+        services.jobs.files_dir.rmdir()
+    services.jobs.files_dir.write_bytes(b"not a folder")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, "PNG")
+    chat = await run_command(
+        services,
+        invocation("edit", "make it blue", references=(BytesImage(buf.getvalue(), "a.png"),)),
+    )
+    assert chat.results()
+    assert await outcome(services) == (4, "succeeded", None)
+    assert_ledger_exact(services.settings.data_dir / "drawbridge.sqlite3")
