@@ -175,7 +175,7 @@ async def _terminal_job(args: argparse.Namespace, settings: Settings) -> int:
         keybox=KeyBox.load(settings.data_dir, settings.secret_key),
     )
     try:
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(proxy=settings.upstream_proxy or None) as http:
             capabilities = CapabilityStore(store)
             chain = ProviderChain(build_clients(providers, http=http, capabilities=capabilities))
             print(f"{args.command} {request.size or 'auto'} x{request.n} ...", file=sys.stderr)

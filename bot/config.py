@@ -22,6 +22,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from bot.proxies import proxy_setting
+
 MB = 1024 * 1024
 
 
@@ -177,6 +179,28 @@ class Settings(BaseSettings):
     log_level: str = Field(
         default="INFO", validation_alias=AliasChoices("DRAWBRIDGE_LOG_LEVEL", "log_level")
     )
+
+    # --- proxies: http://, https:// or socks5:// URLs, user:password@ allowed ---
+    # The image API; empty: HTTPS_PROXY / NO_PROXY from the environment apply as usual.
+    upstream_proxy: str = Field(
+        default="",
+        validation_alias=AliasChoices("DRAWBRIDGE_UPSTREAM_PROXY", "upstream_proxy"),
+    )
+    # The Telegram Bot API (requests and file downloads).
+    telegram_proxy: str = Field(
+        default="", validation_alias=AliasChoices("TELEGRAM_PROXY", "telegram_proxy")
+    )
+    # Discord's REST API and gateway.
+    discord_proxy: str = Field(
+        default="", validation_alias=AliasChoices("DISCORD_PROXY", "discord_proxy")
+    )
+
+    @field_validator("upstream_proxy", "telegram_proxy", "discord_proxy")
+    @classmethod
+    def _proxy(cls, value: str) -> str:
+        # Refused at start: a typo here would otherwise show up as a connect error, or as
+        # traffic quietly leaving without the proxy the operator counted on.
+        return proxy_setting(value)
 
     # --- Telegram ---
     telegram_bot_token: str = Field(

@@ -47,6 +47,9 @@ class Services:
         http = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=50),
             headers={"User-Agent": "drawbridge/0.1"},
+            # Only the image API goes through this client: DRAWBRIDGE_UPSTREAM_PROXY, else
+            # HTTPS_PROXY / NO_PROXY (trust_env). Reference downloads never use it.
+            proxy=settings.upstream_proxy or None,
         )
         # What each relay was found able to do (streams, edits) is kept in the store, so a
         # restart or the CLI does not pay again to find out.

@@ -21,7 +21,8 @@ from bot.errors import ImageError, ImageTooLargeError, UnsupportedImageError
 from bot.fetch import FetchPolicy, fetch_url
 
 DISCORD_CDN_HOSTS = ("cdn.discordapp.com", "media.discordapp.net")
-"""Where Discord serves attachments; nothing else is downloaded."""
+"""Where Discord serves attachments. The intake adds `DRAWBRIDGE_IMAGE_HOSTS` (a reverse
+proxy or CDN mirror of the operator's); nothing else is downloaded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +30,9 @@ class AttachmentImage:
     """An attachment, downloaded on `fetch` (implements `bot.chat.ImageSource`).
 
     `error` holds what was already known against it at intake; `size` is Discord's word
-    for its byte count (0 when unknown).
+    for its byte count (0 when unknown). `client`, if given, must not use a proxy (no
+    `trust_env`): the download has to reach the address the SSRF check resolved; None makes
+    a short-lived direct one.
     """
 
     label: str

@@ -65,7 +65,10 @@ class DiscordIntake:
     ) -> None:
         self.services = services
         self.accepting = True
-        self._cdn_hosts = tuple(cdn_hosts)
+        # An operator behind a reverse proxy or CDN mirror gets attachment URLs on their own
+        # host: DRAWBRIDGE_IMAGE_HOSTS are accepted too (still under the same SSRF checks).
+        extra = services.settings.image_host_list()
+        self._cdn_hosts = tuple(dict.fromkeys([*cdn_hosts, *extra]))
         self._token_ttl = token_ttl
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -264,8 +267,9 @@ class DiscordIntake:
             references = attachment_sources(
                 attachments,
                 max_bytes=self.services.settings.max_input_bytes,
+                # No shared client: that one may go through DRAWBRIDGE_UPSTREAM_PROXY or
+                # HTTPS_PROXY, and a download must reach the very address that was checked.
                 hosts=self._cdn_hosts,
-                client=self.services.http,
             )
             user = interaction.user
             inv = Invocation(

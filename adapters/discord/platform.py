@@ -8,10 +8,12 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import aiohttp
 import discord
 from discord import app_commands
 
 from bot.config import Settings
+from bot.proxies import aiohttp_connector, proxy_from_setting
 from bot.services import Services
 
 from . import redact
@@ -73,7 +75,13 @@ def guard_interaction_parser(parsers: dict[str, Callable[[Any], None]]) -> None:
 class DrawbridgeClient(discord.Client):
     """discord.py's client with our command tree and intake attached."""
 
-    def __init__(self, intake: DiscordIntake, *, guild_ready_timeout: float) -> None:
+    def __init__(
+        self,
+        intake: DiscordIntake,
+        *,
+        guild_ready_timeout: float,
+        connector: aiohttp.BaseConnector | None = None,
+    ) -> None:
         # The bot never joins voice: skip discord.py's warnings about voice libraries.
         discord.VoiceClient.warn_nacl = False
         discord.VoiceClient.warn_dave = False
@@ -83,6 +91,8 @@ class DrawbridgeClient(discord.Client):
             # A prompt echoed in a caption must never ping @everyone or anyone else.
             allowed_mentions=discord.AllowedMentions.none(),
             guild_ready_timeout=guild_ready_timeout,
+            # REST and the gateway's WebSocket share this connector's session in discord.py.
+            connector=connector,
         )
         self.intake = intake
         self.tree: app_commands.CommandTree[DrawbridgeClient] = app_commands.CommandTree(self)
@@ -121,7 +131,11 @@ class DiscordPlatform:
     async def start(self) -> None:
         """Log in, publish the commands, connect to the gateway; return once ready."""
         redact.install()
-        client = DrawbridgeClient(self.intake, guild_ready_timeout=self._guild_ready_timeout)
+        client = DrawbridgeClient(
+            self.intake,
+            guild_ready_timeout=self._guild_ready_timeout,
+            connector=self._proxy_connector(),
+        )
         self.client = client
         add_commands(client.tree, self.services, self.intake.on_slash, self.intake.on_edit_image)
         await client.tree.set_translator(DeclarationTranslator(self.services))
@@ -134,6 +148,19 @@ class DiscordPlatform:
             await self.stop()
             raise
         log.info("discord: logged in as %s (%d guilds)", client.user, len(client.guilds))
+
+    def _proxy_connector(self) -> aiohttp.BaseConnector | None:
+        """`DISCORD_PROXY` as a connector: every connection tunnels through it.
+
+        discord.py's own `proxy=` would do for http proxies only; a connector serves socks5
+        too, and one code path for all three schemes keeps them alike.
+        """
+        proxy = proxy_from_setting(self.settings.discord_proxy)
+        if proxy is None:
+            return None
+        log.info("discord: connecting through %s", proxy.address)
+        # limit=0 as discord.py's own connector: no cap on parallel requests.
+        return aiohttp_connector(proxy, limit=0)
 
     async def notify(self, chat_id: str, text: str) -> None:
         """Post a message in a channel (chat ids are channel ids)."""

@@ -13,7 +13,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiogram import Bot, Dispatcher, F, Router
-from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import PRODUCTION, TelegramAPIServer
 from aiogram.exceptions import AiogramError, TelegramAPIError, TelegramUnauthorizedError
 from aiogram.methods import (
@@ -37,6 +36,7 @@ from adapters.telegram.chat import (
 )
 from adapters.telegram.files import TelegramFile, message_images
 from adapters.telegram.flood import FloodPolicy, TelegramSender
+from adapters.telegram.proxy import bot_session
 from bot.chat import Invocation
 from bot.config import Settings
 from bot.i18n import LANGUAGES
@@ -108,7 +108,9 @@ class TelegramPlatform:
             server = TelegramAPIServer.from_base(
                 settings.telegram_api_server, is_local=settings.telegram_api_local
             )
-        self.bot = Bot(settings.telegram_bot_token, session=AiohttpSession(api=server))
+        # TELEGRAM_PROXY, when set, carries every Bot API call and file download.
+        session = bot_session(server, settings.telegram_proxy)
+        self.bot = Bot(settings.telegram_bot_token, session=session)
         self.sender = TelegramSender(self.bot, self._flood)
         self.link = TelegramLink(self.sender, self.services, self._prompts, server.is_local)
         self.dispatcher = Dispatcher(name="drawbridge")
