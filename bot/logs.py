@@ -159,12 +159,35 @@ def redacts_argument(
     def decorate(handler: Callable[[_T], Awaitable[None]]) -> Callable[[_T], Awaitable[None]]:
         @functools.wraps(handler)
         async def wrapper(ctx: _T) -> None:
-            with redacting(argument(ctx)):
-                await handler(ctx)
+            value = argument(ctx)
+            with redacting(value):
+                try:
+                    await handler(ctx)
+                except Exception as exc:
+                    # The caller logs a crash after this block has ended: the exception
+                    # carries the value to the formatter that renders its traceback.
+                    _tag_exception(exc, value)
+                    raise
 
         return wrapper
 
     return decorate
+
+
+_EXCEPTION_VALUES = "_drawbridge_redact"
+
+
+def _tag_exception(exc: BaseException, value: str) -> None:
+    try:
+        setattr(exc, _EXCEPTION_VALUES, (*getattr(exc, _EXCEPTION_VALUES, ()), value))
+    except AttributeError:
+        pass  # an exception type with __slots__: nothing to carry the value in
+
+
+def _exception_values(record: logging.LogRecord) -> tuple[str, ...]:
+    exc = record.exc_info[1] if record.exc_info else None
+    values: tuple[str, ...] = getattr(exc, _EXCEPTION_VALUES, ())
+    return values
 
 
 def settings_secrets(settings: Settings) -> set[str]:
@@ -232,7 +255,8 @@ class RedactingFormatter(logging.Formatter):
     """
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        with redacting(*_exception_values(record)):
+            return redact(super().format(record))
 
 
 def setup_logging(level: str = "INFO", stream: TextIO | None = None) -> None:

@@ -21,7 +21,8 @@ from bot.logs import (
 )
 from bot.mock_upstream import MockUpstream
 from bot.services import Services
-from tests.recording_chat import invocation, run_command
+from plugins.dispatch import dispatch
+from tests.recording_chat import RecordingChat, invocation, run_command
 
 
 @pytest.fixture
@@ -111,6 +112,33 @@ async def test_the_token_argument_is_hidden_in_the_lines_of_its_own_invocation(
     inside, after = log_lines.getvalue().split("after: ")
     assert key not in inside and "relay refused ***" in inside and "Traceback" in inside
     assert key in after
+
+
+async def test_a_crash_of_token_logged_by_dispatch_does_not_show_the_argument(
+    services: Services, log_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = f"Zq8w{secrets.token_hex(10)}"
+
+    async def broken_delete() -> bool:
+        raise RuntimeError(f"recall failed for message holding {key}")
+
+    # The chat fails (a platform error quoting the message): /token crashes, and dispatch
+    # logs the traceback after the handler, and its redaction block, are done.
+    chat = RecordingChat()
+    monkeypatch.setattr(chat, "delete_invocation", broken_delete)
+    handler = logging.StreamHandler(log_lines)
+    handler.setFormatter(RedactingFormatter("%(message)s"))
+    handler.addFilter(RedactingFilter())
+    dispatch_log = logging.getLogger("plugins.dispatch")
+    dispatch_log.addHandler(handler)
+    try:
+        await dispatch(invocation("token", key, is_private=False), chat, services)
+    finally:
+        dispatch_log.removeHandler(handler)
+    logged = log_lines.getvalue()
+    assert "Traceback" in logged and "RuntimeError: recall failed for message holding ***" in logged
+    assert key not in logged
+    assert key in redact(f"later: {key}")
 
 
 def test_redacting_is_scoped_to_its_block() -> None:
