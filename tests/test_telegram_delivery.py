@@ -243,3 +243,22 @@ async def test_spare_slots_wait_while_a_result_waits_in_the_same_chat() -> None:
     await asyncio.gather(preview, result)
 
     assert order == ["result", "preview"]
+
+
+# --- results in the chat are delivered ---
+
+
+async def test_album_in_the_chat_is_delivered_even_when_its_buttons_message_fails(
+    start_platform: Any, fake: FakeTelegram
+) -> None:
+    # A DeliveryError here would refund the job and tell the user it failed, while both
+    # images are in the chat.
+    tg = await start_platform(FAST)
+    chat = TelegramChat(tg.link, 1001, user_id="1001", locale="en")
+    fake.fail_next("sendMessage", error_code=400)
+
+    await chat.send_results([result_file(), result_file()], ResultMeta(5, "two herons"))
+
+    album = await fake.wait_call("sendMediaGroup")
+    assert len(album.json("media")) == 2
+    assert fake.calls_of("sendMessage")[0].status == 400

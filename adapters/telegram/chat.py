@@ -421,9 +421,13 @@ class TelegramChat:
             sent += [m.message_id for m in messages]
             first = first or messages[0].message_id
             if too_big:
-                sent += await self._send_documents(too_big, None, None, reply_to=messages[0])
+                try:
+                    sent += await self._send_documents(too_big, None, None, reply_to=messages[0])
+                except AiogramError as exc:
+                    # The album shows them; the "Original file" button can try the files again.
+                    log.warning("telegram: original files not sent: %s", type(exc).__name__)
         if actions is not None:
-            sent.append(await self._send_actions(actions, first))
+            sent += await self._send_actions_after(actions, first)
         return sent
 
     async def _send_documents(
@@ -466,8 +470,17 @@ class TelegramChat:
             )
             sent += [m.message_id for m in messages]
         if actions is not None:
-            sent.append(await self._send_actions(actions, sent[0]))
+            sent += await self._send_actions_after(actions, sent[0])
         return sent
+
+    async def _send_actions_after(self, actions: _Actions, reply_to: int | None) -> list[int]:
+        """The buttons under images already in the chat: their failure fails no delivery."""
+        try:
+            return [await self._send_actions(actions, reply_to)]
+        except AiogramError as exc:
+            # Replies to the images still find the job; only the buttons are missing.
+            log.warning("telegram: result buttons not sent: %s", type(exc).__name__)
+            return []
 
     async def _send_actions(self, actions: _Actions, reply_to: int | None) -> int:
         """Albums cannot carry buttons: put them on a small message right under one."""
