@@ -413,10 +413,14 @@ async def test_token_in_private_binds_the_key_and_never_logs_it(
 # --- buttons ---
 
 
-async def _draw(fake: FakeTelegram, chat: dict[str, Any], user: dict[str, Any]) -> ApiCall:
+async def _draw(
+    platform: TelegramPlatform, fake: FakeTelegram, chat: dict[str, Any], user: dict[str, Any]
+) -> ApiCall:
     fake.send_message(chat, user, "/draw a tiny robot")
     photo = await fake.wait_call("sendPhoto", where=with_buttons(chat["id"]))
-    await fake.wait_call("deleteMessage")  # the job finished (status line removed)
+    # The runner keeps the result files after delivering them: wait for the whole job, or a
+    # reply to the result can come before the originals are kept.
+    await platform.services.jobs.wait_idle()
     return photo
 
 
@@ -425,7 +429,7 @@ async def test_reroll_button_draws_the_prompt_again(
 ) -> None:
     alice = fake.user(1001)
     chat = fake.private_chat(alice)
-    first = await _draw(fake, chat, alice)
+    first = await _draw(platform, fake, chat, alice)
 
     query = fake.press_button(
         chat, alice, result_message(fake, chat["id"]), buttons(first)["reroll"]
@@ -443,7 +447,7 @@ async def test_edit_button_asks_for_a_reply_that_becomes_an_edit(
 ) -> None:
     alice = fake.user(1001)
     chat = fake.private_chat(alice)
-    first = await _draw(fake, chat, alice)
+    first = await _draw(platform, fake, chat, alice)
     fake.press_button(chat, alice, result_message(fake, chat["id"]), buttons(first)["edit"])
 
     prompt_call = await fake.wait_call(
@@ -465,7 +469,7 @@ async def test_original_button_sends_the_untouched_file(
 ) -> None:
     alice = fake.user(1001)
     chat = fake.private_chat(alice)
-    first = await _draw(fake, chat, alice)
+    first = await _draw(platform, fake, chat, alice)
     fake.press_button(chat, alice, result_message(fake, chat["id"]), buttons(first)["orig"])
 
     document = await fake.wait_call("sendDocument")
@@ -480,7 +484,7 @@ async def test_reply_with_edit_to_a_result_edits_that_result(
 ) -> None:
     alice = fake.user(1001)
     chat = fake.private_chat(alice)
-    await _draw(fake, chat, alice)
+    await _draw(platform, fake, chat, alice)
     fake.send_message(chat, alice, "/edit add a hat", reply_to=result_message(fake, chat["id"]))
 
     await fake.wait_call("sendPhoto", where=with_buttons(chat["id"]), count=2)
@@ -706,7 +710,7 @@ async def test_reply_to_the_edit_prompt_works_when_the_server_leaves_out_from(
 ) -> None:
     alice = fake.user(1001)
     chat = fake.private_chat(alice)
-    first = await _draw(fake, chat, alice)
+    first = await _draw(platform, fake, chat, alice)
     fake.press_button(chat, alice, result_message(fake, chat["id"]), buttons(first)["edit"])
     await fake.wait_call(
         "sendMessage", where=lambda c: "force_reply" in c.fields.get("reply_markup", "")
@@ -743,7 +747,7 @@ async def test_edit_replying_to_a_result_uses_the_kept_original_not_getfile(
 ) -> None:
     alice = fake.user(1001)
     chat = fake.private_chat(alice)
-    await _draw(fake, chat, alice)
+    await _draw(platform, fake, chat, alice)
     fake.send_message(chat, alice, "/edit add a hat", reply_to=result_message(fake, chat["id"]))
 
     await fake.wait_call("sendPhoto", where=with_buttons(chat["id"]), count=2)
@@ -802,7 +806,7 @@ async def test_button_under_an_old_inaccessible_result_still_works(
 ) -> None:
     alice = fake.user(1001)
     chat = fake.private_chat(alice)
-    first = await _draw(fake, chat, alice)
+    first = await _draw(platform, fake, chat, alice)
     shown = result_message(fake, chat["id"])
     # Telegram sends only chat, id and date 0 for a message older than 48 hours.
     old = {"chat": shown["chat"], "message_id": shown["message_id"], "date": 0}
