@@ -11,6 +11,7 @@ from bot.config import Settings
 from bot.datadir import secure_data_dir
 from bot.i18n import normalize_lang, t
 from bot.jobs import JobRunner
+from bot.proxies import proxy_from_setting
 from bot.secrets import KeyBox
 from bot.store import Store
 from bot.upstream import CapabilityStore, build_clients
@@ -51,6 +52,8 @@ class Services:
             # HTTPS_PROXY / NO_PROXY (trust_env). Reference downloads never use it.
             proxy=settings.upstream_proxy or None,
         )
+        if proxy := proxy_from_setting(settings.upstream_proxy):
+            log.info("image API: connecting through %s", proxy.address)
         # What each relay was found able to do (streams, edits) is kept in the store, so a
         # restart or the CLI does not pay again to find out.
         clients = build_clients(

@@ -12,7 +12,9 @@ environment names.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
+import ipaddress
 import os
 import re
 import sys
@@ -27,6 +29,10 @@ import pproxy
 import pytest
 import yarl
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from discord.gateway import DiscordWebSocket
 from PIL import Image
 
@@ -80,17 +86,64 @@ class Proxy:
         return any(f":{port}" in line.split(" -> ", 1)[-1] for line in self.log)
 
 
+PROXY_HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+
+
+@dataclass(frozen=True)
+class ProxyTLS:
+    """A self-signed certificate for the proxies' addresses, and the key."""
+
+    cert: Path
+    key: Path
+
+
+@pytest.fixture(scope="session")
+def proxy_tls(tmp_path_factory: pytest.TempPathFactory) -> ProxyTLS:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "drawbridge test proxy")])
+    now = datetime.datetime.now(datetime.UTC)
+    sans = [x509.IPAddress(ipaddress.ip_address(host)) for host in PROXY_HOSTS]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder = tmp_path_factory.mktemp("proxy-tls")
+    tls = ProxyTLS(folder / "cert.pem", folder / "key.pem")
+    tls.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    tls.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return tls
+
+
 @pytest.fixture
-async def proxies() -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
-    """Start real proxies: `await proxies("socks5", auth=True)`; all closed afterwards."""
+async def proxies(proxy_tls: ProxyTLS) -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
+    """Start real proxies: `await proxies("socks5", auth=True)`; all closed afterwards.
+
+    "https" is an HTTP proxy spoken over TLS, with `proxy_tls`'s certificate."""
     servers: list[asyncio.Server] = []
-    hosts = iter(("127.0.0.2", "127.0.0.3", "127.0.0.4"))
+    hosts = iter(PROXY_HOSTS)
 
     async def start(scheme: str, *, auth: bool = False) -> Proxy:
         proxy = Proxy(scheme, next(hosts), auth=auth)
         users = f"#{USER}:{PASSWORD}" if auth else ""
+        kind = "http+ssl" if scheme == "https" else scheme
         # `@in`: connect out from the listening address (see the module docstring).
-        server = pproxy.Server(f"{scheme}://{proxy.host}:0/@in{users}")
+        server = pproxy.Server(f"{kind}://{proxy.host}:0/@in{users}")
+        if scheme == "https":
+            server.sslserver.load_cert_chain(proxy_tls.cert, proxy_tls.key)
         # authtime 0: check the credentials on every connection, not once per client address.
         listening = await server.start_server(
             {"verbose": proxy.log.append, "authtime": 0, "rserver": []}
@@ -275,7 +328,46 @@ async def test_telegram_and_the_image_api_are_reached_only_through_their_proxies
     assert upstream_peers and set(upstream_peers) == {upstream_proxy.host}
     assert upstream_proxy.tunnels_to(port_of(mock_upstream.base_url)) == len(upstream_peers)
     assert not upstream_proxy.mentions(telegram_port)
+    assert f"telegram: connecting through socks5://{telegram_proxy.host}:" in bot.log
+    assert f"image API: connecting through http://{upstream_proxy.host}:" in bot.log
     assert PASSWORD not in bot.log and quote(PASSWORD, safe="") not in bot.log
+
+
+async def test_telegram_and_the_image_api_through_https_proxies(
+    proxies: Callable[..., Awaitable[Proxy]],
+    proxy_tls: ProxyTLS,
+    mock_upstream: MockUpstream,
+    tmp_path: Path,
+) -> None:
+    telegram_proxy = await proxies("https", auth=True)
+    upstream_proxy = await proxies("https")
+    upstream_peers = peers_of(mock_upstream._runner)
+    async with FakeTelegram() as fake:
+        telegram_peers = peers_of(fake._runner)
+        env = run_env(
+            tmp_path,
+            mock_upstream,
+            TELEGRAM_BOT_TOKEN=fake.token,
+            TELEGRAM_API_SERVER=fake.base_url,
+            TELEGRAM_PROXY=telegram_proxy.url(),
+            DRAWBRIDGE_UPSTREAM_PROXY=upstream_proxy.url(),
+            # The proxies' certificate is trusted, and verified: TLS to the proxy is real.
+            SSL_CERT_FILE=str(proxy_tls.cert),
+        )
+        bot = BotProcess(env, tmp_path)
+        try:
+            await bot.start(ready="telegram ready", within=30)
+            alice = fake.user(1001)
+            fake.send_message(fake.private_chat(alice), alice, "/draw a windmill")
+            photo = await fake.wait_call("sendPhoto", where=with_buttons, within=30)
+        finally:
+            code = await bot.stop()
+    assert code == 0, bot.log
+    assert "a windmill" in photo.fields["caption"]
+    assert telegram_peers and set(telegram_peers) == {telegram_proxy.host}
+    assert telegram_proxy.tunnels_to(port_of(fake.base_url)) == len(telegram_peers)
+    assert upstream_peers and set(upstream_peers) == {upstream_proxy.host}
+    assert upstream_proxy.tunnels_to(port_of(mock_upstream.base_url)) == len(upstream_peers)
 
 
 # --- Discord --------------------------------------------------------------------------------
@@ -340,6 +432,7 @@ async def test_discord_rest_gateway_and_env_proxied_upstream_but_direct_attachme
 
     # REST and the gateway WebSocket: every connection through DISCORD_PROXY.
     assert len(fake_discord.identifies) == 1
+    assert f"discord: connecting through http://{discord_proxy.host}:" in bot.log
     assert discord_peers and set(discord_peers) == {discord_proxy.host}
     assert discord_proxy.tunnels_to(port_of(fake_discord.base_url)) == len(discord_peers)
     # The image API through HTTP_PROXY from the environment (trust_env kept).

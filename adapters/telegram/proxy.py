@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
 
 from bot.proxies import proxy_from_setting
+
+log = logging.getLogger(__name__)
 
 
 def bot_session(api: TelegramAPIServer, proxy_setting: str) -> AiohttpSession:
@@ -19,6 +23,7 @@ def bot_session(api: TelegramAPIServer, proxy_setting: str) -> AiohttpSession:
     proxy = proxy_from_setting(proxy_setting)
     if proxy is None:
         return AiohttpSession(api=api)
+    log.info("telegram: connecting through %s", proxy.address)
     session = AiohttpSession(api=api, proxy=proxy.tunnel_url)
     tls = proxy.tunnel_tls()
     if tls is not None:
