@@ -1,12 +1,13 @@
 """TELEGRAM_PROXY, DISCORD_PROXY and DRAWBRIDGE_UPSTREAM_PROXY against real proxies.
 
 The proxies are pproxy servers (a real HTTP CONNECT / SOCKS5 implementation) on loopback
-addresses of their own, 127.0.0.2 and 127.0.0.3. pproxy opens its outgoing connections from
-the address it listens on, so a fake server on 127.0.0.1 tells a proxied connection (from
-127.0.0.2 or .3) from a direct one (from 127.0.0.1); the proxy's log names each tunnel's
-target, and the two counts must agree. NO_PROXY is emptied: nothing may skip a proxy for
-loopback. Reference downloads are the opposite case: they must stay direct whatever proxy the
-environment names.
+addresses of their own (127.0.0.2, .3, .4). pproxy opens its outgoing connections from the
+address it listens on, so a fake server on 127.0.0.1 tells a proxied connection (from that
+proxy's address) from a direct one (from 127.0.0.1); the proxy's log names the target of each
+connection it opened (a CONNECT or SOCKS5 tunnel, or a forwarded plain-HTTP request), and the
+two counts must agree. An "https" proxy is pproxy's HTTP proxy over TLS with a certificate the
+bot is told to trust. NO_PROXY is emptied: nothing may skip a proxy for loopback. Reference
+downloads are the opposite case: they must stay direct whatever proxy the environment names.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class Proxy:
         return sum(1 for line in self.log if opened.search(line))
 
     def mentions(self, port: int) -> bool:
+        """Whether any log line names `port` as a target."""
         return any(f":{port}" in line.split(" -> ", 1)[-1] for line in self.log)
 
 
