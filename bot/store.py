@@ -1011,8 +1011,11 @@ class Store:
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether a failed store call may succeed if tried again: the file locked by another
-    writer past busy_timeout, a full disk, an I/O error. Contract errors are not."""
+    """Whether a failed store call may succeed if tried again.
+
+    True for the file locked by another writer past busy_timeout, a full disk, an I/O error;
+    False for contract errors (`StoreError`), constraint violations and anything else.
+    """
     return isinstance(error, sqlite3.OperationalError)
 
 
