@@ -24,7 +24,7 @@ from PIL import Image
 
 from bot import errors
 from bot import store as store_module
-from bot.chat import OutFile, ResultMeta
+from bot.chat import MessageRef, OutFile, ResultMeta
 from bot.config import Settings
 from bot.jobs import today
 from bot.mock_upstream import MockUpstream
@@ -295,3 +295,43 @@ async def test_a_commit_locked_out_for_longer_than_the_retries_is_committed_by_r
     finally:
         await again.close()
     assert assert_ledger_exact(db_path(again)) == {"reservations": 1, "committed": 1}
+
+
+class LockOnPreviewChat(LockAfterDeliveryChat):
+    """Takes the write lock when the first partial preview arrives, before the job fails."""
+
+    async def send_preview(self, ref: MessageRef | None, image: bytes) -> MessageRef | None:
+        new = await super().send_preview(ref, image)
+        if self.holder is None:
+            self.holder = threading.Thread(target=self._hold)
+            self.holder.start()
+            await asyncio.to_thread(self.locked.wait)
+        return new
+
+
+async def test_a_refund_blocked_by_a_lock_is_retried_not_left_open(
+    settings_factory: Callable[..., Settings], short_busy_timeout: None
+) -> None:
+    services = await Services.create(settings_factory())
+    chat = LockOnPreviewChat(db_path(services))
+    watcher = ReleaseOnRetry(chat)
+    logging.getLogger("bot.jobs").addHandler(watcher)
+    try:
+        # A partial image, then the stream breaks: the job fails while the file is locked.
+        await run_command(services, invocation("draw", "a fox [fail:stream_cut]"), chat)
+        chat.unlock()
+        assert watcher.retries >= 1
+        assert "broken answer" in chat.last_text()
+        assert await credits_left(services) == 5
+        job = await services.store.job(1)
+        assert job is not None
+        assert (job.status, job.error_kind, job.ledger_state) == (
+            "failed",
+            "malformed_response",
+            "refunded",
+        )
+    finally:
+        logging.getLogger("bot.jobs").removeHandler(watcher)
+        chat.unlock()
+        await services.close()
+    assert assert_ledger_exact(db_path(services)) == {"reservations": 1, "refunded": 1}
