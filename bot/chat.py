@@ -148,7 +148,12 @@ class Chat(Protocol):
         ...
 
     async def send_results(self, files: Sequence[OutFile], meta: ResultMeta) -> None:
-        """Deliver finished images the platform's way. Raises `DeliveryError` on failure."""
+        """Deliver finished images the platform's way. Raises `DeliveryError` on failure.
+
+        When some files are already in the chat before a later one fails, raise it with
+        `delivered=<how many>` (`DeliveryError(detail, delivered=1)`): the job is then charged
+        for those, not refunded.
+        """
         ...
 
     async def delete_invocation(self) -> bool:
