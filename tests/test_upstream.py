@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import io
 import json
 import os
 import socket
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -869,6 +871,35 @@ async def test_url_result_over_max_result_bytes_is_a_download_error(
     with pytest.raises(errors.ResultDownloadError) as caught:
         await client.generate(ImageRequest("x"))
     assert caught.value.code == "too_large"
+
+
+async def test_gzip_result_sent_anyway_is_refused_without_inflating_it(
+    relay: Callable[[Handler], Awaitable[str]], clients: Callable[..., UpstreamClient]
+) -> None:
+    # 64 MB of zeros in ~64 KB of gzip: httpx would inflate it chunk by chunk past any cap.
+    bomb = gzip.compress(bytes(64 * 1024 * 1024), compresslevel=9)
+    base = ""
+    asked: list[str] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.method == "GET":
+            asked.append(request.headers.get("Accept-Encoding", ""))
+            return web.Response(
+                body=bomb, headers={"Content-Type": "image/png", "Content-Encoding": "gzip"}
+            )
+        return web.json_response({"data": [{"url": f"{base}/files/bomb.png"}]})
+
+    base = await relay(handler)
+    tracemalloc.start()
+    try:
+        with pytest.raises(errors.ResultDownloadError) as caught:
+            await clients(base, max_result_bytes=2 * 1024 * 1024).generate(ImageRequest("x"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert caught.value.code == "bad_encoding"
+    assert asked == ["identity"]
+    assert peak < 8 * 1024 * 1024
 
 
 async def send_in_pieces(request: web.Request, body: bytes) -> web.StreamResponse:

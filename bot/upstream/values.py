@@ -21,6 +21,7 @@ CODE_NOT_AN_IMAGE: Final = "not_an_image"
 CODE_TRUNCATED_IMAGE: Final = "truncated_image"
 CODE_NOT_JSON: Final = "not_json"
 CODE_TOO_LARGE: Final = "too_large"
+CODE_BAD_ENCODING: Final = "bad_encoding"  # a result sent compressed though identity was asked
 
 
 @dataclass(frozen=True, slots=True)
