@@ -459,7 +459,7 @@ async def run_doctor(
     capabilities = CapabilityStore(store)
     reports = []
     try:
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(proxy=settings.upstream_proxy or None) as http:
             for provider in providers:
                 # The raw stored object: only what was really learned, no None placeholders.
                 known = await store.provider_capabilities(provider.name)

@@ -27,6 +27,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, TextIO, TypeVar
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from bot.config import Settings
@@ -201,6 +202,11 @@ def settings_secrets(settings: Settings) -> set[str]:
         settings.discord_bot_token,
     }
     values.update(provider.api_key for provider in settings.providers())
+    # A proxy's password may surface in a library's error message with the URL.
+    for proxy in (settings.telegram_proxy, settings.discord_proxy, settings.upstream_proxy):
+        password = urlsplit(proxy).password if proxy else None
+        if password and len(password) >= 4:
+            values.add(password)
     return {v for v in values if v}
 
 

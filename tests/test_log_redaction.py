@@ -199,3 +199,15 @@ def test_discord_interaction_tokens_in_urls_are_masked() -> None:
         f"POST http://127.0.0.1:4000/api/v10/webhooks/5678/{token}?wait=true",
     ):
         assert token not in redact(line)
+
+
+def test_proxy_passwords_are_configured_secrets() -> None:
+    from bot.config import Settings
+    from bot.logs import settings_secrets
+
+    settings = Settings(
+        _env_file=None,
+        telegram_proxy="socks5://bob:Pr0xyPass@127.0.0.1:1080",
+        upstream_proxy="http://alice:Up5treamPw@127.0.0.1:3128",
+    )
+    assert {"Pr0xyPass", "Up5treamPw"} <= settings_secrets(settings)
