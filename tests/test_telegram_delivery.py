@@ -18,6 +18,7 @@ from adapters.telegram.chat import TelegramChat
 from adapters.telegram.flood import Pacer
 from bot.chat import OutFile, ResultMeta
 from bot.config import Settings
+from bot.errors import DeliveryError
 from bot.mock_upstream import MockUpstream
 from tests.fake_telegram import ApiCall, FakeTelegram, make_png
 
@@ -262,3 +263,31 @@ async def test_album_in_the_chat_is_delivered_even_when_its_buttons_message_fail
     album = await fake.wait_call("sendMediaGroup")
     assert len(album.json("media")) == 2
     assert fake.calls_of("sendMessage")[0].status == 400
+
+
+async def test_results_failing_after_some_are_in_the_chat_report_how_many_were_delivered(
+    start_platform: Any, fake: FakeTelegram
+) -> None:
+    tg = await start_platform(FAST)
+    chat = TelegramChat(tg.link, 1001, user_id="1001", locale="en")
+    # Eleven results: an album of ten, then the eleventh alone, which Telegram refuses.
+    fake.fail_next("sendPhoto", error_code=403, description="Forbidden: bot was blocked")
+
+    with pytest.raises(DeliveryError) as failed:
+        await chat.send_results([result_file() for _ in range(11)], ResultMeta(6, "many"))
+
+    assert len(fake.ok_calls("sendMediaGroup")[0].json("media")) == 10
+    assert failed.value.params["delivered"] == 10
+
+
+async def test_results_failing_before_any_is_in_the_chat_report_none_delivered(
+    start_platform: Any, fake: FakeTelegram
+) -> None:
+    tg = await start_platform(FAST)
+    chat = TelegramChat(tg.link, 1001, user_id="1001", locale="en")
+    fake.fail_next("sendMediaGroup", error_code=403, description="Forbidden: bot was blocked")
+
+    with pytest.raises(DeliveryError) as failed:
+        await chat.send_results([result_file(), result_file()], ResultMeta(7, "two"))
+
+    assert "delivered" not in failed.value.params

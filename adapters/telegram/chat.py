@@ -168,6 +168,8 @@ class TelegramChat:
         # While results are being sent (and after), previews and status edits give way.
         self._delivering = 0
         self._delivered = False
+        # Result files shown in the chat by the current `send_results`, for a partial failure.
+        self._files_shown = 0
 
     @property
     def limits(self) -> ChatLimits:
@@ -315,6 +317,7 @@ class TelegramChat:
         # Status edits and previews still waiting for a slot give way to the result.
         self._delivering += 1
         self._sender.pacer.poke(self.chat_id)
+        self._files_shown = 0
         try:
             async with self._uploading():
                 if meta.originals:
@@ -325,7 +328,11 @@ class TelegramChat:
                 else:
                     sent = await self._send_album(files, caption, actions)
         except TelegramAPIError as exc:
-            raise DeliveryError(f"{type(exc).__name__}: {exc.message[:200]}") from exc
+            detail = f"{type(exc).__name__}: {exc.message[:200]}"
+            if self._files_shown:
+                # Those are in the chat: the job is charged for them, not refunded.
+                raise DeliveryError(detail, delivered=self._files_shown) from exc
+            raise DeliveryError(detail) from exc
         finally:
             self._delivering -= 1
         self._delivered = True
@@ -348,12 +355,14 @@ class TelegramChat:
         if await _fits_photo(file):
             try:
                 message = await self._send_photo(file.data, file.filename, caption, markup)
+                self._files_shown += 1
                 return [message.message_id]
             except (TelegramBadRequest, TelegramEntityTooLarge) as exc:
                 # Telegram judges photos by rules we only approximate: fall back to a file.
                 log.info("telegram: photo refused (%s), sending a preview", exc.message[:80])
         preview = await make_preview(file.data, max_bytes=PREVIEW_BYTES, max_edge=PREVIEW_EDGE)
         shown = await self._send_photo(preview, _preview_name(file.filename), caption, markup)
+        self._files_shown += 1
         sent = [shown.message_id]
         if len(file.data) > self.limits.file_bytes:
             log.warning("telegram: result of %d bytes is over the file limit", len(file.data))
@@ -418,11 +427,14 @@ class TelegramChat:
                     sent += single
                     first = first or single[0]
                 continue
+            self._files_shown += len(chunk)
             sent += [m.message_id for m in messages]
             first = first or messages[0].message_id
             if too_big:
                 try:
-                    sent += await self._send_documents(too_big, None, None, reply_to=messages[0])
+                    sent += await self._send_documents(
+                        too_big, None, None, reply_to=messages[0], shows_files=False
+                    )
                 except AiogramError as exc:
                     # The album shows them; the "Original file" button can try the files again.
                     log.warning("telegram: original files not sent: %s", type(exc).__name__)
@@ -437,17 +449,22 @@ class TelegramChat:
         actions: _Actions | None,
         *,
         reply_to: Message | None = None,
+        shows_files: bool = True,
     ) -> list[int]:
+        # `shows_files` False: originals of photos already counted as shown.
+        shown = 1 if shows_files else 0
         target = reply_to.message_id if reply_to is not None else None
         if len(files) == 1:
             markup = actions.markup if actions else None
             message = await self._send_document(files[0], caption, markup, reply_to=target)
+            self._files_shown += shown
             return [message.message_id]
         sent: list[int] = []
         for start in range(0, len(files), ALBUM_SIZE):
             chunk = files[start : start + ALBUM_SIZE]
             if len(chunk) == 1:
                 message = await self._send_document(chunk[0], None, None, reply_to=target)
+                self._files_shown += shown
                 sent.append(message.message_id)
                 continue
             last_chunk = start + ALBUM_SIZE >= len(files)
@@ -468,6 +485,7 @@ class TelegramChat:
                 chat_id=self.chat_id,
                 request_timeout=UPLOAD_TIMEOUT,
             )
+            self._files_shown += shown * len(chunk)
             sent += [m.message_id for m in messages]
         if actions is not None:
             sent += await self._send_actions_after(actions, sent[0])
