@@ -119,6 +119,13 @@ class JobTooManyPixelsError(ImageTooLargeError):
     `megapixels`, `limit_mp`.
     """
 
+class SvgImageError(UnsupportedImageError):
+    """An SVG: a drawing to render, which we do not do, not a picture to decode."""
+
+    kind = "svg_image"
+    key = "error.svg_image"
+
+
     kind = "job_too_many_pixels"
     key = "error.job_too_many_pixels"
 

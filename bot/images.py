@@ -3,7 +3,13 @@
 Every image comes from a user, so decoding is treated as hostile: only the formats in
 `ALLOWED_FORMATS` are opened, the pixel count is checked against our own `MAX_PIXELS` before
 anything is decoded, and Pillow's decompression-bomb warning is turned into an error. Pillow's
-global settings are never changed.
+global settings are never changed; the one thing added to it is the HEIF reader (pillow-heif),
+registered at import.
+
+Besides what the image API takes (PNG, JPEG, WebP), people send GIFs, iPhone photos as files
+(HEIC), AVIF, BMP and TIFF: these are converted on receipt, to PNG when the pixels fit the
+provider's byte limit losslessly, else to JPEG (PNG with transparency). An SVG is refused with
+its own message: it is a drawing to render, not a picture to decode.
 
 Memory is spent one image at a time: `prepare_references` reads every header first (the
 per-image limit and the job's total pixel budget are checked before any decode), then
@@ -20,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import struct
 import threading
 import warnings
 from collections.abc import Sequence
@@ -27,6 +34,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Final
 
+import pillow_heif
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from bot.errors import (
@@ -34,12 +42,19 @@ from bot.errors import (
     ImageError,
     ImageTooLargeError,
     JobTooManyPixelsError,
+    SvgImageError,
     TooManyPixelsError,
     TooManyReferencesError,
     UnsupportedImageError,
 )
 
-ALLOWED_FORMATS: Final = ("PNG", "JPEG", "WEBP", "GIF")
+# Registers the "HEIF" format (HEIC and HEIF files); AVIF is Pillow's own.
+pillow_heif.register_heif_opener()
+
+ALLOWED_FORMATS: Final = ("PNG", "JPEG", "WEBP", "GIF", "HEIF", "AVIF", "BMP", "TIFF")
+"""Pillow format names we open; the last four are always converted (see `CONVERTED_FORMATS`)."""
+CONVERTED_FORMATS: Final = frozenset({"HEIF", "AVIF", "BMP", "TIFF"})
+"""Formats the image API does not take: made PNG on receipt (JPEG when PNG cannot fit)."""
 MAX_PIXELS: Final = 52_000_000
 """Our decompression-bomb limit, below Pillow's own (89 M pixels warns, 179 M raises).
 
@@ -58,6 +73,14 @@ _PASS_THROUGH_MODES: Final[dict[str, frozenset[str]]] = {
 }
 _MIME: Final = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
 _EXT: Final = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif"}
+# ISO base media boxes (HEIF, AVIF) that hold the image properties: meta > iprp > ipco > ispe.
+_ISOBMFF_PATH: Final = (b"meta", b"iprp", b"ipco")
+_ISOBMFF_BRANDS: Final = frozenset(
+    {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis"}
+)
+# How far into a file an SVG's root element may start (after an XML declaration, comments
+# and a doctype).
+_SVG_SNIFF_BYTES: Final = 4096
 # Modes whose ICC profile (if any) still describes the pixels after conversion to RGB(A).
 _RGB_PROFILE_MODES: Final = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "P", "PA"})
 
@@ -127,6 +150,8 @@ def extension_for_format(fmt: str) -> str:
 def probe(data: bytes) -> ImageInfo:
     """Identify and fully decode the first frame; sync (call it from a thread for big files).
 
+    `ImageInfo.format` is the file's own format, one of `ALLOWED_FORMATS`.
+
     Raises `UnsupportedImageError` (not an image, or a format we refuse), `ImageTooLargeError`
     (more than `MAX_PIXELS`) or `ImageError` (corrupt or truncated).
     """
@@ -140,9 +165,10 @@ async def prepare_reference(
     """Make one user image fit for `/v1/images/edits`, named `ref{index+1}.{ext}`.
 
     PNG/JPEG/WEBP already within limits and upright pass through byte for byte; anything else
-    is re-encoded (PNG when it has transparency, else JPEG) without metadata and shrunk until
-    it fits `max_bytes`. An image over `max_edge` may come out up to 10% under it (a whole
-    decode or reduce factor). Errors carry `index` (1-based) so the user knows which failed.
+    is re-encoded without metadata (PNG when it has transparency, and HEIC/AVIF/BMP/TIFF when
+    their pixels fit `max_bytes` as PNG; else JPEG) and shrunk until it fits `max_bytes`. An
+    image over `max_edge` may come out up to 10% under it (a whole decode or reduce factor).
+    Errors carry `index` (1-based) so the user knows which failed.
     """
     try:
         return await asyncio.to_thread(_prepare_reference_sync, data, index, max_bytes, max_edge)
@@ -228,6 +254,11 @@ def _open_checked(data: bytes) -> tuple[ImageFile.ImageFile, ImageInfo]:
 
 def _open_header(data: bytes) -> tuple[ImageFile.ImageFile, ImageInfo]:
     """Read the header only and check the pixel count: nothing is decoded yet."""
+    # HEIF/AVIF: our own reading of the declared size comes first, so a huge one is refused
+    # before libheif or libavif parse the file (libavif refuses one past its own limit as
+    # unidentifiable, which would tell the user the wrong thing).
+    for width, height in _isobmff_extents(data):
+        _check_pixels(width, height)
     with _OPEN_LOCK, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -249,6 +280,8 @@ def _open_header(data: bytes) -> tuple[ImageFile.ImageFile, ImageInfo]:
                 limit_mp=MAX_PIXELS // 1_000_000,
             ) from exc
         except UnidentifiedImageError as exc:
+            if _looks_like_svg(data):
+                raise SvgImageError("svg") from exc
             raise UnsupportedImageError("not an allowed image format") from exc
         except DrawbridgeError:
             raise
@@ -258,7 +291,54 @@ def _open_header(data: bytes) -> tuple[ImageFile.ImageFile, ImageInfo]:
     fmt = img.format or ""
     if fmt not in (*ALLOWED_FORMATS, "MPO"):
         raise UnsupportedImageError(f"format {fmt}", format=fmt)
-    return img, ImageInfo(_canonical_format(fmt), width, height, animated)
+    return img, ImageInfo("JPEG" if fmt == "MPO" else fmt, width, height, animated)
+
+
+def _isobmff_extents(data: bytes) -> list[tuple[int, int]]:
+    """Every size (`ispe`) a HEIF or AVIF file declares; empty for any other file.
+
+    The primary image, its tiles, thumbnails and alpha planes each have one: the primary (or
+    grid) is the largest, so checking them all checks it. Reads box headers only.
+    """
+    if data[4:8] != b"ftyp" or not any(
+        data[i : i + 4] in _ISOBMFF_BRANDS for i in range(8, min(len(data), 64), 4)
+    ):
+        return []
+    boxes = [(0, len(data))]
+    for name in _ISOBMFF_PATH:
+        found = [box for start, end in boxes for box in _boxes(data, start, end, name)]
+        # `meta` is a full box: 4 bytes of version and flags before its children.
+        boxes = [(start + 4, end) if name == b"meta" else (start, end) for start, end in found]
+    extents = []
+    for start, end in boxes:
+        for body, body_end in _boxes(data, start, end, b"ispe"):
+            if body_end - body >= 12:
+                extents.append(struct.unpack(">II", data[body + 4 : body + 12]))
+    return extents
+
+
+def _boxes(data: bytes, start: int, end: int, name: bytes) -> list[tuple[int, int]]:
+    """The bodies (start, end) of the boxes called `name` directly inside `data[start:end]`."""
+    found = []
+    while start + 8 <= end:
+        size, kind = struct.unpack(">I4s", data[start : start + 8])
+        header = 8
+        if size == 1 and start + 16 <= end:
+            (size,) = struct.unpack(">Q", data[start + 8 : start + 16])
+            header = 16
+        elif size == 0:
+            size = end - start
+        if size < header or start + size > end:
+            break  # a corrupt box: the decoder will say so
+        if kind == name:
+            found.append((start + header, start + size))
+        start += size
+    return found
+
+
+def _looks_like_svg(data: bytes) -> bool:
+    head = data[:_SVG_SNIFF_BYTES].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return head.startswith(b"<") and b"<svg" in head
 
 
 def _decode(img: ImageFile.ImageFile) -> None:
@@ -493,7 +573,8 @@ def _prepare_reference_sync(data: bytes, index: int, max_bytes: int, max_edge: i
     # Shrink first: every later step (turn, convert, encode) then works on the small image.
     prepared = _to_rgb_or_rgba(_upright(_shrink(img, max_edge, _REFERENCE_NEAR), orientation))
     del img  # the full-size decode is not needed past this point
-    fmt = "PNG" if prepared.mode == "RGBA" else "JPEG"
+    lossless = info.format in CONVERTED_FORMATS and _fits_as_png(prepared, max_bytes)
+    fmt = "PNG" if prepared.mode == "RGBA" or lossless else "JPEG"
     out, final = _encode_within(
         prepared, fmt, max_bytes, _REFERENCE_QUALITY, _REFERENCE_MIN_QUALITY
     )
@@ -504,6 +585,18 @@ def _prepare_reference_sync(data: bytes, index: int, max_bytes: int, max_edge: i
         width=final.width,
         height=final.height,
     )
+
+
+def _fits_as_png(img: Image.Image, max_bytes: int) -> bool:
+    """Whether a PNG of `img` is sure to fit `max_bytes`, known without encoding it.
+
+    A PNG is never larger than its raw pixels plus a filter byte a row, zlib's and the chunks'
+    framing (under 0.1%) and the colour profile; a photo too big for that becomes a JPEG
+    rather than a PNG shrunk until it fits.
+    """
+    raw = img.width * img.height * len(img.getbands()) + img.height
+    profile = len(img.info.get("icc_profile") or b"")
+    return raw + raw // 1000 + profile + 1024 <= max_bytes
 
 
 def _preview_sync(data: bytes, max_bytes: int, max_edge: int, fmt: str, quality: int) -> bytes:

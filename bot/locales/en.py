@@ -118,7 +118,8 @@ MESSAGES: dict[str, str] = {
     "error.no_reference": "/edit needs an image: reply to an image with /edit <prompt>, or attach one.",
     "error.too_many_references": "You sent {count} images; this provider takes at most {limit}.",
     "error.bad_image": "One of the images is damaged or unreadable. Please send another one.",
-    "error.unsupported_image": "That file is not a supported image. Send PNG, JPEG, WebP or GIF.",
+    "error.unsupported_image": "That file is not a supported image. Send PNG, JPEG, WebP, GIF, HEIC, AVIF, BMP or TIFF.",
+    "error.svg_image": "SVG is a drawing format, not a picture: send PNG, JPEG, WebP, GIF, HEIC, AVIF, BMP or TIFF.",
     "error.image_too_large": "That image is too large ({size_mb} MB). "
     "The limit is {limit_mb} MB; please send a smaller one.",
     "error.image_too_many_pixels": "That image is too big ({megapixels} megapixels; the limit is {limit_mp}). Please send a smaller one.",
