@@ -22,7 +22,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,6 +58,8 @@ QUEUE_TICK = 3.0
 """Seconds between checks of a waiting job's queue position."""
 PREVIEW_INTERVAL = 3.0
 """Least seconds between two partial previews (platforms rate-limit edits)."""
+PREVIEW_FLUSH = 0.3
+"""Seconds a preview already uploading may finish once the result is in hand."""
 PRUNE_EVERY = 3600.0
 """Seconds between two prunings of kept job files while the bot runs."""
 LEDGER_RETRY_SECONDS = 60.0
@@ -168,10 +170,11 @@ class JobRunner:
         if own_key:
             if not providers:
                 raise errors.NotConfiguredError("no provider for a personal key")
-            primary = providers[0].with_key(own_key)
-            # A personal key is used only on the first provider: never spend it elsewhere.
-            client = UpstreamClient(primary, http=self.clients[0].http)
-            return _Credential(ProviderChain([client]), primary, True)
+            # A personal key is used only on the first provider: never spend it elsewhere. The
+            # client shares what was learned about that relay (streaming, edits), so an own-key
+            # job never pays again for a lesson a shared-key job already learned.
+            client = self.clients[0].with_key(own_key)
+            return _Credential(ProviderChain([client]), client.provider, True)
         if self._chain is None or not any(p.api_key for p in providers):
             raise errors.NotConfiguredError("no shared key")
         return _Credential(self._chain, providers[0], False)
@@ -257,7 +260,12 @@ class JobRunner:
             self._per_user[user.id] = self.active_count(user.id) + 1
             self._intake += 1
             admitted = True
-            self._check_request(spec, cred.primary, extra_references)
+            self._check_request(spec, extra_references)
+            # Route by what each relay was found able to do (an /edit skips providers known not
+            # to edit, or taking fewer images), before anything is downloaded or charged.
+            refs = len(spec.references) + len(extra_references)
+            targets = await cred.chain.candidates(spec.kind, refs)
+            cred = replace(cred, primary=targets[0].provider)
             unit = 0 if cred.own_key else price(self.settings, spec.size, spec.quality)
             cost = unit * spec.n
             day = today(self.settings)
@@ -321,9 +329,7 @@ class JobRunner:
         )
         return job_id
 
-    def _check_request(
-        self, spec: JobSpec, provider: ProviderConfig, extra: Sequence[bytes]
-    ) -> None:
+    def _check_request(self, spec: JobSpec, extra: Sequence[bytes]) -> None:
         """Refuse a bad request by what it says alone, before any image is downloaded."""
         prompt = spec.prompt.strip()
         if not prompt:
@@ -336,11 +342,8 @@ class JobRunner:
             raise errors.BadOptionError(f"n={spec.n}", option="n", value=spec.n)
         if spec.kind != "edit":
             return
-        count = len(spec.references) + len(extra)
-        if count == 0:
+        if not spec.references and not extra:
             raise errors.NoReferenceImageError()
-        if count > provider.max_references:
-            raise errors.TooManyReferencesError(count=count, limit=provider.max_references)
 
     async def _check_affordable(
         self, user_id: int, cost: int, day: date, group_key: str | None
@@ -393,7 +396,10 @@ class JobRunner:
                 del self._downloads[user_id]
         raw = [*extra, *fetched]
         return await prepare_references(
-            raw, max_count=provider.max_references, max_bytes=provider.max_reference_bytes
+            raw,
+            max_count=provider.max_references,
+            max_bytes=provider.max_reference_bytes,
+            max_total_pixels=self.settings.max_job_pixels,
         )
 
     def _slot(self, provider: ProviderConfig) -> asyncio.Semaphore:
@@ -452,8 +458,12 @@ class JobRunner:
             if ticker is not None:
                 ticker.cancel()
                 ticker = None
+            # Previews not yet shown are stale now: the result goes first.
+            await progress.close()
             if status is not None and chat.limits.can_edit:
-                await _quietly(chat.edit_text(status, t(lang, "status.uploading", job=job_id)))
+                # Beside the upload, never in front of it (an edit may wait out a rate limit).
+                text = t(lang, "status.uploading", job=job_id)
+                side.append(asyncio.create_task(_quietly(chat.edit_text(status, text))))
             files = _out_files(job_id, result)
             unit = self._drawn_unit(ticket, result)
             charge = min(ticket.cost, unit * len(files))
@@ -461,6 +471,7 @@ class JobRunner:
             caption = self._caption(lang, request, result, ticket, charge)
             sent = await _deliver(chat, files, ResultMeta(job_id, caption, result.revised_prompt))
             delivered = True
+            await _settle(side)
             ticket.outcome = "succeeded"
             if sent < len(files):
                 # Only some images reached the chat: charge for those, say so.
@@ -519,6 +530,8 @@ class JobRunner:
         finally:
             if ticker is not None:
                 ticker.cancel()
+            with contextlib.suppress(Exception):
+                await progress.close()
             if progress.preview is not None and ticket.outcome != "succeeded":
                 # A partial preview of a job that failed would look like a result.
                 await _quietly(chat.delete(progress.preview))
@@ -908,13 +921,20 @@ class JobRunner:
 
 
 class _ProgressRelay:
-    """Turns upstream progress into chat previews, throttled."""
+    """Turns upstream progress into chat previews, throttled, beside the upstream stream.
+
+    A preview upload never holds up the reading of the image's stream: partials are handed to
+    one background task, and while it is busy only the newest partial waits (older ones are
+    stale). `close()` drops what has not been shown once the final image is in hand.
+    """
 
     def __init__(self, chat: Chat, lang: str) -> None:
         self.chat = chat
         self.lang = lang
         self.preview: MessageRef | None = None
         self.last = 0.0
+        self._pending: bytes | None = None
+        self._task: asyncio.Task[None] | None = None
 
     async def __call__(self, event: Progress) -> None:
         if event.kind != "partial" or not event.data or not self.chat.limits.can_preview:
@@ -923,11 +943,30 @@ class _ProgressRelay:
         if now - self.last < PREVIEW_INTERVAL:
             return
         self.last = now
-        try:
-            jpeg = await to_jpeg_partial(event.data)
-            self.preview = await self.chat.send_preview(self.preview, jpeg)
-        except Exception:
-            log.debug("preview failed", exc_info=True)
+        self._pending = event.data
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._send(), name="preview")
+
+    async def _send(self) -> None:
+        while self._pending is not None:
+            data, self._pending = self._pending, None
+            try:
+                jpeg = await to_jpeg_partial(data)
+                self.preview = await self.chat.send_preview(self.preview, jpeg)
+            except Exception:
+                log.debug("preview failed", exc_info=True)
+
+    async def close(self) -> None:
+        """Drop previews not yet sent; give one in flight a moment, then cancel it."""
+        self._pending = None
+        task, self._task = self._task, None
+        if task is None or task.done():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), PREVIEW_FLUSH)
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 class _ByteBudget:
