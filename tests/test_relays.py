@@ -583,3 +583,62 @@ def test_stream_failure_bodies_mean_a_stream_failure_only_for_streamed_requests(
     assert not isinstance(plain, errors.RelayStreamError) and not plain.unbilled
     streamed = classify_error(sample.status, sample.body, streamed=True)
     assert isinstance(streamed, errors.RelayStreamError) and not streamed.unbilled
+
+
+class CountingImage:
+    """A chat reference that counts its downloads (the platform side, not our code)."""
+
+    def __init__(self) -> None:
+        self.fetches = 0
+
+    @property
+    def name(self) -> str:
+        return "photo.png"
+
+    async def fetch(self, max_bytes: int) -> bytes:
+        self.fetches += 1
+        return png_reference().data
+
+
+async def test_an_edit_no_provider_can_run_is_refused_before_any_download_or_charge(
+    relay_factory: RelayFactory, settings_factory: Callable[..., Settings]
+) -> None:
+    relay, _ = await relay_factory(ONE_API)
+    services = await Services.create(settings_factory(api_base=relay.base_url))
+    try:
+        # The first edit teaches the bot that this relay cannot edit (and is refunded).
+        first = CountingImage()
+        chat = await run_command(services, invocation("edit", "recolour", references=(first,)))
+        assert "does not support editing" in chat.last_text()
+        assert len(relay.received) == 1
+
+        # The next one is refused from what was learned: no download, no charge, no request.
+        second = CountingImage()
+        chat = await run_command(services, invocation("edit", "recolour", references=(second,)))
+        assert "does not support editing" in chat.last_text()
+        assert second.fetches == 0
+        assert len(relay.received) == 1
+        job = await services.store.job(2)
+        assert job is not None and job.status == "failed" and job.error_kind == "not_supported"
+        assert job.ledger_state is None  # nothing was ever reserved
+    finally:
+        await services.close()
+
+
+async def test_an_own_key_job_uses_what_the_shared_key_learned(
+    relay_factory: RelayFactory, settings_factory: Callable[..., Settings]
+) -> None:
+    relay, _ = await relay_factory(ONE_API)
+    services = await Services.create(settings_factory(api_base=relay.base_url))
+    try:
+        assert (await run_command(services, invocation("draw", "a red fox"))).results()
+        assert relay.streamed_flags() == [True, False]
+        # Another user draws with a key of their own on the same relay.
+        owner = await services.store.user("test", "u2")
+        await services.store.set_api_key(owner.id, "sk-own-relay-key-0123456789")
+        chat = await run_command(services, invocation("draw", "a blue fox", user_id="u2"))
+        assert chat.results()
+        # No second failed streamed attempt paid for with the user's own key.
+        assert relay.streamed_flags() == [True, False, False]
+    finally:
+        await services.close()

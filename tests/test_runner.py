@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bot import jobs as jobs_module
-from bot.chat import OutFile, ResultMeta
+from bot.chat import MessageRef, OutFile, ResultMeta
 from bot.config import Settings
 from bot.jobs import today
 from bot.mock_upstream import MockUpstream
@@ -183,3 +183,34 @@ async def test_kept_files_are_pruned_on_a_timer_while_running(
         await services.close()
     # Shutdown stopped the timer: nothing named "prune" is left running.
     assert not [t for t in asyncio.all_tasks() if t.get_name() == "prune"]
+
+
+class PreviewNeverFinishesChat(SignallingChat):
+    """A chat whose preview upload hangs (a platform sleeping through a rate limit)."""
+
+    previewing = False
+
+    async def send_preview(self, ref: MessageRef | None, image: bytes) -> MessageRef | None:
+        self.previewing = True
+        await asyncio.Event().wait()
+        return ref
+
+
+async def test_a_hanging_preview_upload_neither_stalls_the_stream_nor_the_result(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    # The preview used to be awaited inside the upstream stream: a hung upload stopped the
+    # image from being read, held the provider's slot, and the job ended in a timeout.
+    services = await Services.create(settings_factory(timeout=20))
+    try:
+        chat = PreviewNeverFinishesChat()
+        await dispatch(invocation("draw", "a fox"), chat, services)
+        await asyncio.wait_for(chat.delivered.wait(), 10)
+        await asyncio.wait_for(services.jobs.wait_idle(), 10)
+        assert chat.results() and chat.previewing
+        job = await services.store.job(1)
+        assert job is not None and job.status == "succeeded"
+        # No preview task outlives its job.
+        assert not [t for t in asyncio.all_tasks() if t.get_name() == "preview"]
+    finally:
+        await services.close()
