@@ -1,4 +1,4 @@
-"""/token, /quota, /help, /cancel and /lang."""
+"""/token, /quota, /help, /cancel, /lang and /whoami."""
 
 from __future__ import annotations
 
@@ -202,6 +202,13 @@ async def cancel(ctx: Context) -> None:
     if cancelled is None:
         await ctx.reply("cancel.none", ephemeral=True)
     # A cancelled job reports itself through its status message.
+
+
+async def whoami(ctx: Context) -> None:
+    """The caller's `platform:id`, exactly as `DRAWBRIDGE_ADMINS` takes it."""
+    # The platform as the store matches admins (lower case), the id as the platform gives it.
+    who = f"{ctx.inv.platform.lower()}:{ctx.inv.user_id}"
+    await ctx.reply("whoami.text", ephemeral=True, who=who)
 
 
 async def lang(ctx: Context) -> None:

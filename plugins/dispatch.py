@@ -26,6 +26,7 @@ HANDLERS: dict[str, Handler] = {
     "help": account.help_,
     "cancel": account.cancel,
     "lang": account.lang,
+    "whoami": account.whoami,
     "grant": admin.grant,
     "ban": admin.ban,
     "unban": admin.unban,

@@ -88,6 +88,8 @@ LANG = CommandSpec(
     text_arg="lang",
     options=(OptionSpec("lang", "str", "opt.lang", choices=("zh", "en", "auto")),),
 )
+# The answer is the caller's `platform:id`, what an operator puts in DRAWBRIDGE_ADMINS.
+WHOAMI = CommandSpec("whoami", "help.whoami", aliases=("我是谁",))
 GRANT = CommandSpec(
     "grant",
     "help.grant",
@@ -127,6 +129,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
     HELP,
     CANCEL,
     LANG,
+    WHOAMI,
     GRANT,
     BAN,
     UNBAN,

@@ -158,6 +158,7 @@ async def test_start_identifies_without_privileged_intents_and_syncs_every_menu_
         "help",
         "cancel",
         "lang",
+        "whoami",
         "grant",
         "ban",
         "unban",

@@ -11,6 +11,7 @@ MESSAGES: dict[str, str] = {
     "help.help": "How to use this bot",
     "help.cancel": "Cancel your queued job",
     "help.lang": "Choose the language: zh, en or auto",
+    "help.whoami": "Your id, as the bot's admins list takes it",
     "help.grant": "Admin: give a user credits",
     "help.ban": "Admin: ban a user",
     "help.unban": "Admin: unban a user",
@@ -98,6 +99,7 @@ MESSAGES: dict[str, str] = {
     "lang.set": "Language set to English.",
     "lang.auto": "Language follows your app's setting again.",
     "lang.bad": "Choose zh, en or auto.",
+    "whoami.text": "{who}\n(your id in the form DRAWBRIDGE_ADMINS takes)",
     # --- admin ---
     "admin.granted": "Gave {credits} credits to {user}; their balance is {balance}.",
     "admin.banned": "{user} is banned.",

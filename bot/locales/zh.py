@@ -11,6 +11,7 @@ MESSAGES: dict[str, str] = {
     "help.help": "使用说明",
     "help.cancel": "取消排队中的任务",
     "help.lang": "切换语言:zh、en 或 auto",
+    "help.whoami": "查看你的 ID(管理员名单使用的格式)",
     "help.grant": "管理员:给用户增加额度",
     "help.ban": "管理员:封禁用户",
     "help.unban": "管理员:解封用户",
@@ -93,6 +94,7 @@ MESSAGES: dict[str, str] = {
     "lang.set": "语言已设为中文。",
     "lang.auto": "语言将跟随你的客户端设置。",
     "lang.bad": "请选择 zh、en 或 auto。",
+    "whoami.text": "{who}\n(这是你的 ID,格式与 DRAWBRIDGE_ADMINS 相同)",
     # --- 管理 ---
     "admin.granted": "已给 {user} 增加 {credits} 点额度,当前余额 {balance}。",
     "admin.banned": "已封禁 {user}。",
