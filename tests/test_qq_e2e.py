@@ -331,3 +331,32 @@ async def test_minimal_implementation_without_send_msg_and_get_msg_still_draws_a
         assert prompts == ["a tin robot", "a tin robot"]
     finally:
         await minimal.close()
+
+
+async def test_second_image_failing_charges_only_the_first_and_says_so(running: Running) -> None:
+    user = next(_users)
+    sends = itertools.count()
+    # The second result image never gets an answer (nonebot's API_TIMEOUT: NetworkError).
+    running.onebot.stall_next(
+        "send_msg", when=lambda call: bool(call.images()) and next(sends) == 1
+    )
+    mid = await _say(running, user, text("/draw --n 2 a pair of kites"))
+    partial = t("en", "result.partial_delivery", count=1, total=2)
+    await _until(running, lambda c: [x for x in _texts_for(mid)(c) if x.text == partial])
+    async with asyncio.timeout(10):
+        # The commit follows the message; the job row says when it is written.
+        while _status_of(running, "a pair of kites") != "succeeded":  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    with running.db() as db:
+        rows = db.execute(
+            "SELECT l.kind, l.daily_amount + l.balance_amount FROM ledger l"
+            " JOIN jobs j ON j.id = l.job_id WHERE j.prompt = ? ORDER BY l.id",
+            ("a pair of kites",),
+        ).fetchall()
+    assert rows == [("reserve", 2), ("commit", 1), ("refund", 1)]
+
+
+def _status_of(bot: Running, prompt: str) -> str | None:
+    with bot.db() as db:
+        row = db.execute("SELECT status FROM jobs WHERE prompt = ?", (prompt,)).fetchone()
+    return row[0] if row else None

@@ -150,32 +150,42 @@ class QQChat:
             if not files:
                 return
         for index, file in enumerate(files):
-            image, original = await self._shape(file)
-            caption = meta.caption if index == 0 else ""
             try:
-                async with self._pacer.turn(self.chat_id):
-                    ref = await self._send(self._result_message(image, caption))
-            except ActionFailed as exc:
-                # A refusal is an answer (nothing was sent), unlike a timeout: QQ's rich media
-                # upload failing (retcode 1200) on an image within our limits still leaves a
-                # smaller copy worth one more try.
-                if original is not None:
-                    raise DeliveryError(f"qq result image: {exc!r}") from exc
-                log.info("qq: result refused in %s (%r); sending a preview", self.chat_id, exc)
-                image = await make_preview(
-                    file.data, max_bytes=self._limits.photo_bytes // 2, max_edge=PREVIEW_EDGE
+                await self._send_result(index, file, meta)
+            except DeliveryError as exc:
+                if index == 0:
+                    raise
+                # Images before this one are in the chat: the job pays for those (Chat port).
+                raise DeliveryError(exc.detail, delivered=index) from exc
+
+    async def _send_result(self, index: int, file: OutFile, meta: ResultMeta) -> None:
+        """Send one result image (with the caption on the first), falling back to a preview."""
+        image, original = await self._shape(file)
+        caption = meta.caption if index == 0 else ""
+        try:
+            async with self._pacer.turn(self.chat_id):
+                ref = await self._send(self._result_message(image, caption))
+        except ActionFailed as exc:
+            # A refusal is an answer (nothing was sent), unlike a timeout: QQ's rich media
+            # upload failing (retcode 1200) on an image within our limits still leaves a
+            # smaller copy worth one more try.
+            if original is not None:
+                raise DeliveryError(f"qq result image: {exc!r}") from exc
+            log.info("qq: result refused in %s (%r); sending a preview", self.chat_id, exc)
+            image = await make_preview(
+                file.data, max_bytes=self._limits.photo_bytes // 2, max_edge=PREVIEW_EDGE
+            )
+            original = file
+            async with self._pacer.turn(self.chat_id):
+                ref = await self._deliver(
+                    self._send(self._result_message(image, caption)), "result preview"
                 )
-                original = file
-                async with self._pacer.turn(self.chat_id):
-                    ref = await self._deliver(
-                        self._send(self._result_message(image, caption)), "result preview"
-                    )
-            except ONEBOT_ERRORS as exc:
-                raise DeliveryError(f"qq result image: {type(exc).__name__}") from exc
-            if ref is not None:
-                await self._remember(ref, meta.job_id)
-            if original is not None and not meta.originals:
-                await self._upload_quietly(original)
+        except ONEBOT_ERRORS as exc:
+            raise DeliveryError(f"qq result image: {type(exc).__name__}") from exc
+        if ref is not None:
+            await self._remember(ref, meta.job_id)
+        if original is not None and not meta.originals:
+            await self._upload_quietly(original)
 
     async def delete_invocation(self) -> bool:
         if self._group_id is None:
