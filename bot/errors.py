@@ -56,6 +56,27 @@ class InvalidSizeError(InputError):
     key = "error.invalid_size"
 
 
+class SizeRatioError(InvalidSizeError):
+    """A ratio beyond what the model draws (`99:1`); `suggestion` is the nearest valid ratio.
+
+    `limit` says the widest ratio allowed (`3:1`).
+    """
+
+    key = "error.size_ratio"
+
+
+class SizeTierError(InvalidSizeError):
+    """A tier that does not exist (`8k`); `tier` is what was typed, `suggestion` the nearest."""
+
+    key = "error.size_tier"
+
+
+class SizeFormatError(InvalidSizeError):
+    """Text that is no size at all (`abc`): the message lists the forms a size takes."""
+
+    key = "error.size_format"
+
+
 class EmptyPromptError(InputError):
     """A draw or edit with nothing to draw."""
 
@@ -364,11 +385,36 @@ class UpstreamUnavailableError(UpstreamError):
 
 
 class NotSupportedError(UpstreamError):
-    """The relay does not implement this endpoint (one-api without edits)."""
+    """The relay does not implement this endpoint; as raised, for a generation (/draw).
+
+    The upstream package raises `EditNotSupportedError` instead when the request was an
+    edit (`for_edit`), so the user reads which of the two the provider lacks.
+    """
 
     kind = "not_supported"
     key = "error.not_supported"
     try_next_provider = True
+
+    def for_edit(self) -> EditNotSupportedError:
+        """The same refusal, told about an edit."""
+        if isinstance(self, EditNotSupportedError):
+            return self
+        edit = EditNotSupportedError(
+            self.detail,
+            status=self.status,
+            code=self.code,
+            retry_after=self.retry_after,
+            unbilled=self.unbilled,
+            **self.params,
+        )
+        edit.__cause__ = self
+        return edit
+
+
+class EditNotSupportedError(NotSupportedError):
+    """The relay does not implement image edits (one-api without edits)."""
+
+    key = "error.not_supported_edit"
 
 
 class RelayStreamError(UpstreamError):

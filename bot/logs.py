@@ -46,11 +46,15 @@ _PATTERNS: tuple[tuple[tuple[str, ...], re.Pattern[str], str], ...] = (
     # Telegram bot tokens "123456:ABC...", also inside URLs ("/bot123456:ABC...").
     ((":",), re.compile(r"(?<!\d)\d{5,}+:[A-Za-z0-9_\-]{30,}"), "***:***"),
     # Whatever follows /token in a message, in any language alias: a quoted argument up to
-    # its closing quote (or the end of the line), else the next word.
+    # its closing quote (or the end of the line), else the next word. Not a short word of
+    # letters alone: our own prose ("bind their own key with /token can draw") reads on, and
+    # no key is one (a key has 16 characters or more; plugins/account.py refuses the rest).
     (
         ("token", "令牌"),
         re.compile(
-            rf"([/／]\s*(?:token|令牌)(?:@\w+)?)\s*(?:{_QUOTE}.*?(?:{_QUOTE}|$)|[^\s*]\S*)",
+            rf"([/／]\s*(?:token|令牌)(?:@\w+)?)\s*"
+            rf"(?![^\W\d_]{{0,15}}[.,;:!?)\]]*(?:\s|$))"
+            rf"(?:{_QUOTE}.*?(?:{_QUOTE}|$)|[^\s*]\S*)",
             re.IGNORECASE | re.MULTILINE,
         ),
         rf"\1 {_MASK}",

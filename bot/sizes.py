@@ -7,9 +7,10 @@ Pure functions, no I/O. Two families of models exist:
 - fixed (gpt-image-1*, dall-e-3, dall-e-2): a short list of allowed sizes.
 
 Users may type an explicit `WxH`, a ratio (`16:9`), a tier (`2k`), both (`16:9 4k`), a shape
-word (`landscape`, `横图`) or `auto`. Ratios and tiers always resolve to a size the model
-accepts; an explicit `WxH` is validated and refused with a suggestion when the model would
-refuse it.
+word (`landscape`, `横图`) or `auto`. Ratios and tiers resolve to a size the model accepts;
+a ratio beyond 3:1 (`99:1`), a tier that does not exist (`8k`) and an explicit `WxH` the
+model would refuse are refused with the nearest valid choice, text that is no size at all with
+the forms a size takes. `parse_size` is the one parser: chat options and the terminal use it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Final
 
-from bot.errors import InvalidSizeError
+from bot.errors import InvalidSizeError, SizeFormatError, SizeRatioError, SizeTierError
 
 MULTIPLE: Final = 16
 MAX_RATIO: Final = 3.0
@@ -49,7 +50,8 @@ _SHAPE_WORDS: Final[dict[str, tuple[float, float]]] = {
 _DIMS_RE: Final = re.compile(r"(\d{1,6})x(\d{1,6})")
 _NUM: Final = r"\d{1,5}(?:\.\d{1,3})?"
 _SHAPE: Final = rf"(?:{_NUM}:{_NUM}|{'|'.join(_SHAPE_WORDS)})"
-_TIER: Final = r"[124]k"
+# Any number of k, so "8k" reads as a tier that does not exist rather than as garbage.
+_TIER: Final = r"\d{1,2}k"
 # Shape and tier in either order, joined by nothing, a space, `@`, `-`, `_`, `,` or `/`.
 _SEP: Final = r"[ @\-_,/]?"
 _SHAPE_TIER_RE: Final = re.compile(
@@ -106,17 +108,57 @@ def parse_size(text: str | None, model: str, default: str = "1024x1024") -> Size
         return size
     shape_tier = _SHAPE_TIER_RE.fullmatch(norm)
     if shape_tier is None:
-        raise InvalidSizeError(
+        raise SizeFormatError(
             "unparseable size", size=text, suggestion=_suggestion_for_garbage(model, default)
         )
-    shape = shape_tier.group("s1") or shape_tier.group("s2") or "1:1"
-    tier = shape_tier.group("t1") or shape_tier.group("t2") or "1k"
+    typed_shape = shape_tier.group("s1") or shape_tier.group("s2")
+    typed_tier = shape_tier.group("t1") or shape_tier.group("t2")
+    shape = typed_shape or "1:1"
+    tier = typed_tier or "1k"
+    if tier not in _TIERS:
+        nearest = _nearest_tier(tier)
+        raise SizeTierError(
+            f"no tier {tier}",
+            size=text,
+            tier=tier,
+            largest=_TIERS[-1],
+            suggestion=f"{typed_shape} {nearest}" if typed_shape else nearest,
+        )
     ratio = _shape_ratio(shape)
     if ratio is None:
-        raise InvalidSizeError(
+        raise SizeFormatError(
             "zero in ratio", size=text, suggestion=_suggestion_for_garbage(model, default)
         )
+    if max(ratio, 1 / ratio) > MAX_RATIO * (1 + 1e-9):
+        # Nobody asking for 99:1 wants 3:1 without being told: refuse, naming the nearest.
+        widest = _ratio_text(MAX_RATIO if ratio > 1 else 1 / MAX_RATIO)
+        if is_flexible_model(model):
+            suggestion = f"{widest} {typed_tier}" if typed_tier else widest
+        else:
+            suggestion = str(_size_for(ratio, tier, model))
+        raise SizeRatioError(
+            f"ratio {shape} beyond {_ratio_text(MAX_RATIO)}",
+            size=text,
+            suggestion=suggestion,
+            limit=_ratio_text(MAX_RATIO),
+            rule="ratio",
+        )
     return _size_for(ratio, tier, model)
+
+
+def size_for_reference(width: int, height: int, model: str, default: str = "1024x1024") -> Size:
+    """The size an edit without `--size` draws: the reference's shape, at the default's tier.
+
+    The shape is kept as closely as the model allows (a 4:1 panorama becomes 3:1; a fixed
+    model takes its closest shape). The tier is the default size's (1k when the default is
+    `auto` or not valid), so keeping the shape never changes what the edit costs.
+    """
+    try:
+        base = parse_size(default, model, default="1024x1024") if default.strip() else None
+    except InvalidSizeError:
+        base = None
+    tier = base.tier if base is not None else "1k"
+    return _size_for(max(1, width) / max(1, height), tier, model)
 
 
 def validate_size(size: Size, model: str) -> None:
@@ -212,6 +254,18 @@ def _suggestion_for_garbage(model: str, default: str) -> str:
     except InvalidSizeError:
         size = None
     return str(size or _SAFE_DEFAULT)
+
+
+def _nearest_tier(tier: str) -> str:
+    """The largest existing tier not above `tier` (`8k` -> `4k`, `3k` -> `2k`, `0k` -> `1k`)."""
+    wanted = int(tier[:-1])
+    fitting = [t for t in _TIERS if int(t[:-1]) <= wanted]
+    return fitting[-1] if fitting else _TIERS[0]
+
+
+def _ratio_text(ratio: float) -> str:
+    """`3:1` or `1:3` for 3.0 or 1/3 (whole numbers only, which is all this needs)."""
+    return f"{round(ratio)}:1" if ratio >= 1 else f"1:{round(1 / ratio)}"
 
 
 def _shape_ratio(shape: str) -> float | None:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bot import errors
+from bot import errors, validation
 from bot.sizes import Size, parse_size
 
 # Phones turn "--" into an em dash or a full-width pair; accept what people actually type.
@@ -30,6 +30,10 @@ _ALIASES = {
     "background": "background",
     "bg": "background",
 }
+# A size's second word: a tier after a ratio ("16:9 4k") or a ratio after a tier ("4k 16:9").
+_TIER_WORD = re.compile(r"[0-9０-９]{1,2}[kKｋＫ]")
+_RATIO_WORD = re.compile(r"[0-9０-９.]+[:：][0-9０-９.]+")
+_SIZE_SECOND = re.compile(r"[ \t]+(\S+)")
 QUALITIES = ("low", "medium", "high", "auto")
 BACKGROUNDS = ("transparent", "opaque", "auto")
 FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
@@ -45,6 +49,9 @@ class ImageOptions:
     quality: str | None
     output_format: str | None
     background: str | None = None
+    size_given: bool = True
+    """Whether the user chose the size; an edit without one keeps its reference's shape
+    (`bot.sizes.size_for_reference`)."""
 
 
 def parse_image_args(
@@ -60,6 +67,8 @@ def parse_image_args(
     Raises `BadOptionError`/`InvalidSizeError`/`EmptyPromptError` before anything is charged.
     """
     raw: dict[str, str] = {}
+    pieces: list[str] = []
+    end = 0
     for match in _OPTION.finditer(text):
         name = match.group(1).lower()
         value = (match.group(2) or "").strip("\"'“”")
@@ -68,8 +77,19 @@ def parse_image_args(
             raise errors.UnknownOptionError(f"unknown option {name}", option="--" + name)
         if not value:
             raise errors.BadOptionError(f"--{name} without value", option=key, value="")
+        stop = match.end()
+        if key == "size":
+            # "--size 16:9 4k" as the terminal takes it: the tier (or ratio) after a ratio
+            # (or tier) is part of the size, not of the prompt.
+            second = _SIZE_SECOND.match(text, stop)
+            if second and _pairs(value, second.group(1)):
+                value = f"{value} {second.group(1)}"
+                stop = second.end()
         raw[key] = value
-    prompt = _OPTION.sub(" ", text)
+        pieces.append(text[end : match.start()])
+        end = stop
+    pieces.append(text[end:])
+    prompt = " ".join(pieces)
     prompt = re.sub(r"[ \t]+", " ", prompt).strip()
     # A stray "--word" with no value left in the prompt is an option typo, not prose.
     stray = re.search(r"(?:^|\s)--([A-Za-z]\w*)\s*$", prompt)
@@ -80,6 +100,7 @@ def parse_image_args(
         if value is not None and value != "":
             raw[_ALIASES.get(key, key)] = str(value)
 
+    size_given = bool(raw.get("size", "").strip())
     size = parse_size(raw.get("size"), model, default=default_size)
     n = 1
     if "n" in raw:
@@ -87,8 +108,7 @@ def parse_image_args(
             n = int(raw["n"])
         except ValueError:
             raise errors.BadOptionError(f"n={raw['n']}", option="n", value=raw["n"]) from None
-        if not 1 <= n <= max_n:
-            raise errors.BadOptionError(f"n={n}", option="n", value=f"{n} (1-{max_n})")
+        validation.check_n(n, max_n)
     quality = raw.get("quality")
     if quality is not None:
         quality = quality.lower()
@@ -114,4 +134,12 @@ def parse_image_args(
             raise errors.BadOptionError(
                 "transparent jpeg", option="background", value="transparent + jpeg"
             )
-    return ImageOptions(prompt, size, n, quality, output_format, background)
+    return ImageOptions(prompt, size, n, quality, output_format, background, size_given)
+
+
+def _pairs(first: str, second: str) -> bool:
+    """Whether two words make one size: a ratio and a tier, in either order."""
+    return bool(
+        (_RATIO_WORD.fullmatch(first) and _TIER_WORD.fullmatch(second))
+        or (_TIER_WORD.fullmatch(first) and _RATIO_WORD.fullmatch(second))
+    )

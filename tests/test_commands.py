@@ -115,7 +115,7 @@ UPSTREAM_FAILURES = [
     ("too_large", "request_too_large", "smaller"),
     ("upstream_banned", "upstream_unavailable", "later"),
     ("server_error", "upstream_unavailable", "later"),
-    ("not_implemented", "not_supported", "editing"),
+    ("not_implemented", "not_supported", "from a prompt"),  # a draw: not "editing"
     ("malformed", "malformed_response", "broken"),
     ("truncated_b64", "malformed_response", "broken"),
     ("no_data", "malformed_response", "broken"),

@@ -73,3 +73,49 @@ def test_background_option_and_its_jpeg_conflict() -> None:
         parse("a sticker --background glass")
     with pytest.raises(errors.BadOptionError):
         parse("a sticker --background transparent --format jpeg")
+
+
+@pytest.mark.parametrize(
+    ("text", "size", "prompt"),
+    [
+        ("a fox --size 16:9 4k", "3840x2160", "a fox"),
+        ("a fox --size 4k 16:9 in snow", "3840x2160", "a fox in snow"),
+        ("a fox —size 16：9 ２Ｋ --n 2", "2048x1152", "a fox"),
+        ("a fox --size 16:9 nice", "1824x1024", "a fox nice"),
+        ("a 4k fox --size 1536x1024 4k", "1536x1024", "a 4k fox 4k"),
+    ],
+)
+def test_a_size_of_ratio_and_tier_is_read_whole_as_the_terminal_reads_it(
+    text: str, size: str, prompt: str
+) -> None:
+    opts = parse(text)
+    assert (str(opts.size), opts.prompt) == (size, prompt)
+
+
+@pytest.mark.parametrize(
+    ("text", "error", "suggestion"),
+    [
+        ("a fox --size 16:9 8k", errors.SizeTierError, "16:9 4k"),
+        ("a fox --size 99:1", errors.SizeRatioError, "3:1"),
+        ("a fox --size 4:1", errors.SizeRatioError, "3:1"),
+        ("a fox --size abc", errors.SizeFormatError, "1024x1024"),
+    ],
+)
+def test_sizes_are_refused_with_the_nearest_valid_choice(
+    text: str, error: type[errors.InvalidSizeError], suggestion: str
+) -> None:
+    with pytest.raises(error) as caught:
+        parse(text)
+    assert caught.value.params["suggestion"] == suggestion
+
+
+def test_whether_the_size_was_chosen_is_kept() -> None:
+    assert parse("a fox").size_given is False
+    assert parse("a fox --size 16:9").size_given is True
+    assert parse("a fox", size="2k").size_given is True
+
+
+def test_n_out_of_range_names_the_range() -> None:
+    with pytest.raises(errors.BadOptionError) as caught:
+        parse("a fox --n 9")
+    assert caught.value.params == {"option": "n", "value": "9 (1-4)"}

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from bot.errors import InvalidSizeError
+from bot.errors import InvalidSizeError, SizeFormatError, SizeRatioError, SizeTierError
+from bot.i18n import t
 from bot.sizes import (
     MAX_AREA,
     MAX_EDGE,
@@ -16,6 +17,7 @@ from bot.sizes import (
     is_flexible_model,
     nearest_valid_size,
     parse_size,
+    size_for_reference,
     validate_size,
 )
 
@@ -108,14 +110,88 @@ def test_ratio_is_kept_within_one_percent(text: str) -> None:
     assert size.width / size.height == pytest.approx(a / b, rel=0.01)
 
 
-def test_ratios_beyond_three_to_one_are_clamped() -> None:
-    wide = parse_size("10:1 2k", GPT2)
-    tall = parse_size("1:10", GPT2)
+def test_three_to_one_is_the_widest_ratio_drawn() -> None:
+    wide = parse_size("3:1 2k", GPT2)
+    tall = parse_size("1:3", GPT2)
     assert wide is not None and tall is not None
     assert_valid_for_gpt2(wide)
     assert_valid_for_gpt2(tall)
     assert wide.width / wide.height == pytest.approx(3, rel=0.02)
     assert tall.height / tall.width == pytest.approx(3, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    ("text", "suggestion"),
+    [("99:1", "3:1"), ("4:1", "3:1"), ("10:1 2k", "3:1 2k"), ("1:4", "1:3"), ("1:10 4k", "1:3 4k")],
+)
+def test_ratios_beyond_three_to_one_are_refused_with_the_nearest_valid_ratio(
+    text: str, suggestion: str
+) -> None:
+    with pytest.raises(SizeRatioError) as info:
+        parse_size(text, GPT2)
+    assert info.value.params["suggestion"] == suggestion
+    assert info.value.params["limit"] == "3:1"
+    assert info.value.kind == "invalid_size"
+    assert parse_size(suggestion, GPT2) is not None
+    for lang in ("en", "zh"):
+        message = t(lang, info.value.key, **info.value.params)
+        assert text in message and suggestion in message and "3:1" in message
+
+
+def test_a_fixed_model_refuses_a_ratio_beyond_three_to_one_with_its_closest_size() -> None:
+    with pytest.raises(SizeRatioError) as info:
+        parse_size("4:1", "gpt-image-1")
+    assert info.value.params["suggestion"] == "1536x1024"
+
+
+@pytest.mark.parametrize(
+    ("text", "suggestion"),
+    [("16:9 8k", "16:9 4k"), ("8k", "4k"), ("9:16@16k", "9:16 4k"), ("3k", "2k")],
+)
+def test_a_tier_that_does_not_exist_says_the_largest_is_4k(text: str, suggestion: str) -> None:
+    with pytest.raises(SizeTierError) as info:
+        parse_size(text, GPT2)
+    assert info.value.params["suggestion"] == suggestion
+    assert parse_size(suggestion, GPT2) is not None
+    assert "4k" in t("en", info.value.key, **info.value.params)
+    assert "4k" in t("zh", info.value.key, **info.value.params)
+    assert "largest" in t("en", info.value.key, **info.value.params)
+    assert "最大" in t("zh", info.value.key, **info.value.params)
+
+
+@pytest.mark.parametrize("text", ["abc", "x", "1024x", "大图", "16:0"])
+def test_text_that_is_no_size_shows_the_accepted_forms(text: str) -> None:
+    with pytest.raises(SizeFormatError) as info:
+        parse_size(text, GPT2)
+    english = t("en", info.value.key, **info.value.params)
+    chinese = t("zh", info.value.key, **info.value.params)
+    for form in ("16:9", "4k", "16:9 4k", "1536x1024", "auto"):
+        assert form in english and form in chinese
+    assert text in english and text in chinese
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "default", "expected"),
+    [
+        (300, 200, "1024x1024", Size(1536, 1024)),  # 3:2 photo, the default's 1k tier
+        (200, 300, "1024x1024", Size(1024, 1536)),
+        (4000, 3000, "1024x1024", Size(1360, 1024)),  # a big photo costs no more: still 1k
+        (1600, 900, "16:9 2k", Size(2048, 1152)),  # the default's tier
+        (4000, 1000, "1024x1024", Size(2048, 688)),  # 4:1 panorama: nearest valid, 3:1
+        (1000, 1000, "auto", Size(1024, 1024)),
+    ],
+)
+def test_size_for_reference_keeps_the_shape_at_the_default_tier(
+    width: int, height: int, default: str, expected: Size
+) -> None:
+    size = size_for_reference(width, height, GPT2, default)
+    assert size == expected
+    assert_valid_for_gpt2(size)
+
+
+def test_size_for_reference_on_a_fixed_model_takes_the_closest_shape() -> None:
+    assert size_for_reference(300, 200, "gpt-image-1") == Size(1536, 1024)
+    assert size_for_reference(1080, 1920, "dall-e-3") == Size(1024, 1792)
 
 
 def test_four_k_square_respects_the_area_cap() -> None:

@@ -167,7 +167,9 @@ MESSAGES: dict[str, str] = {
     "Use fewer or smaller images. Nothing was charged.",
     "error.upstream_unavailable": "The image service is down or overloaded. "
     "Please try again later; nothing was charged.",
-    "error.not_supported": "This image service does not support editing images. Nothing was charged.",
+    "error.not_supported": "This image service does not support making images from a prompt. "
+    "Nothing was charged.",
+    "error.not_supported_edit": "This image service does not support editing images. Nothing was charged.",
     "error.timeout": "The image service took too long to answer. Nothing was charged; "
     "please try again (maybe a smaller size or lower quality).",
     "error.malformed_response": "The image service sent back a broken answer. "
@@ -181,4 +183,30 @@ MESSAGES: dict[str, str] = {
     "Nothing was charged.",
     "error.result_download_failed": "I couldn't download the finished image (its link expired "
     "or failed). Nothing was charged; please try again.",
+    # --- sizes a user typed wrong ---
+    "error.size_ratio": "The ratio {size} is too wide or too tall: this model draws at most "
+    "{limit}. The nearest valid ratio is {suggestion}.",
+    "error.size_tier": "There is no {tier} size: the tiers are 1k, 2k and {largest}, the "
+    "largest. Try {suggestion}.",
+    "error.size_format": "I can't read the size {size}. Write a ratio (16:9, 9:16, 1:1), a tier "
+    "(1k, 2k, 4k), both (16:9 4k), width x height (1536x1024), landscape, portrait, square or "
+    "auto. Try {suggestion}.",
+    # --- the same messages in a terminal (`drawbridge draw`/`edit`), where a chat message
+    # would tell the user to do a chat thing (bot/terminal.py looks these up first) ---
+    "terminal.error.bad_option": "Invalid value for --{option}: {value}.",
+    "terminal.error.empty_prompt": 'Tell me what to draw, e.g. drawbridge draw "a red fox in the snow".',
+    "terminal.error.not_configured": "No API key is configured: set DRAWBRIDGE_API_BASE and "
+    "DRAWBRIDGE_API_KEY (or DRAWBRIDGE_PROVIDERS).",
+    "terminal.error.invalid_key": "The API key was refused (invalid, expired or used up): check "
+    "DRAWBRIDGE_API_KEY (or the provider's key in DRAWBRIDGE_PROVIDERS).",
+    "terminal.error.upstream_quota": "The API account has no balance left: top it up at the "
+    "provider, or check DRAWBRIDGE_API_KEY.",
+    "terminal.error.unknown_model": "This provider does not offer the model {model}: check "
+    "DRAWBRIDGE_MODEL (or the provider's model in DRAWBRIDGE_PROVIDERS).",
+    "terminal.error.unknown_parameter": "The image service does not accept a parameter we sent "
+    "({param}).",
+    "terminal.error.relay_cannot_stream": "The provider's relay cannot pass on streamed images, "
+    'so this image was lost. Run with --no-stream, or set "stream": false for this provider.',
+    "terminal.error.relay_failed": "The provider's relay failed while passing on the answer "
+    "({reason}). The image may already have been paid for upstream, so it was not retried.",
 }

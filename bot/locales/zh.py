@@ -148,11 +148,31 @@ MESSAGES: dict[str, str] = {
     "error.rate_limited": "画图服务限流中,请一分钟后再试,未扣除额度。",
     "error.request_too_large": "请求太大,画图服务无法处理,请减少图片数量或使用更小的图片。未扣除额度。",
     "error.upstream_unavailable": "画图服务暂时不可用或过载(可能是上游封号),请稍后再试,未扣除额度。",
-    "error.not_supported": "这个画图服务不支持改图。未扣除额度。",
+    "error.not_supported": "这个画图服务不支持文字生成图片。未扣除额度。",
+    "error.not_supported_edit": "这个画图服务不支持改图。未扣除额度。",
     "error.timeout": "画图服务响应超时,未扣除额度,请重试(可以试试更小的尺寸或更低的质量)。",
     "error.malformed_response": "画图服务返回的数据有误,未扣除额度,请重试。",
     "error.unknown_model": "该服务商没有模型 {model},请联系管理员检查模型设置(DRAWBRIDGE_MODEL)。未扣除额度。",
     "error.relay_cannot_stream": '服务商的中转不支持流式返回图片,这张图丢失了。请管理员为该服务商设置 "stream": false。未扣除额度。',
     "error.relay_failed": "服务商的中转在转发结果时出错({reason})。上游可能已经计费,所以没有重试,请告知管理员。未扣除额度。",
     "error.result_download_failed": "无法下载生成好的图片(链接已过期或失败),未扣除额度,请重试。",
+    # --- 尺寸写错 ---
+    "error.size_ratio": "宽高比 {size} 太宽或太高:该模型最多支持 {limit}。最接近的可用比例是 {suggestion}。",
+    "error.size_tier": "没有 {tier} 这个档位:档位有 1k、2k 和 {largest}(最大)。试试 {suggestion}。",
+    "error.size_format": "看不懂尺寸 {size}。可以写比例(16:9、9:16、1:1)、档位(1k、2k、4k)、"
+    "两者组合(16:9 4k)、宽x高(1536x1024)、横图、竖图、方图或 auto。试试 {suggestion}。",
+    # --- 终端(drawbridge draw/edit)里的同一消息:聊天里让用户做聊天操作的,换成终端的说法 ---
+    "terminal.error.bad_option": "--{option} 的值无效:{value}。",
+    "terminal.error.empty_prompt": '请告诉我要画什么,例如:drawbridge draw "雪地里的一只红狐狸"',
+    "terminal.error.not_configured": "没有配置 API 密钥:请设置 DRAWBRIDGE_API_BASE 和 "
+    "DRAWBRIDGE_API_KEY(或 DRAWBRIDGE_PROVIDERS)。",
+    "terminal.error.invalid_key": "API 密钥被拒绝(无效、过期或额度用尽):请检查 DRAWBRIDGE_API_KEY"
+    "(或 DRAWBRIDGE_PROVIDERS 中该服务商的密钥)。",
+    "terminal.error.upstream_quota": "API 账户余额不足:请到服务商处充值,或检查 DRAWBRIDGE_API_KEY。",
+    "terminal.error.unknown_model": "该服务商没有模型 {model}:请检查 DRAWBRIDGE_MODEL"
+    "(或 DRAWBRIDGE_PROVIDERS 中该服务商的模型)。",
+    "terminal.error.unknown_parameter": "画图服务不接受我们发送的参数({param})。",
+    "terminal.error.relay_cannot_stream": "服务商的中转不支持流式返回图片,这张图丢失了。"
+    '请加 --no-stream 运行,或为该服务商设置 "stream": false。',
+    "terminal.error.relay_failed": "服务商的中转在转发结果时出错({reason})。上游可能已经计费,所以没有重试。",
 }

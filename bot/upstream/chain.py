@@ -9,6 +9,7 @@ import httpx
 
 from bot.config import ProviderConfig
 from bot.errors import (
+    EditNotSupportedError,
     NotSupportedError,
     TooManyReferencesError,
     UpstreamError,
@@ -61,7 +62,7 @@ class ProviderChain:
         able = [c for c in fits if (await c.learned()).edits is not False]
         if not able:
             names = ", ".join(c.provider.name for c in fits)
-            raise NotSupportedError(f"no provider can edit images ({names})", unbilled=True)
+            raise EditNotSupportedError(f"no provider can edit images ({names})", unbilled=True)
         return able
 
     async def run(
@@ -70,19 +71,30 @@ class ProviderChain:
         """The first provider's result that succeeds; else the most telling error."""
         kind = "edit" if request.is_edit else "draw"
         errors: list[UpstreamError] = []
-        for tried, client in enumerate(await self.candidates(kind, len(request.references))):
+        clients = await self.candidates(kind, len(request.references))
+        for tried, client in enumerate(clients):
             if tried:
                 await notify(on_progress, Progress("retry", index=tried, detail="next_provider"))
             try:
                 return await client.run(request, on_progress)
-            except UpstreamError as error:
-                if not (type(error).try_next_provider and surely_not_billed(error)):
-                    raise
-                log.info(
-                    "provider %s failed (%s, not billed); trying the next",
-                    client.provider.name,
-                    error.kind,
+            except UpstreamError as caught:
+                # The classifier cannot know which endpoint refused: say it was the edit.
+                error = (
+                    caught.for_edit()
+                    if kind == "edit" and isinstance(caught, NotSupportedError)
+                    else caught
                 )
+                if not (type(error).try_next_provider and surely_not_billed(error)):
+                    if error is caught:
+                        raise
+                    raise error from caught
+                if tried + 1 < len(clients):
+                    # Only when there is a next one: after the last, the error itself is told.
+                    log.info(
+                        "provider %s failed (%s, not billed); trying the next",
+                        client.provider.name,
+                        error.kind,
+                    )
                 errors.append(error)
         # Every provider failed: "unavailable" says less than, say, "no channel".
         specific = [e for e in errors if not isinstance(e, UpstreamUnavailableError)]
