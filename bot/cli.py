@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from pydantic import ValidationError
 from pydantic_settings.exceptions import SettingsError
@@ -12,6 +14,24 @@ from pydantic_settings.exceptions import SettingsError
 from bot import terminal
 from bot.config import Settings, settings_error_lines
 from bot.logs import add_secrets, settings_secrets, setup_logging
+from bot.startup import StartupError
+
+DEFAULT_ENV_FILE = Path(".env")
+SETTINGS_SOURCES = (
+    "The image API comes from DRAWBRIDGE_API_BASE and DRAWBRIDGE_API_KEY (one provider) or "
+    "DRAWBRIDGE_PROVIDERS (a JSON list), read from the environment or the --env-file "
+    "(./.env by default); the environment wins. Every setting is listed in .env.example. "
+    "Exit codes: 0 done, 1 failed (may succeed later), 2 fix the settings or arguments."
+)
+# Subcommands that read the settings (mock-upstream reads none).
+_WITH_SETTINGS = ("run", "draw", "edit", "check", "doctor")
+
+
+def _version() -> str:
+    try:
+        return version("drawbridge")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,14 +41,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drawbridge",
         description="Image bot for QQ, Telegram and Discord over an OpenAI-compatible image API.",
+        epilog=SETTINGS_SOURCES,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="serve every configured chat platform")
+    parser.add_argument(
+        "--version", action="version", version=f"drawbridge {_version()}", help="print the version"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser(
+        "run",
+        help="serve every configured chat platform",
+        description="Serve every chat platform whose settings are present (TELEGRAM_BOT_TOKEN, "
+        "QQ_ENABLED, DISCORD_BOT_TOKEN) until SIGINT or SIGTERM.",
+    )
     terminal.add_subcommands(sub)
-    mock = sub.add_parser("mock-upstream", help="serve an offline OpenAI-compatible image API")
+    sub.add_parser(
+        "check",
+        help="validate the settings and check every endpoint is reachable (free)",
+        description="Validate the settings, print the effective configuration with secrets "
+        "masked, and check without spending anything that each platform's API accepts its "
+        "token, the OneBot HOST:PORT can be bound, and each provider's /v1/models accepts its "
+        "key. Exit 0 when all is reachable, 1 when something is not, 2 for bad settings.",
+    )
+    mock = sub.add_parser(
+        "mock-upstream",
+        help="serve an offline OpenAI-compatible image API",
+        description="Serve an offline OpenAI-compatible image API for demos and tests; it "
+        "reads no settings. Exit 1 when the port is in use.",
+    )
     mock_upstream.add_cli_arguments(mock)
     doctor = sub.add_parser(
-        "doctor", help="test each configured provider (free unless --spend) and print a table"
+        "doctor",
+        help="test each configured provider (free unless --spend) and print a table",
+        description="Test each configured provider: key, model, balance and round trip for "
+        "free; with --spend also the cheapest real requests. Exit 0 when every provider passed.",
     )
     doctor.add_argument("--provider", default=None, metavar="NAME", help="only this provider")
     doctor.add_argument(
@@ -36,7 +81,36 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also make the cheapest real requests (4 low-quality images per provider)",
     )
+    for name in _WITH_SETTINGS:
+        command = sub.choices[name]
+        command.epilog = SETTINGS_SOURCES
+        command.add_argument(
+            "--env-file",
+            type=Path,
+            default=None,
+            metavar="PATH",
+            help="read settings from this file (default: ./.env if it exists); "
+            "environment variables override it",
+        )
     return parser
+
+
+def load_settings(env_file: Path | None) -> Settings | None:
+    """The settings from the environment and `env_file`, or None after printing why not.
+
+    An explicit file that does not exist is an error (a typo in a unit file must not start
+    the bot with no settings); the default `./.env` may be absent.
+    """
+    if env_file is not None and not env_file.is_file():
+        print(f"error: --env-file {env_file}: no such file", file=sys.stderr)
+        return None
+    try:
+        return Settings(_env_file=env_file or DEFAULT_ENV_FILE)  # type: ignore[call-arg]
+    except (ValidationError, SettingsError) as exc:
+        # A wrong setting is the operator's to fix: name it, no traceback.
+        for line in settings_error_lines(exc):
+            print(f"error: {line}", file=sys.stderr)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,22 +122,34 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging("INFO")
         try:
             asyncio.run(mock_upstream.run_from_args(args))
+        except StartupError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
         except KeyboardInterrupt:
             pass
         return 0
-    try:
-        settings = Settings()
-    except (ValidationError, SettingsError) as exc:
-        # A wrong setting is the operator's to fix: name it, no traceback.
-        for line in settings_error_lines(exc):
-            print(f"error: {line}", file=sys.stderr)
+    settings = load_settings(args.env_file)
+    if settings is None:
         return 2
+    if args.command in ("draw", "edit", "check"):
+        # Where nobody can bind their own key, a provider without one can only answer 401.
+        # `check` of a bot with chat platforms checks what `run` would: users may bring keys.
+        if args.command != "check" or not settings.enabled_platforms():
+            problems = settings.keyless_provider_lines()
+            for line in problems:
+                print(f"error: {line}", file=sys.stderr)
+            if problems:
+                return 2
     setup_logging(settings.log_level)
     add_secrets(settings_secrets(settings), configured=True)
     if args.command == "run":
         from bot.runner import run
 
         return asyncio.run(run(settings))
+    if args.command == "check":
+        from bot.check import run_check
+
+        return asyncio.run(run_check(settings))
     if args.command == "doctor":
         from bot.doctor import run_doctor
 

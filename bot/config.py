@@ -6,25 +6,49 @@ operators and outside checks: add new ones, never rename.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Final
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
+    ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from bot.proxies import proxy_setting
 
 MB = 1024 * 1024
+
+
+API_BASE_FORM: Final = "must be an http:// or https:// URL such as https://api.example.com/v1"
+PROVIDERS_FORM: Final = (
+    'a JSON list of objects such as [{"name": "a", "api_base": "https://api.example.com", '
+    '"api_key": "sk-..."}] (see .env.example)'
+)
+PRICES_FORM: Final = (
+    "a JSON object of size tier -> quality -> credits (a whole number, 0 or more), such as "
+    '{"1k": {"low": 1, "high": 2}, "4k": {"default": 4}}; tiers 1k, 2k, 4k or default, '
+    "qualities low, medium, high, auto or default"
+)
+ADMINS_FORM: Final = (
+    "comma-separated platform:user_id pairs such as telegram:123456789,qq:12345678 "
+    "(platforms: telegram, qq, discord)"
+)
+_PLATFORM_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+PRICE_TIERS: Final = ("1k", "2k", "4k", "default")
+PRICE_QUALITIES: Final = ("low", "medium", "high", "auto", "default")
+LOG_LEVELS: Final = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
 
 def normalize_api_base(base: str) -> str:
@@ -35,11 +59,49 @@ def normalize_api_base(base: str) -> str:
     return base
 
 
+def api_base_setting(value: str) -> str:
+    """A normalised API base; raises `ValueError` (without echoing it) unless http(s) + host.
+
+    Without a scheme httpx would refuse every request at the first /draw, long after start.
+    """
+    base = normalize_api_base(value)
+    try:
+        parts = urlsplit(base)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError:
+        raise ValueError(API_BASE_FORM) from None
+    if parts.scheme.lower() not in ("http", "https") or not host:
+        raise ValueError(API_BASE_FORM)
+    return base
+
+
+def _json_setting(value: Any, form: str) -> Any:
+    # These settings are decoded here rather than by pydantic-settings, whose decode error
+    # stops at the first bad setting and says nothing of the others.
+    if not isinstance(value, str | bytes):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        where = ""
+        if isinstance(exc, json.JSONDecodeError):
+            # Position and reason only: the text itself may hold a key.
+            where = f" ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        raise ValueError(f"is not valid JSON{where}; must be {form}") from None
+
+
 class ProviderConfig(BaseModel):
-    """One upstream image API (a reseller group, say): where, with which key, and its limits."""
+    """One upstream image API (a reseller group, say): where, with which key, and its limits.
+
+    Unknown fields are refused, not ignored: a misspelt limit would silently not apply.
+    `base_url` (the openai SDK's name) is accepted for `api_base`.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     name: str = "default"
-    api_base: str
+    api_base: str = Field(validation_alias=AliasChoices("api_base", "base_url"))
     api_key: str = ""
     model: str = "gpt-image-2"
     # True: always stream (failures are reported as they are). False: never. None: stream
@@ -65,11 +127,42 @@ class ProviderConfig(BaseModel):
     @field_validator("api_base")
     @classmethod
     def _base(cls, value: str) -> str:
-        return normalize_api_base(value)
+        return api_base_setting(value)
 
     def with_key(self, api_key: str) -> ProviderConfig:
         """The same provider used with another key (a user's own)."""
         return self.model_copy(update={"api_key": api_key})
+
+
+# What a `DRAWBRIDGE_PROVIDERS` entry inherits, from the `Settings` field of the same name.
+_INHERITED: Final = ("api_base", "api_key", "model", "stream", "timeout", "concurrency")
+
+
+def _provider_fields(entry: dict[str, Any], inherited: dict[str, Any], name: str) -> dict[str, Any]:
+    """One `DRAWBRIDGE_PROVIDERS` entry over the settings it inherits, ready for validation."""
+    entry = dict(entry)
+    if "base_url" in entry:
+        # Merged naively, an inherited api_base would win over the entry's own base_url.
+        if "api_base" in entry:
+            raise ValueError("set api_base or base_url (the same thing), not both")
+        entry["api_base"] = entry.pop("base_url")
+    defaults = dict(inherited)
+    # DRAWBRIDGE_STREAM=true means "stream where the relay can": learned, not forced.
+    defaults["stream"] = None if inherited.get("stream", True) else False
+    if not defaults.get("api_base"):
+        defaults.pop("api_base", None)
+    merged = {**defaults, "name": name, **entry}
+    if merged.get("stream") is None:
+        merged["stream"] = defaults["stream"]
+    return merged
+
+
+def _provider_entry(entry: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+    # Checked merged with what it inherits, as `Settings.providers` will build it, so a bad
+    # entry stops the start here instead of raising inside the first command that needs it.
+    inherited: dict[str, Any] = {key: info.data[key] for key in _INHERITED if key in info.data}
+    ProviderConfig.model_validate(_provider_fields(entry, inherited, "provider"))
+    return entry
 
 
 class Settings(BaseSettings):
@@ -94,15 +187,21 @@ class Settings(BaseSettings):
         default="gpt-image-2", validation_alias=AliasChoices("DRAWBRIDGE_MODEL", "model")
     )
     stream: bool = Field(default=True, validation_alias=AliasChoices("DRAWBRIDGE_STREAM", "stream"))
-    providers_json: list[dict[str, Any]] = Field(
-        default_factory=list,
-        validation_alias=AliasChoices("DRAWBRIDGE_PROVIDERS", "providers_json"),
-    )
     timeout: float = Field(
-        default=300.0, validation_alias=AliasChoices("DRAWBRIDGE_TIMEOUT", "timeout")
+        default=300.0, gt=0, validation_alias=AliasChoices("DRAWBRIDGE_TIMEOUT", "timeout")
     )
     concurrency: int = Field(
-        default=4, validation_alias=AliasChoices("DRAWBRIDGE_CONCURRENCY", "concurrency")
+        default=4,
+        ge=1,
+        le=1000,
+        validation_alias=AliasChoices("DRAWBRIDGE_CONCURRENCY", "concurrency"),
+    )
+    # After the settings its entries inherit: each entry is checked, merged, when settings load.
+    providers_json: Annotated[
+        list[Annotated[dict[str, Any], AfterValidator(_provider_entry)]], NoDecode
+    ] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("DRAWBRIDGE_PROVIDERS", "providers_json"),
     )
     default_size: str = Field(
         default="1024x1024",
@@ -131,7 +230,7 @@ class Settings(BaseSettings):
         default="Asia/Shanghai", validation_alias=AliasChoices("DRAWBRIDGE_TIMEZONE", "timezone")
     )
     # JSON object: {"1k": {"low": 1, "medium": 1, "high": 2, "auto": 1}, "2k": ..., "4k": ...}
-    prices: dict[str, dict[str, int]] = Field(
+    prices: Annotated[dict[str, dict[str, Annotated[int, Field(ge=0)]]], NoDecode] = Field(
         default_factory=dict, validation_alias=AliasChoices("DRAWBRIDGE_PRICES", "prices")
     )
     group_daily_cap: int = Field(
@@ -271,10 +370,67 @@ class Settings(BaseSettings):
             ) from None
         return name
 
-    @model_validator(mode="after")
-    def _check(self) -> Settings:
-        self.api_base = normalize_api_base(self.api_base) if self.api_base else ""
-        return self
+    @field_validator("api_base")
+    @classmethod
+    def _api_base(cls, value: str) -> str:
+        return api_base_setting(value) if value.strip() else ""
+
+    @field_validator("telegram_api_server", "discord_api_base")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+                raise ValueError("must be an http:// or https:// URL, or empty for the default")
+        return value
+
+    @field_validator("providers_json", "prices", mode="before")
+    @classmethod
+    def _json(cls, value: Any, info: ValidationInfo) -> Any:
+        return _json_setting(value, PRICES_FORM if info.field_name == "prices" else PROVIDERS_FORM)
+
+    @field_validator("prices")
+    @classmethod
+    def _prices(cls, value: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        # A misspelt tier or quality would silently cost the default 1 credit.
+        tiers = {tier.strip().lower(): table for tier, table in value.items()}
+        for table in tiers.values():
+            if any(q.strip().lower() not in PRICE_QUALITIES for q in table):
+                raise ValueError(f"must be {PRICES_FORM}")
+        if any(tier not in PRICE_TIERS for tier in tiers):
+            raise ValueError(f"must be {PRICES_FORM}")
+        return {t: {q.strip().lower(): n for q, n in table.items()} for t, table in tiers.items()}
+
+    @field_validator("admins")
+    @classmethod
+    def _admins(cls, value: str) -> str:
+        # A bare id would otherwise be skipped without a word, and the operator locked out.
+        bad = []
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        for number, item in enumerate(items, 1):
+            platform, sep, user = item.partition(":")
+            # The platform's shape, not a fixed list: a new platform is one more adapter.
+            if not sep or not _PLATFORM_NAME.fullmatch(platform.strip()) or not user.strip():
+                bad.append(str(number))
+        if bad:
+            which = ("entry " if len(bad) == 1 else "entries ") + ", ".join(bad)
+            raise ValueError(f"{which} is not platform:user_id; must be {ADMINS_FORM}")
+        return value
+
+    @field_validator("discord_guild_ids")
+    @classmethod
+    def _guild_ids(cls, value: str) -> str:
+        if any(not g.isdigit() for g in value.replace(" ", "").split(",") if g):
+            raise ValueError("must be comma-separated numeric guild ids, or empty for global")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.strip().upper() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return value.strip().upper()
 
     def providers(self) -> list[ProviderConfig]:
         """The configured providers in the order they are tried.
@@ -283,23 +439,33 @@ class Settings(BaseSettings):
         `DRAWBRIDGE_API_BASE`, `DRAWBRIDGE_API_KEY` and `DRAWBRIDGE_MODEL`. Fields a provider
         leaves out inherit the global settings.
         """
-        defaults: dict[str, Any] = {
-            "api_base": self.api_base,
-            "api_key": self.api_key,
-            "model": self.model,
-            # DRAWBRIDGE_STREAM=true means "stream where the relay can": learned, not forced.
-            "stream": None if self.stream else False,
-            "timeout": self.timeout,
-            "concurrency": self.concurrency,
-        }
+        inherited: dict[str, Any] = {key: getattr(self, key) for key in _INHERITED}
         raw = self.providers_json or ([{"name": "default"}] if self.api_base else [])
-        result = []
-        for index, entry in enumerate(raw):
-            merged = {**defaults, "name": f"provider{index + 1}", **entry}
-            if merged.get("stream") is None:
-                merged["stream"] = defaults["stream"]
-            result.append(ProviderConfig.model_validate(merged))
-        return result
+        return [
+            ProviderConfig.model_validate(_provider_fields(entry, inherited, f"provider{i + 1}"))
+            for i, entry in enumerate(raw)
+        ]
+
+    def keyless_provider_lines(self) -> list[str]:
+        """One line per provider with no key, naming the setting that gives it one.
+
+        An error where nobody can bind their own key with /token (`draw`, `edit`, and `check`
+        with no chat platform): those providers could only ever answer 401.
+        """
+        if not self.providers_json:
+            if self.api_base and not self.api_key:
+                return [
+                    "DRAWBRIDGE_API_KEY: not set, but DRAWBRIDGE_API_BASE is, and no chat "
+                    "platform is in use where users could bind their own key with /token; "
+                    "set DRAWBRIDGE_API_KEY"
+                ]
+            return []
+        return [
+            f"DRAWBRIDGE_PROVIDERS[{index}].api_key: not set (nor DRAWBRIDGE_API_KEY), and no "
+            "chat platform is in use where users could bind their own key with /token"
+            for index, provider in enumerate(self.providers())
+            if not provider.api_key
+        ]
 
     def enabled_platforms(self) -> list[str]:
         """Chat platforms whose settings are present, in start order."""
@@ -349,6 +515,25 @@ def _env_names() -> dict[str, str]:
 
 
 _ENV_NAMES = _env_names()
+# Any name a problem's location may use (field, alias, environment name) -> the field.
+_FIELDS: Final = {
+    name: field
+    for field, info in Settings.model_fields.items()
+    for name in (
+        field,
+        *(
+            str(c).lower()
+            for c in (
+                info.validation_alias.choices
+                if isinstance(info.validation_alias, AliasChoices)
+                else []
+            )
+        ),
+    )
+}
+_PROVIDER_FIELDS: Final = ", ".join(
+    "api_base (or base_url)" if name == "api_base" else name for name in ProviderConfig.model_fields
+)
 _FIELD_IN_MESSAGE = re.compile(r'field "(\w+)"')
 
 
@@ -368,6 +553,46 @@ def settings_error_lines(error: ValidationError | SettingsError) -> list[str]:
         where = [str(part) for part in problem["loc"]]
         name = env_name(where[0]) if where else "settings"
         path = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in where[1:])
-        message = str(problem["msg"]).removeprefix("Value error, ")
+        message = _problem_message(where, str(problem["type"]), str(problem["msg"]))
         lines.append(f"{name}{path}: {message}")
     return lines or [str(error)]
+
+
+# The form a setting takes, said when its value is not even of the right kind.
+_FORMS: Final = {
+    "timeout": "a number of seconds such as 300 (no unit)",
+    "shutdown_grace": "a number of seconds such as 30 (no unit)",
+    "keep_hours": "a number of hours such as 72 (no unit)",
+    "providers_json": PROVIDERS_FORM,
+    "prices": PRICES_FORM,
+}
+_KINDS: Final = {
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "int_type": "a whole number",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "dict_type": "a JSON object",
+    "list_type": "a JSON list",
+    "string_type": "text",
+}
+
+
+def _problem_message(where: list[str], kind: str, message: str) -> str:
+    field = _FIELDS.get(where[0].lower(), where[0].lower()) if where else ""
+    if where[:1] and field == "providers_json" and len(where) >= 2:
+        if kind == "extra_forbidden":
+            return f"unknown field; a provider entry takes {_PROVIDER_FIELDS}"
+        if kind == "missing" and where[-1] == "api_base":
+            return "required (or set DRAWBRIDGE_API_BASE for every entry to inherit)"
+        if kind == "dict_type" and len(where) == 2:
+            return 'must be a JSON object, such as {"api_base": "https://..."}'
+    if kind in _KINDS:
+        form = _FORMS.get(field) if len(where) == 1 else None
+        return f"must be {form or _KINDS[kind]}"
+    if kind == "missing":
+        return "required"
+    message = message.removeprefix("Value error, ")
+    return message.replace("Input should be", "must be", 1)

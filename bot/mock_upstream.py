@@ -35,6 +35,8 @@ from typing import Any, Final
 from aiohttp import BodyPartReader, web
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from bot.startup import listen_error
+
 __all__ = [
     "FAIL_KINDS",
     "MockOptions",
@@ -1543,7 +1545,12 @@ def _options_from_args(args: argparse.Namespace) -> MockOptions:
 async def serve(host: str, port: int, options: MockOptions) -> None:
     """Serve until cancelled, printing the base URL (without /v1) on its own line first."""
     mock = MockUpstream(options)
-    await mock.start(host, port)
+    try:
+        await mock.start(host, port)
+    except OSError as exc:
+        raise listen_error(
+            "mock-upstream", host, port, exc, host_name="--host", port_name="--port"
+        ) from None
     try:
         print(mock.base_url, flush=True)
         await asyncio.Event().wait()

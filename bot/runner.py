@@ -15,6 +15,7 @@ from bot.i18n import t
 from bot.logs import add_secrets, settings_secrets
 from bot.platform import Platform
 from bot.services import Services
+from bot.startup import StartupError
 
 log = logging.getLogger("drawbridge")
 
@@ -54,6 +55,7 @@ async def run(settings: Settings) -> int:
         print(missing_platforms_message(), file=sys.stderr)
         return 2
     if not settings.providers() or not any(p.api_key for p in settings.providers()):
+        # Legal (users bring their own keys), but rarely what an operator meant.
         log.warning(
             "no shared upstream key (DRAWBRIDGE_API_BASE/DRAWBRIDGE_API_KEY): only users who "
             "bind their own key with /token can draw"
@@ -87,6 +89,10 @@ async def run(settings: Settings) -> int:
             finally:
                 announcing.cancel()
             log.info("stopping: no new jobs; running jobs get %.0fs", settings.shutdown_grace)
+    except StartupError as exc:
+        # The operator's to act on: the line says what to check; a traceback would bury it.
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        code = exc.exit_code
     except Exception:
         log.exception("failed to start")
         code = 1

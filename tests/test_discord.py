@@ -22,6 +22,7 @@ from adapters.discord.chat import TOKEN_TTL, batches
 from bot.config import Settings
 from bot.mock_upstream import MockUpstream
 from bot.services import Services
+from bot.startup import StartupError
 from plugins.registry import QUALITY_CHOICES, SIZE_CHOICES
 from tests.bot_process import BotProcess, bot_env
 from tests.fake_discord import (
@@ -194,10 +195,11 @@ async def test_wrong_token_fails_start_without_showing_the_token(
     caplog.set_level(logging.DEBUG)
     wrong = "wrong-token-0123456789"
     platform = DiscordPlatform(settings_factory(discord_bot_token=wrong), services)
-    with pytest.raises(discord.LoginFailure) as failure:
+    with pytest.raises(StartupError, match="DISCORD_BOT_TOKEN") as failure:
         await platform.start()
     await platform.stop()
 
+    assert failure.value.exit_code == 2
     assert wrong not in str(failure.value) and wrong not in caplog.text
     assert fake_discord.identifies == [] and fake_discord.commands == {}
 

@@ -15,6 +15,7 @@ from nonebot.drivers import Request
 from adapters.qq import create_platform, redaction
 from adapters.qq.platform import ensure_adapter, ensure_driver, refuse_if_exposed
 from bot.config import Settings
+from bot.startup import StartupError
 
 
 @pytest.fixture
@@ -89,7 +90,7 @@ def test_exposed_endpoint_without_access_token_is_refused_unless_allowed(
         assert warnings_for(host=loopback) == []
 
 
-async def test_taken_port_fails_start_with_an_os_error(
+async def test_taken_port_fails_start_with_a_startup_error_naming_port(
     settings_factory: Callable[..., Settings], services: Any
 ) -> None:
     with socket.socket() as taken:
@@ -97,8 +98,9 @@ async def test_taken_port_fails_start_with_an_os_error(
         taken.listen()
         port = taken.getsockname()[1]
         platform = create_platform(settings_factory(qq_enabled=True, port=port), services)
-        with pytest.raises(OSError):
+        with pytest.raises(StartupError, match="PORT") as caught:
             await platform.start()
+        assert caught.value.exit_code == 1
         await platform.stop()
 
 

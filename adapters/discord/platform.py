@@ -15,6 +15,7 @@ from discord import app_commands
 from bot.config import Settings
 from bot.proxies import aiohttp_connector, proxy_from_setting
 from bot.services import Services
+from bot.startup import SETTINGS, StartupError
 
 from . import redact
 from .attachments import DISCORD_CDN_HOSTS
@@ -140,14 +141,54 @@ class DiscordPlatform:
         add_commands(client.tree, self.services, self.intake.on_slash, self.intake.on_edit_image)
         await client.tree.set_translator(DeclarationTranslator(self.services))
         try:
-            await client.login(self.settings.discord_bot_token)
+            await self._login(client)
             await self._sync(client)
             self._connection = asyncio.create_task(client.connect(), name="discord-gateway")
-            await self._wait_ready(client, self._connection)
+            try:
+                await self._wait_ready(client, self._connection)
+            except (
+                TimeoutError,
+                ConnectionError,
+                discord.DiscordException,
+                aiohttp.ClientError,
+            ) as exc:
+                raise StartupError(
+                    f"Discord's gateway did not connect ({type(exc).__name__}): check the "
+                    "network, DISCORD_PROXY" + self._setting_hint("discord_gateway_url")
+                ) from None
         except BaseException:
             await self.stop()
             raise
         log.info("discord: logged in as %s (%d guilds)", client.user, len(client.guilds))
+
+    async def _login(self, client: DrawbridgeClient) -> None:
+        """Log in with the token; failures the operator can act on become one line."""
+        try:
+            await client.login(self.settings.discord_bot_token)
+        except discord.LoginFailure:
+            raise StartupError(
+                "Discord refused DISCORD_BOT_TOKEN (401 Unauthorized): check the bot token "
+                "from the developer portal" + self._setting_hint("discord_api_base"),
+                exit_code=SETTINGS,
+            ) from None
+        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
+            raise StartupError(
+                f"cannot reach Discord's API ({type(exc).__name__}): check the network and "
+                "DISCORD_PROXY" + self._setting_hint("discord_api_base")
+            ) from None
+        except discord.HTTPException as exc:
+            raise StartupError(
+                f"Discord's API refused the login (HTTP {exc.status})"
+                + self._setting_hint("discord_api_base")
+            ) from None
+
+    def _setting_hint(self, field: str) -> str:
+        # Named only when set: an unset one cannot be the cause.
+        if not getattr(self.settings, field):
+            return ""
+        return " and " + (
+            "DISCORD_API_BASE" if field == "discord_api_base" else "DISCORD_GATEWAY_URL"
+        )
 
     def _proxy_connector(self) -> aiohttp.BaseConnector | None:
         """`DISCORD_PROXY` as a connector: every connection tunnels through it.

@@ -32,6 +32,7 @@ from adapters.qq.chat import SendPacer
 from adapters.qq.handler import QQHandler, build_matcher
 from bot.config import Settings
 from bot.services import Services
+from bot.startup import listen_error
 
 log = logging.getLogger("drawbridge.qq")
 
@@ -85,7 +86,17 @@ class QQPlatform:
             raise RuntimeError(f"nonebot runs the {driver.type} driver; QQ needs ~fastapi")
         ensure_adapter(driver, self.settings.onebot_access_token)
         redaction.quiet_frame_dumps()
-        sock = _bind(self.settings.host, self.settings.port)
+        try:
+            sock = _bind(self.settings.host, self.settings.port)
+        except OSError as exc:
+            raise listen_error(
+                "QQ (OneBot endpoint)",
+                self.settings.host,
+                self.settings.port,
+                exc,
+                host_name="HOST",
+                port_name="PORT",
+            ) from None
         self.address = sock.getsockname()[:2]
         config = uvicorn.Config(
             driver.server_app,

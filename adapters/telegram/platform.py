@@ -14,7 +14,12 @@ from urllib.parse import urlsplit
 
 from aiogram import Bot, Dispatcher, F, Router
 from aiogram.client.telegram import PRODUCTION, TelegramAPIServer
-from aiogram.exceptions import AiogramError, TelegramAPIError, TelegramUnauthorizedError
+from aiogram.exceptions import (
+    AiogramError,
+    TelegramAPIError,
+    TelegramNetworkError,
+    TelegramUnauthorizedError,
+)
 from aiogram.methods import (
     AnswerCallbackQuery,
     DeleteWebhook,
@@ -41,6 +46,7 @@ from bot.chat import Invocation
 from bot.config import Settings
 from bot.i18n import LANGUAGES
 from bot.services import Services
+from bot.startup import SETTINGS, StartupError, listen_error
 from plugins.dispatch import dispatch
 from plugins.registry import COMMANDS, CommandSpec, split_command
 
@@ -121,9 +127,21 @@ class TelegramPlatform:
             try:
                 me = await self.sender.call(GetMe(), request_timeout=30)
             except TelegramUnauthorizedError:
-                raise RuntimeError("Telegram refused TELEGRAM_BOT_TOKEN (unauthorized)") from None
+                raise StartupError(
+                    "Telegram refused TELEGRAM_BOT_TOKEN (401 Unauthorized): check the token "
+                    "@BotFather gave you" + _server_hint(settings),
+                    exit_code=SETTINGS,
+                ) from None
+            except (TelegramNetworkError, OSError) as exc:
+                raise StartupError(
+                    f"cannot reach the Telegram Bot API ({_reason(exc, settings)}): check the "
+                    f"network and TELEGRAM_PROXY{_server_hint(settings)}"
+                ) from None
             except TelegramAPIError as exc:
-                raise RuntimeError(f"cannot reach the Telegram Bot API: {exc}") from None
+                raise StartupError(
+                    f"the Telegram Bot API refused getMe ({_reason(exc, settings)})"
+                    + _server_hint(settings)
+                ) from None
             self.username = me.username or ""
             self.bot_id = me.id
             await self._register_commands()
@@ -226,7 +244,17 @@ class TelegramPlatform:
         site = web.TCPSite(
             self._web, settings.telegram_webhook_host, settings.telegram_webhook_port
         )
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise listen_error(
+                "the Telegram webhook",
+                settings.telegram_webhook_host,
+                settings.telegram_webhook_port,
+                exc,
+                host_name="TELEGRAM_WEBHOOK_HOST",
+                port_name="TELEGRAM_WEBHOOK_PORT",
+            ) from None
         await self.sender.call(
             SetWebhook(
                 url=settings.telegram_webhook_url,
@@ -454,3 +482,18 @@ class TelegramPlatform:
         if at and addressee.lower() != self.username.lower():
             return None
         return parsed
+
+
+def _server_hint(settings: Settings) -> str:
+    """`TELEGRAM_API_SERVER` named in a start-up failure when it is set (it may be the cause)."""
+    if not settings.telegram_api_server:
+        return ""
+    return " and TELEGRAM_API_SERVER"
+
+
+def _reason(exc: BaseException, settings: Settings) -> str:
+    """A start-up failure's cause in a few words, without the token (URLs carry it)."""
+    text = str(exc) or type(exc).__name__
+    if settings.telegram_bot_token:
+        text = text.replace(settings.telegram_bot_token, "<TELEGRAM_BOT_TOKEN>")
+    return text if len(text) <= 200 else text[:197] + "..."
