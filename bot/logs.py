@@ -269,10 +269,15 @@ class RedactingFormatter(logging.Formatter):
             return redact(super().format(record))
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+"""Every line's shape, ours and our libraries' alike: nonebot's loguru records are forwarded
+into `logging` (adapters/qq/redaction.py) and come out in it too."""
+
+
 def setup_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
     """Log to `stream` (stderr) through the redacting filter; quiet noisy libraries."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter(LOG_FORMAT))
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -175,6 +175,10 @@ def ensure_driver(settings: Settings) -> Driver:
     try:
         driver = nonebot.get_driver()
     except ValueError:
+        # Before init, which logs: its lines then come out through `bot.logs` in our format,
+        # not through nonebot's own stdout sink in its own.
+        quiet_nonebot_banner()
+        redaction.forward_to_stdlib()
         nonebot.init(
             _env_file=_NO_ENV_FILES,
             driver="~fastapi",
@@ -187,8 +191,26 @@ def ensure_driver(settings: Settings) -> Driver:
         driver = nonebot.get_driver()
         # nonebot.init installed its own patcher over ours.
         redaction.install()
-        redaction.forward_to_stdlib()
     return driver
+
+
+class NonebotBannerFilter(logging.Filter):
+    """Drops nonebot's "Current Env: prod" line.
+
+    It names nonebot's `.env.{environment}` file set, which drawbridge never reads (nonebot
+    gets only what we pass it): to an operator it reads as a setting of ours they never made.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.getMessage().startswith("Current Env:"))
+
+
+def quiet_nonebot_banner() -> None:
+    """Install `NonebotBannerFilter` on the logger nonebot's lines are forwarded to (once)."""
+    # nonebot's log patcher names every core record "nonebot" (plugins by their id).
+    target = logging.getLogger("nonebot")
+    if not any(isinstance(f, NonebotBannerFilter) for f in target.filters):
+        target.addFilter(NonebotBannerFilter())
 
 
 class OneBotEndpoint(OneBotAdapter):
