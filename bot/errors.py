@@ -119,6 +119,13 @@ class UnsupportedImageError(ImageError):
     key = "error.unsupported_image"
 
 
+class SvgImageError(UnsupportedImageError):
+    """An SVG: a drawing to render, which we do not do, not a picture to decode."""
+
+    kind = "svg_image"
+    key = "error.svg_image"
+
+
 class ImageTooLargeError(ImageError):
     """Too many bytes or too many pixels (a decompression bomb)."""
 
@@ -139,13 +146,6 @@ class JobTooManyPixelsError(ImageTooLargeError):
     Refused from the headers alone (`DRAWBRIDGE_MAX_JOB_PIXELS`); params `count`,
     `megapixels`, `limit_mp`.
     """
-
-class SvgImageError(UnsupportedImageError):
-    """An SVG: a drawing to render, which we do not do, not a picture to decode."""
-
-    kind = "svg_image"
-    key = "error.svg_image"
-
 
     kind = "job_too_many_pixels"
     key = "error.job_too_many_pixels"
