@@ -290,6 +290,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN charge INTEGER CHECK (charge >= 0);
     """,
+    # 5: when the upstream answered (queue wait and upstream time apart) and the job's class
+    # for the ETA ("provider|tier|quality|kind"), so estimates come from similar jobs only.
+    """
+    ALTER TABLE jobs ADD COLUMN upstream_done_at REAL;
+    ALTER TABLE jobs ADD COLUMN eta_class TEXT;
+    CREATE INDEX jobs_eta ON jobs (eta_class, id) WHERE eta_class IS NOT NULL;
+    """,
 )
 
 PRAGMAS = (
@@ -938,6 +945,28 @@ class Store:
             (user_id,),
         )
         return int(rows[0][0])
+
+    # --- ETA: upstream timings per job class (issue 14, "An honest ETA") ---
+
+    async def mark_upstream_done(self, job_id: int, eta_class: str) -> None:
+        """The upstream answered this job now; `eta_class` names the jobs it is like."""
+        await self._write_one(
+            "UPDATE jobs SET upstream_done_at = ?, eta_class = ? WHERE id = ?",
+            (time.time(), eta_class, job_id),
+        )
+
+    async def upstream_durations(self, eta_class: str, limit: int) -> list[float]:
+        """Upstream seconds of the last `limit` successful jobs of a class, oldest first."""
+        rows = await self._read(
+            """
+            SELECT upstream_done_at - started_at FROM jobs
+            WHERE eta_class = ? AND status = 'succeeded'
+              AND upstream_done_at IS NOT NULL AND started_at IS NOT NULL
+            ORDER BY id DESC LIMIT ?
+            """,
+            (eta_class, limit),
+        )
+        return [max(0.0, float(row[0])) for row in reversed(rows)]
 
     # --- internals ---
 
