@@ -38,6 +38,8 @@ _FIXED_SIZES: Final[dict[str, tuple[tuple[int, int], ...]]] = {
 _NO_AUTO_PREFIXES: Final = ("dall-e-",)
 
 _TIERS: Final = ("1k", "2k", "4k")
+# The longest edge of each tier but the last (`Size.tier`).
+_TIER_LONG_EDGE: Final = {"1k": 1536, "2k": 2560}
 _SHAPE_WORDS: Final[dict[str, tuple[float, float]]] = {
     "square": (1, 1),
     "landscape": (3, 2),
@@ -151,14 +153,25 @@ def size_for_reference(width: int, height: int, model: str, default: str = "1024
 
     The shape is kept as closely as the model allows (a 4:1 panorama becomes 3:1; a fixed
     model takes its closest shape). The tier is the default size's (1k when the default is
-    `auto` or not valid), so keeping the shape never changes what the edit costs.
+    `auto` or not valid), so on a flexible model keeping the shape never changes what the
+    edit costs (a fixed model's sizes are what they are, as for `--size`).
     """
     try:
         base = parse_size(default, model, default="1024x1024") if default.strip() else None
     except InvalidSizeError:
         base = None
     tier = base.tier if base is not None else "1k"
-    return _size_for(max(1, width) / max(1, height), tier, model)
+    size = _size_for(max(1, width) / max(1, height), tier, model)
+    if size.tier == tier or not is_flexible_model(model):
+        return size
+    # A plain ratio at 1k may reach a 2k long edge (16:9 is 1824x1024): the tier's own
+    # longest edge instead, so the price is the default size's. (A fixed model has its few
+    # sizes, whatever their tier.)
+    long_edge = float(_TIER_LONG_EDGE[tier])
+    ratio = size.width / size.height
+    if ratio >= 1:
+        return _fit(long_edge, long_edge / ratio)
+    return _fit(long_edge * ratio, long_edge)
 
 
 def validate_size(size: Size, model: str) -> None:

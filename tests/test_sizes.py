@@ -177,7 +177,8 @@ def test_text_that_is_no_size_shows_the_accepted_forms(text: str) -> None:
         (200, 300, "1024x1024", Size(1024, 1536)),
         (4000, 3000, "1024x1024", Size(1360, 1024)),  # a big photo costs no more: still 1k
         (1600, 900, "16:9 2k", Size(2048, 1152)),  # the default's tier
-        (4000, 1000, "1024x1024", Size(2048, 688)),  # 4:1 panorama: nearest valid, 3:1
+        (4000, 1000, "1024x1024", Size(1536, 512)),  # 4:1 panorama: nearest valid, 3:1
+        (1600, 900, "1024x1024", Size(1536, 864)),  # not 1824x1024: that is a 2k price
         (1000, 1000, "auto", Size(1024, 1024)),
     ],
 )
@@ -187,6 +188,20 @@ def test_size_for_reference_keeps_the_shape_at_the_default_tier(
     size = size_for_reference(width, height, GPT2, default)
     assert size == expected
     assert_valid_for_gpt2(size)
+
+
+@pytest.mark.parametrize("default", ["1024x1024", "auto", "16:9 2k", "4k"])
+def test_size_for_reference_never_changes_the_tier_so_never_the_price(default: str) -> None:
+    wanted = parse_size(default, GPT2)
+    tier = wanted.tier if wanted else "1k"
+    rng = random.Random(7)
+    for _ in range(500):
+        w, h = rng.randint(1, 12000), rng.randint(1, 12000)
+        size = size_for_reference(w, h, GPT2, default)
+        assert_valid_for_gpt2(size)
+        assert size.tier == tier, (w, h, size)
+        shape = min(max(w / h, 1 / 3), 3)
+        assert size.width / size.height == pytest.approx(shape, rel=0.04), (w, h, size)
 
 
 def test_size_for_reference_on_a_fixed_model_takes_the_closest_shape() -> None:
