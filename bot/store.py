@@ -297,6 +297,22 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN eta_class TEXT;
     CREATE INDEX jobs_eta ON jobs (eta_class, id) WHERE eta_class IS NOT NULL;
     """,
+    # 6: the operator console: who did what (grants, bans, refunds, logins), and the time
+    # index its overview and jobs pages read by (the last 24 h / 7 d / 30 d).
+    """
+    CREATE TABLE audit (
+        id         INTEGER PRIMARY KEY,
+        created_at REAL    NOT NULL,
+        actor      TEXT    NOT NULL,
+        action     TEXT    NOT NULL,
+        target     TEXT    NOT NULL DEFAULT '',
+        detail     TEXT    NOT NULL DEFAULT '{}',
+        job_id     INTEGER REFERENCES jobs (id)
+    );
+    -- A succeeded job is refunded by an operator at most once.
+    CREATE UNIQUE INDEX audit_one_refund_per_job ON audit (job_id) WHERE action = 'refund';
+    CREATE INDEX jobs_created ON jobs (created_at);
+    """,
 )
 
 PRAGMAS = (
