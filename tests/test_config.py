@@ -26,12 +26,54 @@ def test_every_setting_is_in_env_example() -> None:
     assert names - documented_names() == set()
 
 
+def env_example_required() -> set[str]:
+    """Settings whose comment in .env.example starts with "Required"."""
+    required = set()
+    comment: list[str] = []
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        setting = re.match(r"^([A-Z][A-Z0-9_]+)=", line)
+        if setting and comment and comment[0].startswith("Required"):
+            required.add(setting.group(1))
+        if line.startswith("#") and not line.startswith("# ---"):  # not a section header
+            comment.append(line.lstrip("# "))
+        else:
+            comment = []
+    return required
+
+
+def readme_required() -> set[str]:
+    """The settings README's "Required settings:" paragraph names."""
+    text = (ROOT / "README.md").read_text()
+    found = re.search(r"^Required settings: (.*?)\n\n", text, re.M | re.S)
+    assert found, 'README.md has no "Required settings:" paragraph'
+    return {name.split("=")[0] for name in re.findall(r"`([A-Z][A-Z0-9_]+(?:=\w+)?)`", found[1])}
+
+
+def test_readme_and_env_example_agree_on_the_required_settings() -> None:
+    required = {
+        "DRAWBRIDGE_API_BASE",
+        "DRAWBRIDGE_PROVIDERS",
+        "TELEGRAM_BOT_TOKEN",
+        "QQ_ENABLED",
+        "DISCORD_BOT_TOKEN",
+    }
+    assert readme_required() == required
+    assert env_example_required() == required
+    # The summary at the top of .env.example names the same ones.
+    head = (ROOT / ".env.example").read_text().split("\n\n", 1)[0]
+    summary = re.search(r"# Required(.*?)Everything else", head, re.S)
+    assert summary is not None
+    assert set(re.findall(r"[A-Z][A-Z0-9_]{5,}", summary[1])) == required
+
+
 def test_env_example_loads_as_a_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shutil.copy(ROOT / ".env.example", tmp_path / ".env")
     monkeypatch.chdir(tmp_path)
     settings = Settings()
     assert settings.model == "gpt-image-2"
-    assert [p.name for p in settings.providers()] == ["default"]
+    # No provider until the operator names one: not the mock upstream's address.
+    assert settings.api_base == ""
+    assert settings.providers() == []
     assert settings.enabled_platforms() == []
     assert settings.admin_ids() == set()  # nobody is an admin until the operator says so
 
