@@ -101,3 +101,116 @@ def test_anything_else_is_refused_when_settings_load(name: str) -> None:
         Settings(_env_file=None, timezone=name)
     [line] = settings_error_lines(caught.value)
     assert line.startswith("DRAWBRIDGE_TIMEZONE: ") and "IANA" in line
+
+
+# Each bad setting the issue names: (settings, the line's start, a word of the accepted form).
+BAD_SETTINGS = {
+    "timeout with a unit": (
+        {"DRAWBRIDGE_TIMEOUT": "5min"},
+        "DRAWBRIDGE_TIMEOUT: ",
+        "number of seconds",
+    ),
+    "providers not JSON": (
+        {"DRAWBRIDGE_PROVIDERS": '[{"api_base": "http://x", "api_key": "sk-Zq8wK3mN5pR7", }'},
+        "DRAWBRIDGE_PROVIDERS: ",
+        "JSON list",
+    ),
+    "providers not a list": (
+        {"DRAWBRIDGE_PROVIDERS": '{"api_base": "http://x"}'},
+        "DRAWBRIDGE_PROVIDERS: ",
+        "JSON list",
+    ),
+    "provider field unknown": (
+        {
+            "DRAWBRIDGE_PROVIDERS": '[{"api_base": "http://a", "api_key": "sk-Zq8wK3mN5pR7"}, '
+            '{"api_base": "http://b", "api_key": "sk-Zq8wK3mN5pR7", "max_refs": 3}]'
+        },
+        "DRAWBRIDGE_PROVIDERS[1].max_refs: ",
+        "unknown field",
+    ),
+    "provider value bad": (
+        {"DRAWBRIDGE_PROVIDERS": '[{"api_base": "http://a", "api_key": "sk-x", "timeout": "x"}]'},
+        "DRAWBRIDGE_PROVIDERS[0].timeout: ",
+        "number",
+    ),
+    "provider without a base": (
+        {"DRAWBRIDGE_PROVIDERS": '[{"api_key": "sk-Zq8wK3mN5pR7"}]'},
+        "DRAWBRIDGE_PROVIDERS[0].api_base: ",
+        "DRAWBRIDGE_API_BASE",
+    ),
+    "provider base without scheme": (
+        {"DRAWBRIDGE_PROVIDERS": '[{"base_url": "relay.example/v1", "api_key": "sk-x"}]'},
+        "DRAWBRIDGE_PROVIDERS[0].api_base: ",
+        "https://",
+    ),
+    "admin without platform": (
+        {"DRAWBRIDGE_ADMINS": "123456"},
+        "DRAWBRIDGE_ADMINS: ",
+        "telegram:123456789",
+    ),
+    "api base without scheme": (
+        {"DRAWBRIDGE_API_BASE": "api.example.com/v1", "DRAWBRIDGE_API_KEY": "sk-x"},
+        "DRAWBRIDGE_API_BASE: ",
+        "https://",
+    ),
+    "prices not JSON": ({"DRAWBRIDGE_PRICES": "1k=2"}, "DRAWBRIDGE_PRICES: ", "tier"),
+    "price not a number": (
+        {"DRAWBRIDGE_PRICES": '{"1k": {"high": "two"}}'},
+        "DRAWBRIDGE_PRICES.1k.high: ",
+        "whole number",
+    ),
+    "price negative": (
+        {"DRAWBRIDGE_PRICES": '{"4k": {"default": -4}}'},
+        "DRAWBRIDGE_PRICES.4k.default: ",
+        "0",
+    ),
+    "price tier misspelt": (
+        {"DRAWBRIDGE_PRICES": '{"4K": {"hihg": 8}}'},
+        "DRAWBRIDGE_PRICES: ",
+        "qualities low, medium, high",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SETTINGS))
+async def test_a_bad_setting_stops_run_draw_edit_and_check_in_one_line_with_exit_2(
+    tmp_path: Path, case: str
+) -> None:
+    settings, start, form = BAD_SETTINGS[case]
+    (tmp_path / "ref.png").write_bytes(b"not read")
+    results = await asyncio.gather(
+        *(
+            drawbridge(tmp_path, *args, TELEGRAM_BOT_TOKEN="123456:never-used", **settings)
+            for args in (("run",), ("draw", "x"), ("edit", "x", "ref.png"), ("check",))
+        )
+    )
+    for code, stderr in results:
+        assert code == 2, stderr
+        assert "Traceback" not in stderr and "providers_json" not in stderr
+        [line] = stderr.strip().splitlines()
+        assert line.startswith("error: " + start), line
+        assert form in line
+        assert "Zq8wK3mN5pR7" not in line
+    assert not (tmp_path / "data").exists()
+
+
+async def test_a_shared_base_without_a_key_stops_draw_and_edit_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    # Nobody can bind their own key in a terminal: the provider could only answer 401.
+    (tmp_path / "ref.png").write_bytes(b"not read")
+    for args in (("draw", "x"), ("edit", "x", "ref.png")):
+        code, stderr = await drawbridge(tmp_path, *args, DRAWBRIDGE_API_BASE="http://127.0.0.1:9")
+        assert code == 2, stderr
+        [line] = stderr.strip().splitlines()
+        assert line.startswith("error: DRAWBRIDGE_API_KEY: ") and "/token" in line
+    code, stderr = await drawbridge(
+        tmp_path,
+        "draw",
+        "x",
+        DRAWBRIDGE_PROVIDERS='[{"api_base": "http://127.0.0.1:9", "api_key": "sk-a"}, '
+        '{"api_base": "http://127.0.0.1:9"}]',
+    )
+    assert code == 2
+    [line] = stderr.strip().splitlines()
+    assert line.startswith("error: DRAWBRIDGE_PROVIDERS[1].api_key: ")
