@@ -455,14 +455,13 @@ class Settings(BaseSettings):
         if not self.providers_json:
             if self.api_base and not self.api_key:
                 return [
-                    "DRAWBRIDGE_API_KEY: not set, but DRAWBRIDGE_API_BASE is, and no chat "
-                    "platform is in use where users could bind their own key with /token; "
-                    "set DRAWBRIDGE_API_KEY"
+                    "DRAWBRIDGE_API_KEY: not set, but DRAWBRIDGE_API_BASE is; without a chat "
+                    "platform (where users bind their own keys) the shared key is the only one"
                 ]
             return []
         return [
-            f"DRAWBRIDGE_PROVIDERS[{index}].api_key: not set (nor DRAWBRIDGE_API_KEY), and no "
-            "chat platform is in use where users could bind their own key with /token"
+            f"DRAWBRIDGE_PROVIDERS[{index}].api_key: not set (nor DRAWBRIDGE_API_KEY); without "
+            "a chat platform (where users bind their own keys) the shared key is the only one"
             for index, provider in enumerate(self.providers())
             if not provider.api_key
         ]

@@ -239,8 +239,9 @@ async def test_off_a_terminal_progress_and_log_lines_are_whole_lines(
     code, stdout, err = await drawbridge("draw", "a fox", "-o", "out", env=env, cwd=tmp_path)
     assert code == 0, err
     assert "\r" not in err
-    [log_line] = [line for line in err.splitlines() if "trying the next" in line]
-    assert log_line[:4].isdigit()  # the log line's time stamp starts the line
+    log_lines = [line for line in err.splitlines() if " bot.upstream." in line]
+    assert any("trying the next" in line for line in log_lines)
+    assert all(line[:4].isdigit() for line in log_lines), log_lines  # time stamps first
     usage = [line for line in stdout.splitlines() if line.startswith("usage:")]
     assert usage and "{" not in usage[0]
 
@@ -278,8 +279,10 @@ async def test_on_a_terminal_a_log_line_never_runs_into_the_progress_line(
     assert "waiting 0:0" in text  # the progress line was there to collide with
     # What the terminal shows on each line: what follows its last carriage return.
     shown = [line.rsplit("\r", 1)[-1].replace("\x1b[K", "") for line in text.split("\n")]
-    [log_line] = [line for line in shown if "trying the next" in line]
-    assert log_line[:4].isdigit(), log_line
+    log_lines = [line for line in shown if " bot.upstream." in line]
+    assert any("trying the next" in line for line in log_lines)
+    # Each log line starts with its time stamp, not after "waiting 0:01".
+    assert all(line[:4].isdigit() for line in log_lines), log_lines
 
 
 def two_providers(first: MockUpstream, second: MockUpstream) -> str:
@@ -303,3 +306,71 @@ def read_all(fd: int) -> bytes:
             break
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+# --- --version, --env-file, --help --------------------------------------------------------
+
+SETTINGS_COMMANDS = ("run", "draw", "edit", "check", "doctor")
+
+
+async def test_version_prints_the_installed_version(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    code, out, _ = await drawbridge("--version", env=clean_env(), cwd=tmp_path)
+    assert code == 0
+    assert out.strip() == f"drawbridge {version('drawbridge')}"
+
+
+@pytest.mark.parametrize("command", SETTINGS_COMMANDS)
+async def test_env_file_is_where_the_settings_come_from(tmp_path: Path, command: str) -> None:
+    # A bad value only in that file proves the file was read (and ./.env was not).
+    (tmp_path / "bot.env").write_text("DRAWBRIDGE_TIMEOUT=5min\n")
+    (tmp_path / ".env").write_text("DRAWBRIDGE_ADMINS=123456\n")
+    args = {"draw": ("draw", "x"), "edit": ("edit", "x", "ref.png")}.get(command, (command,))
+    code, _, err = await drawbridge(*args, "--env-file", "bot.env", env=clean_env(), cwd=tmp_path)
+    assert code == 2, err
+    [line] = err.strip().splitlines()
+    assert line.startswith("error: DRAWBRIDGE_TIMEOUT: ")
+
+
+async def test_the_default_env_file_is_dot_env_in_the_working_folder(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("DRAWBRIDGE_ADMINS=123456\n")
+    code, _, err = await drawbridge("check", env=clean_env(), cwd=tmp_path)
+    assert code == 2
+    assert err.startswith("error: DRAWBRIDGE_ADMINS: ")
+
+
+async def test_a_missing_env_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    code, _, err = await drawbridge(
+        "run", "--env-file", "/etc/drawbridge/nope.env", env=clean_env(), cwd=tmp_path
+    )
+    assert code == 2
+    assert err.strip() == "error: --env-file /etc/drawbridge/nope.env: no such file"
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("command", SETTINGS_COMMANDS)
+def test_help_says_where_the_api_base_and_key_come_from(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bot.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("DRAWBRIDGE_API_BASE", "DRAWBRIDGE_API_KEY", "DRAWBRIDGE_PROVIDERS", ".env"):
+        assert name in text
+    assert "--env-file PATH" in text
+
+
+@pytest.mark.parametrize("command", ["run", "check", "doctor", "mock-upstream"])
+def test_every_argument_of_the_service_commands_is_described(command: str) -> None:
+    import argparse
+
+    from bot.cli import build_parser
+
+    [commands] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    parser = commands.choices[command]
+    assert parser.description
+    assert [a.dest for a in parser._actions if not a.help] == []

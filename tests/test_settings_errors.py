@@ -203,7 +203,7 @@ async def test_a_shared_base_without_a_key_stops_draw_and_edit_naming_the_key(
         code, stderr = await drawbridge(tmp_path, *args, DRAWBRIDGE_API_BASE="http://127.0.0.1:9")
         assert code == 2, stderr
         [line] = stderr.strip().splitlines()
-        assert line.startswith("error: DRAWBRIDGE_API_KEY: ") and "/token" in line
+        assert line.startswith("error: DRAWBRIDGE_API_KEY: ") and "shared key" in line
     code, stderr = await drawbridge(
         tmp_path,
         "draw",
