@@ -7,8 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from bot.config import Settings
+from bot.config import ProviderConfig, Settings, settings_error_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,3 +131,75 @@ def test_environment_names_are_the_contract(monkeypatch: pytest.MonkeyPatch) -> 
     )
     assert str(settings.data_dir) == "/tmp/db-test"
     assert settings.enabled_platforms() == ["telegram", "qq", "discord"]
+
+
+def test_base_url_is_accepted_as_api_base_in_a_provider_entry() -> None:
+    # The openai SDK's name; merged naively, the inherited DRAWBRIDGE_API_BASE would win.
+    settings = Settings(
+        _env_file=None,
+        api_base="https://global.example",
+        api_key="sk-x",
+        providers_json=[{"name": "sdk-style", "base_url": "https://relay.example/v1"}],
+    )
+    [provider] = settings.providers()
+    assert provider.api_base == "https://relay.example"
+    assert ProviderConfig(base_url="https://b.example/v1").api_base == "https://b.example"  # type: ignore[call-arg]
+
+
+def test_a_provider_entry_with_both_api_base_and_base_url_is_refused() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(
+            _env_file=None,
+            providers_json=[{"api_base": "https://a.example", "base_url": "https://b.example"}],
+        )
+    [line] = settings_error_lines(caught.value)
+    assert line.startswith("DRAWBRIDGE_PROVIDERS[0]: ") and "not both" in line
+
+
+def test_unknown_provider_fields_are_refused_not_ignored() -> None:
+    with pytest.raises(ValidationError):
+        ProviderConfig(api_base="https://a.example", max_refs=3)  # type: ignore[call-arg]
+    with pytest.raises(ValidationError) as caught:
+        Settings(
+            _env_file=None,
+            providers_json=[{"api_base": "https://a.example", "partial_image": 3}],
+        )
+    [line] = settings_error_lines(caught.value)
+    assert line.startswith("DRAWBRIDGE_PROVIDERS[0].partial_image: unknown field")
+    assert "partial_images" in line  # the accepted names are listed
+
+
+def test_provider_entries_are_checked_when_settings_load_not_when_used() -> None:
+    # Before, a bad entry loaded fine and raised inside the first command needing providers.
+    with pytest.raises(ValidationError) as caught:
+        Settings(
+            _env_file=None,
+            providers_json=[
+                {"api_base": "https://a.example", "max_references": 99},
+                {"api_base": "https://b.example", "concurrency": 0},
+            ],
+        )
+    lines = settings_error_lines(caught.value)
+    assert [line.split(":")[0] for line in lines] == [
+        "DRAWBRIDGE_PROVIDERS[0].max_references",
+        "DRAWBRIDGE_PROVIDERS[1].concurrency",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("admins", "pairs"),
+    [
+        ("", set()),
+        ("telegram:1, QQ:2 ,discord:3", {("telegram", "1"), ("qq", "2"), ("discord", "3")}),
+    ],
+)
+def test_admins_in_platform_form_are_read(admins: str, pairs: set[tuple[str, str]]) -> None:
+    assert Settings(_env_file=None, admins=admins).admin_ids() == pairs
+
+
+@pytest.mark.parametrize("admins", ["123456", "telegram:", ":123", "telegram:1,987"])
+def test_admins_without_a_platform_are_refused(admins: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(_env_file=None, admins=admins)
+    [line] = settings_error_lines(caught.value)
+    assert line.startswith("DRAWBRIDGE_ADMINS: ") and "platform:user_id" in line
