@@ -271,7 +271,8 @@ async def terminal_job(
         len(paths),
         max_prompt_chars=settings.max_prompt_chars,
         max_n=settings.max_n,
-        max_references=providers[0].max_references,
+        # The chain routes an edit to a provider taking that many images, as in the chat.
+        max_references=max(p.max_references for p in providers),
     )
     references = []
     if kind == "edit":
@@ -284,7 +285,7 @@ async def terminal_job(
                 return 2
         references = await prepare_references(
             raw,
-            max_count=providers[0].max_references,
+            max_count=max(p.max_references for p in providers),
             max_bytes=providers[0].max_reference_bytes,
             max_total_pixels=settings.max_job_pixels,
         )

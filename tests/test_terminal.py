@@ -366,3 +366,24 @@ def test_the_token_redaction_leaves_our_own_sentence_readable() -> None:
         "/token lettersonlylongkey",
     ):
         assert redact(line) == "/token ***"
+
+
+async def test_an_edit_goes_to_the_provider_that_takes_its_images(
+    settings_factory: MakeSettings,
+    mock_factory: Callable[..., Awaitable[MockUpstream]],
+    tmp_path: Path,
+) -> None:
+    small, large = await mock_factory(), await mock_factory()
+    providers = [
+        {"name": "one-image", "api_base": small.base_url, "max_references": 1},
+        {"name": "three-images", "api_base": large.base_url, "max_references": 3},
+    ]
+    refs = [str(png_file(tmp_path / f"{i}.png", 64, 48)) for i in range(2)]
+    settings = settings_factory(providers_json=providers)
+    code, _, err = await job(settings, "edit", "merge", *refs, "-o", str(tmp_path / "o"))
+    assert code == 0, err
+    assert (len(small.requests), len(large.requests)) == (0, 1)
+    refused = await refusal(settings, "edit", "merge", *(refs * 2), "-o", str(tmp_path / "o"))
+    assert isinstance(refused, errors.TooManyReferencesError)
+    assert refused.params == {"count": 4, "limit": 3}
+    assert len(large.requests) == 1
