@@ -163,3 +163,17 @@ class Chat(Protocol):
     async def delete(self, ref: MessageRef) -> None:
         """Delete a message the bot sent (a status line), best effort."""
         ...
+
+
+@runtime_checkable
+class ConfirmPrompt(Protocol):
+    """A Chat that can ask for a confirmation with a button (Telegram, Discord).
+
+    Pressing the button must reach `dispatch` as the `confirm` command, from whoever pressed
+    it, with `str(token)` as its text: the plugin checks that the presser is the one who
+    asked. Chats without this capability say "reply /confirm" instead.
+    """
+
+    async def send_confirm(self, text: str, *, token: int, label: str) -> MessageRef | None:
+        """Send `text` with one button labelled `label` that confirms request `token`."""
+        ...

@@ -239,6 +239,12 @@ class Settings(BaseSettings):
     user_max_jobs: int = Field(
         default=2, validation_alias=AliasChoices("DRAWBRIDGE_USER_MAX_JOBS", "user_max_jobs")
     )
+    # A job priced above this many credits waits for the user's confirmation (button or /确认).
+    confirm_above: int = Field(
+        default=10,
+        ge=0,
+        validation_alias=AliasChoices("DRAWBRIDGE_CONFIRM_ABOVE", "confirm_above"),
+    )
     queue_size: int = Field(
         default=100, validation_alias=AliasChoices("DRAWBRIDGE_QUEUE_SIZE", "queue_size")
     )

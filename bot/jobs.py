@@ -31,6 +31,7 @@ from zoneinfo import ZoneInfo
 from bot import errors
 from bot.chat import Chat, ImageSource, Invocation, MessageRef, OutFile, ResultMeta
 from bot.config import ProviderConfig, Settings
+from bot.eta import Estimate, EtaBook, clock, eta_class, queue_factor
 from bot.i18n import t
 from bot.images import (
     Reference,
@@ -68,6 +69,8 @@ LEDGER_RETRY_MAX_DELAY = 5.0
 """Longest pause between two of those retries."""
 SETTLE_LATER_EVERY = 60.0
 """Seconds between background retries of a settlement a job gave up on, while the bot runs."""
+ETA_TICK = 1.0
+"""Seconds between checks of a running job's estimate (is it overdue, has it moved?)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,33 @@ class JobSpec:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """What a job costs and what the user has left after it, said before anything runs."""
+
+    tier: str  # "1k" | "2k" | "4k" | "auto"
+    quality: str
+    n: int
+    cost: int
+    # Credits left after this job (negative: not enough); None when the user's own key pays.
+    left: int | None
+
+    @property
+    def own_key(self) -> bool:
+        """Whether the user's own key pays (no credits are used)."""
+        return self.left is None
+
+    def render(self, lang: str) -> str:
+        """ "4K · high · 2 images: 16 credits, 84 left after this" (or "your own key pays")."""
+        images = t(lang, "price.image_one" if self.n == 1 else "price.images", n=self.n)
+        what = f"{self.tier.upper()} · {self.quality} · {images}"
+        if self.left is None:
+            return t(lang, "price.own_key", what=what)
+        if self.left < 0:
+            return t(lang, "price.short", what=what, cost=self.cost, left=self.cost + self.left)
+        return t(lang, "price.line", what=what, cost=self.cost, left=self.left)
+
+
 @dataclass(eq=False)
 class _Ticket:
     """A job waiting for, or holding, a provider slot."""
@@ -110,6 +140,10 @@ class _Ticket:
     unit: int = 0
     quality: str | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    # The price line every status of this job ends with, and the jobs it is timed with.
+    ack: str = ""
+    eta_class: str = ""
+    concurrency: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +196,8 @@ class JobRunner:
         self._later: set[asyncio.Task[None]] = set()
         self.ledger_retry = LEDGER_RETRY_SECONDS
         """Seconds a job retries a failed ledger write before leaving it to the background."""
+        self.eta = EtaBook(store)
+        """Recent upstream durations per job class, for the estimates in status messages."""
 
     # --- intake ---
 
@@ -210,6 +246,19 @@ class JobRunner:
             job_id, status="failed", error_kind=error.kind, error_detail=error.detail[:500]
         )
         return job_id
+
+    async def quote(self, user: User, spec: JobSpec) -> Quote:
+        """The price of `spec` for `user` and what they would have left: read-only, so a
+        dry run or a confirmation prompt reserves nothing."""
+        tier = spec.size.tier if spec.size else "auto"
+        quality = spec.quality or "auto"
+        if user.has_key:
+            return Quote(tier, quality, spec.n, 0, None)
+        cost = price(self.settings, spec.size, spec.quality) * spec.n
+        credits = await self.store.credits(
+            user.id, today(self.settings), self.settings.daily_credits
+        )
+        return Quote(tier, quality, spec.n, cost, credits.total_left - cost)
 
     async def submit(
         self,
@@ -270,7 +319,12 @@ class JobRunner:
             cost = unit * spec.n
             day = today(self.settings)
             group_key = None if cred.own_key else inv.group_id
-            await self._check_affordable(user.id, cost, day, group_key)
+            have = await self._check_affordable(user.id, cost, day, group_key)
+            if have is None and not cred.own_key:
+                # A free job (a price of 0) still says what is left.
+                have = (
+                    await self.store.credits(user.id, day, self.settings.daily_credits)
+                ).total_left
             references = await self._fetch_references(user.id, spec, cred.primary, extra_references)
             await self.store.reserve(
                 job_id,
@@ -298,6 +352,13 @@ class JobRunner:
             if admitted:
                 self._intake_settled()
 
+        quote = Quote(
+            spec.size.tier if spec.size else "auto",
+            spec.quality or "auto",
+            spec.n,
+            cost,
+            None if cred.own_key or have is None else have - cost,
+        )
         ticket = _Ticket(
             job_id,
             user.id,
@@ -306,6 +367,9 @@ class JobRunner:
             cost=cost,
             unit=unit,
             quality=spec.quality,
+            ack=quote.render(lang),
+            eta_class=eta_class(cred.primary.name, spec.size, spec.quality, spec.kind),
+            concurrency=max(1, cred.primary.concurrency),
         )
         queue = self._waiting.setdefault(ticket.provider, deque())
         queue.append(ticket)
@@ -347,21 +411,23 @@ class JobRunner:
 
     async def _check_affordable(
         self, user_id: int, cost: int, day: date, group_key: str | None
-    ) -> None:
-        """Refuse, read-only, a job the user or the group cannot pay for right now.
+    ) -> int | None:
+        """Refuse, read-only, a job the user or the group cannot pay for right now; returns
+        the credits the user has (None when the job is free: nothing was read).
 
         Downloads are the expensive part of an edit: a user without credits must not cost the
         bot 16 downloads just to be told so. The guarded reservation later is still what
         counts (credits may go between this read and it).
         """
         if cost <= 0:
-            return
+            return None
         credits = await self.store.credits(user_id, day, self.settings.daily_credits)
         if cost > credits.total_left:
             raise errors.InsufficientCreditsError(needed=cost, left=credits.total_left)
         cap = self.settings.group_daily_cap
         if group_key and cap > 0 and await self.store.group_used(group_key, day) + cost > cap:
             raise errors.GroupCapReachedError(cap=cap)
+        return credits.total_left
 
     async def _fetch_references(
         self, user_id: int, spec: JobSpec, provider: ProviderConfig, extra: Sequence[bytes]
@@ -429,29 +495,46 @@ class JobRunner:
         side: list[asyncio.Task[Any]] = []
         # Set once results are in the chat: from then on nothing refunds or says "not charged".
         delivered = False
+        upstream_seconds = 0.0
         try:
-            status = await _status(
-                chat,
-                t(lang, "status.queued", position=position, job=job_id)
-                if position
-                else t(lang, "status.started", job=job_id),
-            )
+            estimate = await self._estimate(ticket, position)
+            if position:
+                line = t(lang, "status.queued", position=position, job=job_id)
+                status = await _status(chat, self._status_text(lang, ticket, line, estimate))
+            else:
+                line = t(lang, "status.started", job=job_id)
+                status = await _status(
+                    chat, self._status_text(lang, ticket, line, estimate, running=True)
+                )
             await self._keep(job_id, "references", self._save_references, references)
             if position and status is not None and chat.limits.can_edit:
-                ticker = asyncio.create_task(self._watch_queue(ticket, chat, status, lang))
+                ticker = asyncio.create_task(
+                    self._watch_queue(ticket, chat, status, lang, estimate)
+                )
             async with self._slot(cred.primary):
+                slot_started = time.monotonic()
                 if ticker is not None:
                     ticker.cancel()
                     ticker = None
                 self._waiting[ticket.provider].remove(ticket)
                 ticket.running = True
                 side.append(asyncio.create_task(self.store.mark_running(job_id, cred.primary.name)))
+                if position:
+                    estimate = await self._estimate(ticket, 0)
                 if status is not None and chat.limits.can_edit and position:
-                    text = t(lang, "status.started", job=job_id)
+                    line = t(lang, "status.started", job=job_id)
+                    text = self._status_text(lang, ticket, line, estimate, running=True)
                     side.append(asyncio.create_task(_quietly(chat.edit_text(status, text))))
                 if status is not None and chat.limits.can_edit:
-                    ticker = asyncio.create_task(self._tick(chat, status, lang, job_id))
+                    ticker = asyncio.create_task(
+                        self._tick(chat, status, lang, ticket, slot_started, estimate)
+                    )
                 result = await cred.chain.run(request, progress)
+                upstream_seconds = time.monotonic() - slot_started
+                # Queue wait and upstream time apart, for the estimates of later jobs.
+                side.append(
+                    asyncio.create_task(self.store.mark_upstream_done(job_id, ticket.eta_class))
+                )
             # The result bytes are in hand: the provider's slot goes to the next job now, so a
             # slow upload here (a Telegram flood wait) never holds up jobs in other chats.
             await _settle(side)
@@ -462,7 +545,7 @@ class JobRunner:
             await progress.close()
             if status is not None and chat.limits.can_edit:
                 # Beside the upload, never in front of it (an edit may wait out a rate limit).
-                text = t(lang, "status.uploading", job=job_id)
+                text = self._status_text(lang, ticket, t(lang, "status.uploading", job=job_id))
                 side.append(asyncio.create_task(_quietly(chat.edit_text(status, text))))
             files = _out_files(job_id, result)
             unit = self._drawn_unit(ticket, result)
@@ -484,6 +567,7 @@ class JobRunner:
             # The kept copy (reroll, "original") is a bonus: a full disk must not cost a result.
             await self._keep(job_id, "results", self._save_results, files)
             await self._settle_delivered(job_id, charge, result, files[:sent])
+            await self._record_eta(ticket, upstream_seconds)
             log.info(
                 "job %s done in %.1fs by %s (%d images, %d credits)",
                 job_id,
@@ -684,9 +768,14 @@ class JobRunner:
                     await chat.send_text(text)
 
     async def _watch_queue(
-        self, ticket: _Ticket, chat: Chat, status: MessageRef, lang: str
+        self,
+        ticket: _Ticket,
+        chat: Chat,
+        status: MessageRef,
+        lang: str,
+        shown_estimate: Estimate | None,
     ) -> None:
-        """Keep "Queued #N" true while the job waits."""
+        """Keep "Queued #N" and its estimate true while the job waits."""
         queue = self._waiting[ticket.provider]
         shown = queue.index(ticket) + 1 if ticket in queue else 0
         while True:
@@ -695,27 +784,91 @@ class JobRunner:
                 position = queue.index(ticket) + 1
             except ValueError:
                 return
-            if position != shown:
-                shown = position
-                text = t(lang, "status.queued", position=position, job=ticket.job_id)
+            estimate = await self._estimate(ticket, position)
+            if position != shown or _moved(estimate, shown_estimate):
+                shown, shown_estimate = position, estimate
+                line = t(lang, "status.queued", position=position, job=ticket.job_id)
+                text = self._status_text(lang, ticket, line, estimate)
                 await _quietly(chat.edit_text(status, text))
 
-    async def _tick(self, chat: Chat, status: MessageRef, lang: str, job_id: int) -> None:
-        started = time.monotonic()
+    async def _tick(
+        self,
+        chat: Chat,
+        status: MessageRef,
+        lang: str,
+        ticket: _Ticket,
+        started: float,
+        shown_estimate: Estimate | None,
+    ) -> None:
+        """Keep "drawing 0:42" current; say at once when the estimate moves or is overrun."""
+        last_edit = time.monotonic()
+        overdue_shown = False
         while True:
-            await asyncio.sleep(STATUS_TICK)
-            elapsed = int(time.monotonic() - started)
-            await _quietly(
-                chat.edit_text(
-                    status,
-                    t(
-                        lang,
-                        "status.drawing",
-                        job=job_id,
-                        elapsed=f"{elapsed // 60}:{elapsed % 60:02d}",
-                    ),
-                )
+            await asyncio.sleep(min(ETA_TICK, STATUS_TICK))
+            now = time.monotonic()
+            estimate = await self._estimate(ticket, 0)
+            overdue = estimate is not None and now - started > estimate.p90
+            if (
+                now - last_edit < STATUS_TICK
+                and overdue == overdue_shown
+                and not _moved(estimate, shown_estimate)
+            ):
+                continue
+            last_edit, overdue_shown, shown_estimate = now, overdue, estimate
+            elapsed = int(now - started)
+            line = t(
+                lang,
+                "status.drawing",
+                job=ticket.job_id,
+                elapsed=f"{elapsed // 60}:{elapsed % 60:02d}",
             )
+            text = self._status_text(lang, ticket, line, estimate, running=True, overdue=overdue)
+            await _quietly(chat.edit_text(status, text))
+
+    # --- estimates ---
+
+    async def _estimate(self, ticket: _Ticket, position: int) -> Estimate | None:
+        """The estimate for this job: alone when running, behind the queue while waiting.
+
+        Estimates are a courtesy: a store that cannot be read means none, not a failed job.
+        """
+        try:
+            estimate = await self.eta.estimate(ticket.eta_class)
+        except Exception:
+            log.debug("job %s: no estimate", ticket.job_id, exc_info=True)
+            return None
+        if estimate is None or position <= 0:
+            return estimate
+        running = sum(
+            1 for tk in self._tickets.values() if tk.provider == ticket.provider and tk.running
+        )
+        return estimate.scaled(queue_factor(running + position - 1, ticket.concurrency))
+
+    async def _record_eta(self, ticket: _Ticket, seconds: float) -> None:
+        """Add a successful job's upstream time to its class's history (best effort)."""
+        try:
+            await self.eta.record(ticket.eta_class, seconds)
+        except Exception:
+            log.debug("job %s: its duration was not recorded", ticket.job_id, exc_info=True)
+
+    def _status_text(
+        self,
+        lang: str,
+        ticket: _Ticket,
+        line: str,
+        estimate: Estimate | None = None,
+        *,
+        running: bool = False,
+        overdue: bool = False,
+    ) -> str:
+        """A status message: the state, the estimate when there is one, the price line."""
+        eta = ""
+        if estimate is not None and overdue:
+            eta = t(lang, "eta.overdue", median=clock(estimate.median))
+        elif estimate is not None:
+            key = "eta.running" if running else "eta.queued"
+            eta = t(lang, key, median=clock(estimate.median), p90=clock(estimate.p90))
+        return "\n".join(part for part in (line, eta, ticket.ack) if part)
 
     def _caption(
         self, lang: str, request: ImageRequest, result: ImageResult, ticket: _Ticket, charge: int
@@ -1035,6 +1188,13 @@ async def _deliver(chat: Chat, files: Sequence[OutFile], meta: ResultMeta) -> in
     except Exception as exc:
         raise errors.DeliveryError(type(exc).__name__) from exc
     return len(files)
+
+
+def _moved(estimate: Estimate | None, shown: Estimate | None) -> bool:
+    """Whether the estimate a user sees should be replaced by `estimate`."""
+    if estimate is None:
+        return shown is not None
+    return estimate.differs(shown)
 
 
 def render_error(lang: str, error: errors.DrawbridgeError) -> str:

@@ -26,11 +26,12 @@ def check_n(n: int, max_n: int) -> None:
         raise errors.BadOptionError(f"n={n}", option="n", value=f"{n} (1-{max_n})")
 
 
-def check_references(count: int, limit: int) -> None:
-    """Refuse an edit with no reference image, or with more than the provider takes."""
+def check_references(count: int, limit: int | None = None) -> None:
+    """Refuse an edit with no reference image, or with more than `limit` (None: no limit here;
+    the provider chain refuses what no provider takes)."""
     if count == 0:
         raise errors.NoReferenceImageError()
-    if count > limit:
+    if limit is not None and count > limit:
         raise errors.TooManyReferencesError(count=count, limit=limit)
 
 
@@ -42,7 +43,7 @@ def check_request(
     *,
     max_prompt_chars: int,
     max_n: int,
-    max_references: int,
+    max_references: int | None = None,
 ) -> None:
     """Every check of a `draw` or `edit` (`kind`) with `references` images, in the user's order.
 

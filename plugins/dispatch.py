@@ -9,7 +9,7 @@ from bot.chat import Chat, Invocation
 from bot.i18n import normalize_lang
 from bot.jobs import render_error
 from bot.services import Services
-from plugins import account, admin, image
+from plugins import account, admin, confirm, image
 from plugins.context import Context, Handler
 from plugins.registry import find_command
 
@@ -27,6 +27,7 @@ HANDLERS: dict[str, Handler] = {
     "cancel": account.cancel,
     "lang": account.lang,
     "whoami": account.whoami,
+    "confirm": confirm.confirm,
     "grant": admin.grant,
     "ban": admin.ban,
     "unban": admin.unban,

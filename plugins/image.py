@@ -7,7 +7,9 @@ from bot.chat import BytesImage, ResultMeta
 from bot.jobs import JobSpec
 from bot.sizes import parse_size
 from bot.store import Job
+from plugins import confirm
 from plugins.context import Context
+from plugins.group import image_defaults
 from plugins.options import parse_image_args
 
 
@@ -25,12 +27,14 @@ async def _image_job(ctx: Context, kind: str) -> None:
     settings = ctx.services.settings
     jobs = ctx.services.jobs
     inv = ctx.inv
+    # The group's own defaults (/group size, /group quality), where the user gives none.
+    group_size, group_quality = await image_defaults(ctx)
     try:
         opts = parse_image_args(
             inv.text,
             inv.options,
             model=settings.model,
-            default_size=settings.default_size,
+            default_size=group_size or settings.default_size,
             max_n=settings.max_n,
         )
     except errors.InputError as exc:
@@ -47,14 +51,12 @@ async def _image_job(ctx: Context, kind: str) -> None:
         prompt=opts.prompt,
         size=opts.size,
         n=opts.n,
-        quality=opts.quality,
+        quality=opts.quality or group_quality,
         output_format=opts.output_format,
         background=opts.background,
         references=inv.references,
     )
-    await jobs.submit(
-        inv=inv, user=ctx.user, chat=ctx.chat, spec=spec, lang=ctx.lang, extra_references=extra
-    )
+    await _start(ctx, spec, tuple(extra), dry_run=opts.dry_run)
 
 
 async def reroll(ctx: Context) -> None:
@@ -82,7 +84,29 @@ async def reroll(ctx: Context) -> None:
         background=options.get("background"),
         references=references,
     )
-    await jobs.submit(inv=ctx.inv, user=ctx.user, chat=ctx.chat, spec=spec, lang=ctx.lang)
+    await _start(ctx, spec)
+
+
+async def _start(
+    ctx: Context, spec: JobSpec, extra: tuple[bytes, ...] = (), *, dry_run: bool = False
+) -> None:
+    """Say the price and stop (a dry run), ask first (a costly job), or submit the job.
+
+    A dry run is not recorded in the job table: nothing was asked of the upstream, and the
+    table's counts (stats, failures) stay about jobs.
+    """
+    jobs = ctx.services.jobs
+    quote = await jobs.quote(ctx.user, spec)
+    if dry_run:
+        await ctx.chat.send_text(quote.render(ctx.lang) + "\n" + ctx.t("price.dry_run"))
+        return
+    if confirm.needs_confirmation(ctx, quote):
+        # Nothing is reserved or downloaded until the caller confirms.
+        await confirm.ask(ctx, spec, quote, extra)
+        return
+    await jobs.submit(
+        inv=ctx.inv, user=ctx.user, chat=ctx.chat, spec=spec, lang=ctx.lang, extra_references=extra
+    )
 
 
 async def original(ctx: Context) -> None:

@@ -15,6 +15,8 @@ _DASHES = r"(?<!\S)(?:--|—|－－|––|-(?=[snqf]\b))"
 _OPTION = re.compile(
     _DASHES + r"([A-Za-z_]+)(?:\s*[=:：]\s*|\s+)(\"[^\"]*\"|'[^']*'|“[^”]*”|\S+)?",
 )
+# `--dry-run` (`--预览`) takes no value: it asks for the price only.
+_DRY_RUN = re.compile(r"(?<!\S)(?:--|—|－－|––)(?:dry[-_]?run|预览)(?!\S)", re.IGNORECASE)
 _ALIASES = {
     "size": "size",
     "s": "size",
@@ -52,6 +54,8 @@ class ImageOptions:
     size_given: bool = True
     """Whether the user chose the size; an edit without one keeps its reference's shape
     (`bot.sizes.size_for_reference`)."""
+    dry_run: bool = False
+    """`--dry-run` (`--预览`): say the price and run nothing."""
 
 
 def parse_image_args(
@@ -67,6 +71,8 @@ def parse_image_args(
     Raises `BadOptionError`/`InvalidSizeError`/`EmptyPromptError` before anything is charged.
     """
     raw: dict[str, str] = {}
+    dry_run = bool(_DRY_RUN.search(text)) or _truthy(typed.get("dry_run"))
+    text = _DRY_RUN.sub(" ", text)
     pieces: list[str] = []
     end = 0
     for match in _OPTION.finditer(text):
@@ -97,6 +103,8 @@ def parse_image_args(
         name = stray.group(1)
         raise errors.UnknownOptionError(f"unknown option {name}", option="--" + name)
     for key, value in typed.items():
+        if key == "dry_run":
+            continue
         if value is not None and value != "":
             raw[_ALIASES.get(key, key)] = str(value)
 
@@ -134,7 +142,16 @@ def parse_image_args(
             raise errors.BadOptionError(
                 "transparent jpeg", option="background", value="transparent + jpeg"
             )
-    return ImageOptions(prompt, size, n, quality, output_format, background, size_given)
+    return ImageOptions(
+        prompt, size, n, quality, output_format, background, size_given, dry_run=dry_run
+    )
+
+
+def _truthy(value: Any) -> bool:
+    """A typed flag (a Discord boolean option; "true" when it came as text)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
 
 
 def _pairs(first: str, second: str) -> bool:

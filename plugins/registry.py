@@ -15,7 +15,7 @@ class OptionSpec:
     """One typed option of a command (`--size 16:9`, or a Discord slash option)."""
 
     name: str
-    type: str  # "str" | "int" | "image"
+    type: str  # "str" | "int" | "bool" | "image"
     help_key: str
     choices: tuple[str, ...] = ()
     required: bool = False
@@ -56,6 +56,8 @@ IMAGE_OPTIONS = (
     OptionSpec("n", "int", "opt.n", min_value=1, max_value=10),
     OptionSpec("format", "str", "opt.format", choices=FORMAT_CHOICES),
     OptionSpec("background", "str", "opt.background", choices=BACKGROUND_CHOICES),
+    # `--dry-run` / `--预览` in text: the price only, nothing runs.
+    OptionSpec("dry_run", "bool", "opt.dry_run"),
 )
 
 DRAW = CommandSpec(
@@ -90,6 +92,9 @@ LANG = CommandSpec(
 )
 # The answer is the caller's `platform:id`, what an operator puts in DRAWBRIDGE_ADMINS.
 WHOAMI = CommandSpec("whoami", "help.whoami", aliases=("我是谁",))
+# Starts the caller's request that waits for a confirmation (priced over CONFIRM_ABOVE); the
+# Telegram and Discord confirm buttons run it too, naming the request in the text.
+CONFIRM = CommandSpec("confirm", "help.confirm", aliases=("确认",))
 GRANT = CommandSpec(
     "grant",
     "help.grant",
@@ -130,6 +135,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CANCEL,
     LANG,
     WHOAMI,
+    CONFIRM,
     GRANT,
     BAN,
     UNBAN,

@@ -387,3 +387,24 @@ async def test_an_edit_goes_to_the_provider_that_takes_its_images(
     assert isinstance(refused, errors.TooManyReferencesError)
     assert refused.params == {"count": 4, "limit": 3}
     assert len(large.requests) == 1
+
+
+def test_the_shared_checks_refuse_in_the_users_order() -> None:
+    from bot import validation
+
+    def check(kind: str, prompt: str, n: int, refs: int, limit: int | None = None) -> str:
+        try:
+            validation.check_request(
+                kind, prompt, n, refs, max_prompt_chars=10, max_n=4, max_references=limit
+            )
+        except errors.InputError as exc:
+            return exc.kind
+        return "ok"
+
+    assert check("draw", " ", 9, 0) == "empty_prompt"
+    assert check("draw", "x" * 11, 9, 0) == "prompt_too_long"
+    assert check("draw", "fox", 9, 0) == "bad_option"
+    assert check("draw", "fox", 4, 0) == "ok"
+    assert check("edit", "fox", 1, 0) == "no_reference"
+    assert check("edit", "fox", 1, 20) == "ok"  # no limit here: the chain routes by it
+    assert check("edit", "fox", 1, 4, limit=3) == "too_many_references"

@@ -77,6 +77,8 @@ def slash_options(spec: CommandSpec) -> list[OptionSpec]:
 def _annotation(option: OptionSpec) -> Any:
     if option.type == "image":
         base: Any = discord.Attachment
+    elif option.type == "bool":
+        base = bool
     elif option.type == "int":
         low = option.min_value
         high = option.max_value
