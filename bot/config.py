@@ -49,6 +49,20 @@ _PLATFORM_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 PRICE_TIERS: Final = ("1k", "2k", "4k", "default")
 PRICE_QUALITIES: Final = ("low", "medium", "high", "auto", "default")
 LOG_LEVELS: Final = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+CONSOLE_MIN_PASSWORD: Final = 12
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` (a name or an address) only listens on this machine."""
+    import ipaddress  # only the console's checks need it
+
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def normalize_api_base(base: str) -> str:
@@ -362,6 +376,54 @@ class Settings(BaseSettings):
         default="", validation_alias=AliasChoices("DISCORD_GUILD_IDS", "discord_guild_ids")
     )
 
+    # --- operator console (adapters/console): served by `drawbridge run` when a password is set
+    console_host: str = Field(
+        default="127.0.0.1",
+        validation_alias=AliasChoices("DRAWBRIDGE_CONSOLE_HOST", "console_host"),
+    )
+    console_port: int = Field(
+        default=8790,
+        ge=0,
+        le=65535,
+        validation_alias=AliasChoices("DRAWBRIDGE_CONSOLE_PORT", "console_port"),
+    )
+    # The public base URL (one-time login links; https makes the session cookie Secure).
+    console_url: str = Field(
+        default="", validation_alias=AliasChoices("DRAWBRIDGE_CONSOLE_URL", "console_url")
+    )
+    # After host: its check reads the host.
+    console_password: str = Field(
+        default="",
+        validation_alias=AliasChoices("DRAWBRIDGE_CONSOLE_PASSWORD", "console_password"),
+    )
+    # Bearer token /metrics asks for; empty: /metrics is served only with the console, open.
+    metrics_token: str = Field(
+        default="", validation_alias=AliasChoices("DRAWBRIDGE_METRICS_TOKEN", "metrics_token")
+    )
+
+    @field_validator("console_url")
+    @classmethod
+    def _console_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+                raise ValueError("must be the console's public http:// or https:// base URL")
+        return value
+
+    @field_validator("console_password")
+    @classmethod
+    def _console_password(cls, value: str, info: ValidationInfo) -> str:
+        # Anyone who can reach a non-loopback port can guess at the password: a short one
+        # there is refused at start rather than found out later.
+        if value and len(value) < CONSOLE_MIN_PASSWORD:
+            if not is_loopback_host(str(info.data.get("console_host", "127.0.0.1"))):
+                raise ValueError(
+                    f"must be at least {CONSOLE_MIN_PASSWORD} characters when "
+                    "DRAWBRIDGE_CONSOLE_HOST is not loopback"
+                )
+        return value
+
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, value: str) -> str:
@@ -481,6 +543,9 @@ class Settings(BaseSettings):
             names.append("qq")
         if self.discord_bot_token:
             names.append("discord")
+        if self.console_password:
+            # Not a chat platform, but started the same way: it serves with no chat configured.
+            names.append("console")
         return names
 
     def admin_ids(self) -> set[tuple[str, str]]:

@@ -1054,6 +1054,308 @@ class Store:
         result: T = await self._db._execute(fn, self._db._conn)  # type: ignore[no-untyped-call]
         return result
 
+    # ==== operator console (adapters/console): what its pages read and do ====================
+    # Kept together so the console never reaches the database any other way.
+
+    async def console_now(self) -> dict[str, int]:
+        """Jobs queued and running right now."""
+        rows = await self._read(
+            "SELECT status, COUNT(*) FROM jobs WHERE status IN ('queued', 'running')"
+            " GROUP BY status",
+            (),
+        )
+        counts = {row[0]: int(row[1]) for row in rows}
+        return {"queued": counts.get("queued", 0), "running": counts.get("running", 0)}
+
+    async def console_overview(self, since: float) -> dict[str, Any]:
+        """Numbers about the jobs created since `since` (unix seconds), by platform.
+
+        Keys: `per_hour` [(hour start, platform, jobs)], `platforms` {platform: {jobs,
+        succeeded, failed, spent}}, `durations` [(provider, size, seconds queued to finished)]
+        of succeeded jobs, `failures` {error kind: jobs}, `top_users` and `top_groups`
+        [(label, jobs, spent)].
+        """
+
+        def read(con: sqlite3.Connection) -> dict[str, Any]:
+            per_hour = con.execute(
+                """
+                SELECT CAST(created_at / 3600 AS INTEGER) * 3600, platform, COUNT(*)
+                FROM jobs WHERE created_at >= ? GROUP BY 1, 2 ORDER BY 1
+                """,
+                (since,),
+            ).fetchall()
+            platforms: dict[str, dict[str, int]] = {}
+            for platform, jobs, succeeded, failed in con.execute(
+                """
+                SELECT platform, COUNT(*), SUM(status = 'succeeded'), SUM(status = 'failed')
+                FROM jobs WHERE created_at >= ? GROUP BY platform
+                """,
+                (since,),
+            ):
+                platforms[platform] = {
+                    "jobs": jobs,
+                    "succeeded": succeeded or 0,
+                    "failed": failed or 0,
+                    "spent": 0,
+                }
+            for platform, spent in con.execute(
+                """
+                SELECT j.platform, SUM(l.daily_amount + l.balance_amount)
+                FROM ledger AS l JOIN jobs AS j ON j.id = l.job_id
+                WHERE l.kind = 'commit' AND j.created_at >= ? GROUP BY j.platform
+                """,
+                (since,),
+            ):
+                platforms.setdefault(
+                    platform, {"jobs": 0, "succeeded": 0, "failed": 0, "spent": 0}
+                )["spent"] = spent or 0
+            durations = con.execute(
+                """
+                SELECT COALESCE(provider, '?'), COALESCE(json_extract(options, '$.size'), ''),
+                       finished_at - created_at
+                FROM jobs
+                WHERE created_at >= ? AND status = 'succeeded' AND finished_at IS NOT NULL
+                """,
+                (since,),
+            ).fetchall()
+            failures = con.execute(
+                """
+                SELECT COALESCE(error_kind, '?'), COUNT(*) FROM jobs
+                WHERE created_at >= ? AND status = 'failed' GROUP BY 1 ORDER BY 2 DESC
+                """,
+                (since,),
+            ).fetchall()
+            spent_by_job = """
+                COALESCE((SELECT SUM(l.daily_amount + l.balance_amount) FROM ledger AS l
+                          WHERE l.job_id = j.id AND l.kind = 'commit'), 0)
+            """
+            top_users = con.execute(
+                f"""
+                SELECT u.platform || ':' || u.platform_user_id
+                       || CASE WHEN u.name <> '' THEN ' (' || u.name || ')' ELSE '' END,
+                       COUNT(*), SUM({spent_by_job})
+                FROM jobs AS j JOIN users AS u ON u.id = j.user_id
+                WHERE j.created_at >= ? GROUP BY j.user_id ORDER BY 2 DESC, 3 DESC LIMIT 10
+                """,
+                (since,),
+            ).fetchall()
+            top_groups = con.execute(
+                f"""
+                SELECT j.group_key, COUNT(*), SUM({spent_by_job})
+                FROM jobs AS j WHERE j.created_at >= ? AND j.group_key IS NOT NULL
+                GROUP BY j.group_key ORDER BY 2 DESC, 3 DESC LIMIT 10
+                """,
+                (since,),
+            ).fetchall()
+            return {
+                "per_hour": [tuple(row) for row in per_hour],
+                "platforms": platforms,
+                "durations": [tuple(row) for row in durations],
+                "failures": {row[0]: row[1] for row in failures},
+                "top_users": [tuple(row) for row in top_users],
+                "top_groups": [tuple(row) for row in top_groups],
+            }
+
+        return await self._call(read)
+
+    async def console_jobs(
+        self, filters: dict[str, str], *, limit: int = 50, offset: int = 0
+    ) -> tuple[list[Job], int]:
+        """Jobs matching `filters`, newest first, and how many match in all.
+
+        Filters (each optional): platform, chat, user (`#id` or a platform user id), status,
+        error_kind, provider, since and until (unix seconds, on the creation time).
+        """
+        where, params = _console_job_filters(filters)
+        rows = await self._read(
+            _JOB_SELECT + where + " ORDER BY j.id DESC LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        )
+        count = await self._read("SELECT COUNT(*) FROM jobs AS j" + where, params)
+        return [_job(row) for row in rows], int(count[0][0])
+
+    async def console_users(
+        self, search: str, day: date, *, limit: int = 50
+    ) -> list[tuple[User, int, int]]:
+        """Users whose platform id or name contains `search`: (user, used today, jobs)."""
+        like = search.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = await self._db.execute_fetchall(
+            r"""
+            SELECT u.*,
+                   COALESCE((SELECT used FROM daily_usage WHERE user_id = u.id AND day = :day), 0)
+                       AS used_today,
+                   (SELECT COUNT(*) FROM jobs WHERE user_id = u.id) AS job_count
+            FROM users AS u
+            WHERE u.platform_user_id LIKE :like ESCAPE '\' OR u.name LIKE :like ESCAPE '\'
+               OR u.platform || ':' || u.platform_user_id LIKE :like ESCAPE '\'
+            ORDER BY u.id DESC LIMIT :limit
+            """,
+            {"day": day.isoformat(), "like": f"%{like}%", "limit": limit},
+        )
+        return [(self._user(row), int(row["used_today"]), int(row["job_count"])) for row in rows]
+
+    async def console_ledger(
+        self, filters: dict[str, str], *, limit: int | None = 200
+    ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """Ledger rows matching `filters` (user `#id`, kind, job, since, until), newest first,
+        and their totals by kind (daily + balance amounts), summed by SQLite over all matches.
+        """
+        clauses: list[str] = []
+        params: list[Any] = []
+        if user := filters.get("user", "").strip().lstrip("#"):
+            clauses.append("l.user_id = ?")
+            params.append(int(user) if user.isdigit() else -1)
+        if kind := filters.get("kind", "").strip():
+            clauses.append("l.kind = ?")
+            params.append(kind)
+        if job := filters.get("job", "").strip().lstrip("#"):
+            clauses.append("l.job_id = ?")
+            params.append(int(job) if job.isdigit() else -1)
+        for name, op in (("since", ">="), ("until", "<")):
+            if value := filters.get(name, "").strip():
+                clauses.append(f"l.created_at {op} ?")
+                params.append(float(value))
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        rows = await self._read(
+            "SELECT l.*, u.platform || ':' || u.platform_user_id AS who FROM ledger AS l"
+            " JOIN users AS u ON u.id = l.user_id"
+            + where
+            + " ORDER BY l.id DESC"
+            + (" LIMIT ?" if limit is not None else ""),
+            (*params, *(() if limit is None else (limit,))),
+        )
+        sums = await self._read(
+            "SELECT l.kind, SUM(l.daily_amount + l.balance_amount), COUNT(*) FROM ledger AS l"
+            + where
+            + " GROUP BY l.kind",
+            tuple(params),
+        )
+        totals = {row[0]: int(row[1] or 0) for row in sums}
+        totals["rows"] = sum(int(row[2]) for row in sums)
+        return [dict(row) for row in rows], totals
+
+    async def console_provider_health(self, since: float) -> dict[str, dict[str, Any]]:
+        """Per provider since `since`: jobs, succeeded, latencies (seconds), the last error."""
+
+        def read(con: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+            health: dict[str, dict[str, Any]] = {}
+            for provider, status, seconds, kind, detail in con.execute(
+                """
+                SELECT provider, status, finished_at - COALESCE(started_at, created_at),
+                       error_kind, error_detail
+                FROM jobs WHERE provider IS NOT NULL AND created_at >= ? ORDER BY id
+                """,
+                (since,),
+            ):
+                entry = health.setdefault(
+                    provider, {"jobs": 0, "succeeded": 0, "latencies": [], "last_error": None}
+                )
+                entry["jobs"] += 1
+                if status == "succeeded":
+                    entry["succeeded"] += 1
+                    if seconds is not None:
+                        entry["latencies"].append(float(seconds))
+                elif status == "failed":
+                    entry["last_error"] = f"{kind}: {detail or ''}".strip()
+            return health
+
+        return await self._call(read)
+
+    async def console_providers_known(self) -> list[str]:
+        """Providers with learned capabilities."""
+        rows = await self._read("SELECT provider FROM provider_capabilities ORDER BY 1", ())
+        return [row[0] for row in rows]
+
+    async def console_metrics(self) -> dict[str, Any]:
+        """Totals for /metrics: jobs by (platform, status, error kind) and by (provider,
+        status), durations of finished jobs, and credits by ledger kind and reserved now."""
+
+        def read(con: sqlite3.Connection) -> dict[str, Any]:
+            return {
+                "jobs": con.execute(
+                    "SELECT platform, status, COALESCE(error_kind, ''), COUNT(*) FROM jobs"
+                    " GROUP BY 1, 2, 3"
+                ).fetchall(),
+                "providers": con.execute(
+                    "SELECT provider, status, COUNT(*) FROM jobs WHERE provider IS NOT NULL"
+                    " GROUP BY 1, 2"
+                ).fetchall(),
+                "durations": con.execute(
+                    "SELECT platform, finished_at - created_at FROM jobs"
+                    " WHERE status = 'succeeded' AND finished_at IS NOT NULL"
+                ).fetchall(),
+                "credits": con.execute(
+                    "SELECT kind, SUM(daily_amount + balance_amount) FROM ledger GROUP BY kind"
+                ).fetchall(),
+                "reserved_now": con.execute(
+                    "SELECT COALESCE(SUM(daily_amount + balance_amount), 0) FROM reservations"
+                    " WHERE state = 'reserved'"
+                ).fetchall()[0][0],
+            }
+
+        return await self._call(read)
+
+    async def console_refund(self, job_id: int, *, actor: str, by_user_id: int | None) -> int:
+        """Give back what a succeeded job was charged, as a grant to its user's balance.
+
+        The reservation stays committed (settled is final); the ledger gets a 'grant' row
+        noting the job, and the audit table a 'refund' row that makes a second refund of the
+        same job fail. Returns the credits given back. Raises `NotFoundError`, or
+        `StoreError` when the job did not succeed, was not charged, or was refunded already.
+        """
+
+        def apply(con: sqlite3.Connection) -> int:
+            rows = con.execute(_JOB_SELECT + " WHERE j.id = ?", (job_id,)).fetchall()
+            if not rows:
+                raise NotFoundError(f"no job #{job_id}")
+            job = _job(rows[0])
+            if job.status != "succeeded" or job.ledger_state != "committed" or job.spent <= 0:
+                raise StoreError(f"job #{job_id} has no charge to refund")
+            try:
+                con.execute(
+                    "INSERT INTO audit (created_at, actor, action, target, detail, job_id)"
+                    " VALUES (?, ?, 'refund', ?, ?, ?)",
+                    (time.time(), actor, f"#{job.user_id}", _dumps({"credits": job.spent}), job_id),
+                )
+            except sqlite3.IntegrityError:
+                raise StoreError(f"job #{job_id} was refunded already") from None
+            con.execute(
+                "UPDATE users SET granted = granted + ? WHERE id = ?", (job.spent, job.user_id)
+            )
+            con.execute(
+                SQL_INSERT_LEDGER,
+                (
+                    None,
+                    job.user_id,
+                    "grant",
+                    0,
+                    job.spent,
+                    None,
+                    time.time(),
+                    f"refund of job #{job_id} by {actor}",
+                    by_user_id,
+                ),
+            )
+            return job.spent
+
+        return await self._write(apply)
+
+    async def audit(
+        self, actor: str, action: str, target: str = "", detail: dict[str, Any] | None = None
+    ) -> None:
+        """Record an operator's action (who, what, on whom)."""
+        await self._write_one(
+            "INSERT INTO audit (created_at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+            (time.time(), actor, action, target, _dumps(detail or {})),
+        )
+
+    async def audit_entries(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest operator actions, newest first."""
+        rows = await self._read("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
+        return [dict(row) for row in rows]
+
+    # ==== end of the operator console's section ===============================================
+
 
 def is_transient(error: BaseException) -> bool:
     """Whether a failed store call may succeed if tried again.
@@ -1208,6 +1510,38 @@ def _job(row: sqlite3.Row) -> Job:
         spent=row["spent"],
         charge=row["charge"],
     )
+
+
+def _console_job_filters(filters: dict[str, str]) -> tuple[str, tuple[Any, ...]]:
+    """The console's job filters as a WHERE clause over `jobs AS j`."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    for name, column in (
+        ("platform", "j.platform"),
+        ("chat", "j.chat_id"),
+        ("status", "j.status"),
+        ("error_kind", "j.error_kind"),
+        ("provider", "j.provider"),
+    ):
+        if value := filters.get(name, "").strip():
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if user := filters.get("user", "").strip():
+        if user.startswith("#") and user[1:].isdigit():
+            clauses.append("j.user_id = ?")
+            params.append(int(user[1:]))
+        else:
+            platform, sep, uid = user.partition(":")
+            clauses.append(
+                "j.user_id IN (SELECT id FROM users WHERE platform_user_id = ?"
+                + (" AND platform = ?)" if sep else ")")
+            )
+            params.extend((uid, platform) if sep else (user,))
+    for name, op in (("since", ">="), ("until", "<")):
+        if value := filters.get(name, "").strip():
+            clauses.append(f"j.created_at {op} ?")
+            params.append(float(value))
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", tuple(params)
 
 
 def _dumps(value: Any) -> str:

@@ -1,0 +1,218 @@
+"""What the console's pages show, shaped from the store's answers (no HTTP here)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from dotenv import dotenv_values
+
+from bot.config import Settings, env_name
+from bot.services import Services
+from bot.store import Job
+
+JOB_FILTERS = ("platform", "chat", "user", "status", "error_kind", "provider", "date")
+LEDGER_FILTERS = ("user", "kind", "job", "date")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+SECRET_WORDS = ("key", "token", "password", "secret")
+
+
+def percentile(values: list[float], share: float) -> float | None:
+    """The nearest-rank percentile (`share` 0..1) of `values`, or None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(share * len(ordered)))
+    return ordered[rank - 1]
+
+
+def size_tier(size: str) -> str:
+    """`1k`, `2k` or `4k` by the long edge of a `WxH` size (as `bot.sizes.Size.tier`)."""
+    width, _, height = size.partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        return size or "auto"
+    long_edge = max(int(width), int(height))
+    return "1k" if long_edge <= 1536 else "2k" if long_edge <= 2560 else "4k"
+
+
+async def overview(services: Services, seconds: int) -> dict[str, Any]:
+    """The overview's numbers for the last `seconds`."""
+    since = time.time() - seconds
+    data = await services.store.console_overview(since)
+    platforms = sorted(data["platforms"])
+    hours = sorted({int(row[0]) for row in data["per_hour"]})
+    counts = {(int(row[0]), row[1]): int(row[2]) for row in data["per_hour"]}
+    chart = {
+        "labels": [time.strftime("%m-%d %H:00", time.localtime(hour)) for hour in hours],
+        "datasets": [
+            {"label": platform, "data": [counts.get((hour, platform), 0) for hour in hours]}
+            for platform in platforms
+        ],
+    }
+    by_platform = []
+    for name in platforms:
+        row = data["platforms"][name]
+        finished = row["succeeded"] + row["failed"]
+        by_platform.append(
+            {
+                "platform": name,
+                "jobs": row["jobs"],
+                "succeeded": row["succeeded"],
+                "failed": row["failed"],
+                "rate": (100.0 * row["succeeded"] / finished) if finished else None,
+                "spent": row["spent"],
+            }
+        )
+    groups: dict[tuple[str, str], list[float]] = {}
+    for provider, size, seconds_taken in data["durations"]:
+        groups.setdefault((provider, size_tier(size)), []).append(float(seconds_taken))
+    durations = [
+        {
+            "provider": provider,
+            "tier": tier,
+            "jobs": len(values),
+            "p50": percentile(values, 0.5),
+            "p95": percentile(values, 0.95),
+        }
+        for (provider, tier), values in sorted(groups.items())
+    ]
+    return {
+        "chart": chart,
+        "platforms": by_platform,
+        "durations": durations,
+        "failures": data["failures"],
+        "top_users": data["top_users"],
+        "top_groups": data["top_groups"],
+        "spent": sum(row["spent"] for row in by_platform),
+        "jobs": sum(row["jobs"] for row in by_platform),
+    }
+
+
+def _day_bounds(day: str, timezone: str) -> tuple[float, float] | None:
+    try:
+        start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=ZoneInfo(timezone))
+    except ValueError:
+        return None
+    return start.timestamp(), start.timestamp() + 86400
+
+
+def job_filters(filters: Mapping[str, str], timezone: str) -> dict[str, str]:
+    """The page's filters as the store takes them (a date becomes since/until)."""
+    out = {k: v for k, v in filters.items() if k != "date"}
+    if bounds := _day_bounds(filters.get("date", ""), timezone):
+        out["since"], out["until"] = str(bounds[0]), str(bounds[1])
+    return out
+
+
+def ledger_filters(filters: Mapping[str, str], timezone: str) -> dict[str, str]:
+    """The ledger page's filters as the store takes them."""
+    return job_filters(filters, timezone)
+
+
+def job_row(job: Job) -> dict[str, Any]:
+    """One job as the jobs table and the job page show it."""
+    options = job.options or {}
+
+    def span(start: float | None, end: float | None) -> str:
+        return "" if start is None or end is None else f"{end - start:.1f}s"
+
+    return {
+        "id": job.id,
+        "platform": job.platform,
+        "chat": job.chat_id,
+        "user_id": job.user_id,
+        "kind": job.kind,
+        "prompt": job.prompt,
+        "size": options.get("size") or "auto",
+        "quality": options.get("quality") or "auto",
+        "n": options.get("n") or 1,
+        "refs": job.ref_count,
+        "provider": job.provider or "",
+        "status": job.status,
+        "created_at": job.created_at,
+        "queued": span(job.created_at, job.started_at),
+        "running": span(job.started_at, job.finished_at),
+        "total": span(job.created_at, job.finished_at),
+        "cost": job.cost,
+        "spent": job.spent,
+        "error_kind": job.error_kind or "",
+        "error_detail": job.error_detail or "",
+        "images": len(job.outputs),
+    }
+
+
+def mask_key(key: str | None) -> str:
+    """A user's key as the console shows it: `sk-...abcd` (never more than its last 4)."""
+    if not key:
+        return "?"
+    head = "sk-" if key.startswith("sk-") else ""
+    return f"{head}...{key[-4:]}" if len(key) >= 12 else f"{head}..."
+
+
+async def providers(services: Services) -> list[dict[str, Any]]:
+    """Each configured (or learned) provider: capabilities and health over the last hour."""
+    store = services.store
+    health = await store.console_provider_health(time.time() - 3600)
+    names = [p.name for p in services.settings.providers()]
+    names += [n for n in await store.console_providers_known() if n not in names]
+    names += [n for n in health if n not in names]
+    rows = []
+    for name in names:
+        entry = health.get(name, {"jobs": 0, "succeeded": 0, "latencies": [], "last_error": None})
+        rows.append(
+            {
+                "name": name,
+                "capabilities": await store.provider_capabilities(name),
+                "jobs": entry["jobs"],
+                "rate": (100.0 * entry["succeeded"] / entry["jobs"]) if entry["jobs"] else None,
+                "p50": percentile(entry["latencies"], 0.5),
+                "p95": percentile(entry["latencies"], 0.95),
+                "last_error": entry["last_error"] or "",
+            }
+        )
+    return rows
+
+
+def _masked(field: str, value: Any) -> Any:
+    if isinstance(value, list):
+        return [_masked(field, item) for item in value]
+    if isinstance(value, dict):
+        return {k: _masked(k, v) for k, v in value.items()}
+    if isinstance(value, str) and value and any(w in field.lower() for w in SECRET_WORDS):
+        return "***"
+    if isinstance(value, str) and "://" in value and "@" in value:
+        # A proxy URL with user:password@.
+        scheme, _, rest = value.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return value
+
+
+def settings_rows(
+    settings: Settings, environ: Mapping[str, str], env_file: Path
+) -> list[dict[str, Any]]:
+    """Every setting: its environment name, value (secrets masked) and where it came from."""
+    try:
+        from_file = {k.upper() for k in dotenv_values(env_file)} if env_file.is_file() else set()
+    except OSError:
+        from_file = set()
+    upper_env = {k.upper() for k in environ}
+    rows = []
+    for field in type(settings).model_fields:
+        name = env_name(field)
+        source = "environment" if name in upper_env else ".env" if name in from_file else "default"
+        rows.append(
+            {"name": name, "value": _masked(field, getattr(settings, field)), "source": source}
+        )
+    return rows
+
+
+def level_number(name: str) -> int:
+    """A level name's number (INFO when unknown)."""
+    value = logging.getLevelName(name.upper())
+    return value if isinstance(value, int) else logging.INFO
