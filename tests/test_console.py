@@ -337,3 +337,246 @@ async def test_run_serves_the_console_with_no_chat_platform(tmp_path: Path) -> N
         code = await bot.stop(signal.SIGTERM)
     assert code == 0, bot.log
     assert PASSWORD not in bot.log
+
+
+# --- pages and actions ------------------------------------------------------------------------
+
+
+async def test_every_page_renders_what_the_store_holds(console: tuple[Console, Services]) -> None:
+    app, services = console
+    store = services.store
+    fox = await store.user("telegram", "42", "Fox")
+    await store.grant(fox.id, 20)
+    ok = await finished_job(services, fox.id, group_key="telegram:group-9")
+    bad = await finished_job(services, fox.id, status="failed", error_kind="no_channel")
+    async with logged_in(app) as (http, _):
+        pages = {
+            path: await http.get(path)
+            for path in (
+                "/",
+                "/?range=7d",
+                "/?range=30d",
+                "/partials/now",
+                "/jobs",
+                f"/jobs/{ok}",
+                f"/jobs/{bad}",
+                "/users",
+                "/ledger",
+                "/ledger.csv",
+                "/providers",
+                "/settings",
+                "/logs",
+                "/partials/logs",
+            )
+        }
+        missing = await http.get("/jobs/999999")
+    assert {path: r.status_code for path, r in pages.items()} == dict.fromkeys(pages, 200)
+    assert missing.status_code == 404
+    overview = pages["/"].text
+    assert 'id="total-jobs">2<' in overview
+    assert "no_channel" in overview and "telegram:group-9" in overview
+    assert "telegram:42 (Fox)" in overview
+    assert "a red fox" in pages["/jobs"].text
+    # The failed job shows the relay's own message.
+    assert "relay said: no channel" in pages[f"/jobs/{bad}"].text
+    assert 'id="refund"' in pages[f"/jobs/{ok}"].text
+    assert 'id="refund"' not in pages[f"/jobs/{bad}"].text
+    assert "Fox" in pages["/users"].text
+
+
+async def test_pages_switch_language(console: tuple[Console, Services]) -> None:
+    async with logged_in(console[0]) as (http, csrf):
+        assert "Overview" in (await http.get("/")).text
+        switched = await http.post("/lang", data={"csrf": csrf, "lang": "zh", "next": "/jobs"})
+        assert switched.status_code == 303
+        assert switched.headers["location"] == "/jobs"
+        assert "概览" in (await http.get("/")).text
+
+
+async def test_jobs_are_filtered(console: tuple[Console, Services]) -> None:
+    app, services = console
+    store = services.store
+    fox = await store.user("telegram", "42")
+    owl = await store.user("discord", "7")
+    await store.grant(fox.id, 20)
+    await store.grant(owl.id, 20)
+    await finished_job(services, fox.id, prompt="fox job")
+    await finished_job(services, owl.id, platform="discord", prompt="owl job")
+    await finished_job(
+        services,
+        owl.id,
+        platform="discord",
+        status="failed",
+        error_kind="timeout",
+        prompt="owl failed",
+        provider="backup",
+    )
+    async with logged_in(app) as (http, _):
+        by_platform = (await http.get("/jobs", params={"platform": "discord"})).text
+        by_status = (await http.get("/jobs", params={"status": "failed"})).text
+        by_user = (await http.get("/jobs", params={"user": "telegram:42"})).text
+        by_kind = (await http.get("/jobs", params={"error_kind": "timeout"})).text
+        by_provider = (await http.get("/jobs", params={"provider": "backup"})).text
+        today = date.today().isoformat()
+        by_date = (await http.get("/jobs", params={"date": today})).text
+        other_day = (await http.get("/jobs", params={"date": "2001-01-01"})).text
+    assert "owl job" in by_platform and "fox job" not in by_platform
+    assert "owl failed" in by_status and "owl job" not in by_status
+    assert "fox job" in by_user and "owl" not in by_user
+    assert "owl failed" in by_kind and "owl job" not in by_kind
+    assert "owl failed" in by_provider and "fox job" not in by_provider
+    assert "3 matching" in by_date
+    assert "0 matching" in other_day
+
+
+async def test_grant_through_the_console_reaches_the_store_ledger_and_audit(
+    console: tuple[Console, Services],
+) -> None:
+    app, services = console
+    store = services.store
+    user = await store.user("telegram", "42")
+    async with logged_in(app) as (http, csrf):
+        response = await http.post(
+            f"/users/{user.id}/grant", data={"csrf": csrf, "credits": "15", "next": "/users"}
+        )
+        assert response.status_code == 303
+        page = (await http.get("/users", params={"q": "42"})).text
+    assert (await store.user("telegram", "42")).granted == 15
+    entries, totals = await store.console_ledger({"user": f"#{user.id}"})
+    assert [(e["kind"], e["balance_amount"]) for e in entries] == [("grant", 15)]
+    assert entries[0]["note"] == "console: password@127.0.0.1"
+    assert totals["grant"] == 15
+    audit = await store.audit_entries()
+    assert [(a["actor"], a["action"], a["target"]) for a in audit[:1]] == [
+        ("password@127.0.0.1", "grant", f"#{user.id}")
+    ]
+    assert re.search(rf'id="user-{user.id}".*?class="num balance">15<', page, re.S)
+
+
+async def test_ban_and_unban_through_the_console(console: tuple[Console, Services]) -> None:
+    app, services = console
+    store = services.store
+    user = await store.user("qq", "10001")
+    async with logged_in(app) as (http, csrf):
+        assert (await http.post(f"/users/{user.id}/ban", data={"csrf": csrf})).status_code == 303
+        assert (await store.user("qq", "10001")).role == "banned"
+        assert (await http.post(f"/users/{user.id}/unban", data={"csrf": csrf})).status_code == 303
+        assert (await store.user("qq", "10001")).role == "user"
+    actions = [a["action"] for a in await store.audit_entries()]
+    assert actions[:2] == ["unban", "ban"]
+
+
+async def test_refund_of_a_succeeded_job_is_in_the_ledger_once(
+    console: tuple[Console, Services],
+) -> None:
+    app, services = console
+    store = services.store
+    user = await store.user("telegram", "42")
+    await store.grant(user.id, 10)
+    job_id = await finished_job(services, user.id, cost=3)
+    assert (await store.user("telegram", "42")).granted == 7
+    async with logged_in(app) as (http, csrf):
+        first = await http.post(f"/jobs/{job_id}/refund", data={"csrf": csrf})
+        again = await http.post(f"/jobs/{job_id}/refund", data={"csrf": csrf})
+        page = (await http.get(f"/jobs/{job_id}")).text
+    assert first.status_code == 303
+    assert again.status_code == 409
+    assert (await store.user("telegram", "42")).granted == 10
+    entries, _ = await store.console_ledger({"user": f"#{user.id}", "kind": "grant"})
+    assert [e["balance_amount"] for e in entries] == [3, 10]
+    assert entries[0]["note"] == f"refund of job #{job_id} by password@127.0.0.1"
+    assert 'id="refund"' not in page
+    # The job's own settlement is untouched: it was committed, and stays so.
+    job = await store.job(job_id)
+    assert job is not None and job.ledger_state == "committed"
+
+
+async def test_a_failed_job_cannot_be_refunded_again(console: tuple[Console, Services]) -> None:
+    app, services = console
+    user = await services.store.user("telegram", "42")
+    await services.store.grant(user.id, 10)
+    job_id = await finished_job(services, user.id, status="failed", error_kind="timeout")
+    async with logged_in(app) as (http, csrf):
+        response = await http.post(f"/jobs/{job_id}/refund", data={"csrf": csrf})
+    assert response.status_code == 409
+    assert (await services.store.user("telegram", "42")).granted == 10
+
+
+async def test_ledger_csv_totals_equal_the_store_sums(console: tuple[Console, Services]) -> None:
+    app, services = console
+    store = services.store
+    users = [await store.user("telegram", str(n)) for n in range(3)]
+    for n, user in enumerate(users):
+        await store.grant(user.id, 10 + n)
+        await finished_job(services, user.id, cost=2)
+        await finished_job(services, user.id, status="failed", error_kind="timeout", cost=1)
+    async with logged_in(app) as (http, _):
+        page = (await http.get("/ledger")).text
+        exported = (await http.get("/ledger.csv")).text
+        one = (await http.get("/ledger.csv", params={"user": f"#{users[1].id}"})).text
+    rows = list(csv.DictReader(io.StringIO(exported)))
+    sums: dict[str, int] = {}
+    for row in rows:
+        amount = int(row["daily_amount"]) + int(row["balance_amount"])
+        sums[row["kind"]] = sums.get(row["kind"], 0) + amount
+    for kind, total in sums.items():
+        assert f'data-total="{kind}">{total}<' in page
+    assert f'data-total="rows">{len(rows)}<' in page
+    # The store's own sums: what each user's jobs hold, and their balances.
+    for user in users:
+        mine = [r for r in rows if r["user_id"] == str(user.id)]
+        held = sum(
+            (1 if r["kind"] == "reserve" else -1)
+            * (int(r["daily_amount"]) + int(r["balance_amount"]))
+            for r in mine
+            if r["kind"] in ("reserve", "refund")
+        )
+        assert held == await store.ledger_sum(user.id)
+        granted = sum(int(r["balance_amount"]) for r in mine if r["kind"] == "grant")
+        assert (await store.user("telegram", user.platform_user_id)).granted == granted - held
+    only = list(csv.DictReader(io.StringIO(one)))
+    assert {r["user_id"] for r in only} == {str(users[1].id)}
+
+
+async def test_users_show_their_key_masked(console: tuple[Console, Services]) -> None:
+    app, services = console
+    user = await services.store.user("telegram", "42")
+    key = "sk-live-0123456789abcdefWXYZ"
+    await services.store.set_api_key(user.id, key)
+    async with logged_in(app) as (http, _):
+        page = (await http.get("/users")).text
+    assert "sk-...WXYZ" in page
+    assert key not in page and "0123456789" not in page
+
+
+async def test_settings_are_shown_with_secrets_masked(
+    console_factory: Callable[..., Any],
+) -> None:
+    app, _ = await console_factory(
+        telegram_bot_token="123456:AAbbCCddEEffGGhhIIjjKKllMMnnOOppQQ",
+        upstream_proxy="http://user:proxy-pass-99@127.0.0.1:3128",
+    )
+    async with logged_in(app) as (http, _):
+        page = (await http.get("/settings")).text
+    assert "DRAWBRIDGE_API_BASE" in page and "DRAWBRIDGE_CONSOLE_PORT" in page
+    for secret in ("sk-test-shared-0000", "AAbbCCdd", "proxy-pass-99", PASSWORD):
+        assert secret not in page
+    assert "http://***@127.0.0.1:3128" in page
+
+
+async def test_logs_page_shows_lines_redacted_with_a_level_filter(
+    console: tuple[Console, Services],
+) -> None:
+    app, _ = console
+    noisy = logging.getLogger("drawbridge.test-console")
+    noisy.setLevel(logging.DEBUG)
+    secret = "sk-abcdefghijklmnop1234"
+    noisy.warning("relay refused key %s", secret)
+    noisy.info("an info line for the console")
+    async with logged_in(app) as (http, _):
+        everything = (await http.get("/logs", params={"level": "INFO"})).text
+        warnings = (await http.get("/partials/logs", params={"level": "WARNING"})).text
+    assert "relay refused key sk-***" in everything
+    assert secret not in everything
+    assert "an info line for the console" in everything
+    assert "an info line" not in warnings and "relay refused key" in warnings
