@@ -23,7 +23,7 @@ from bot.errors import DeliveryError, ImageError
 from bot.images import make_preview
 from bot.services import Services
 
-from .views import BUTTON_KEYS, result_view
+from .views import BUTTON_KEYS, confirm_view, result_view
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,16 @@ class InteractionChat:
                 return None
             if self._home is None and not ephemeral and ref is not None:
                 self._home = ref
+            return ref
+
+    async def send_confirm(self, text: str, *, token: int, label: str) -> MessageRef | None:
+        """The confirmation of a costly request: `text` with one Confirm button."""
+        async with self._lock:
+            try:
+                ref, _ = await self._post(content=clip(text), view=confirm_view(token, label))
+            except discord.HTTPException as exc:
+                log.warning("discord: could not send a message: %s", _describe(exc))
+                return None
             return ref
 
     async def edit_text(self, ref: MessageRef, text: str) -> None:

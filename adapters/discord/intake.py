@@ -134,6 +134,13 @@ class DiscordIntake:
         if not await self._admit(interaction):
             return
         message_id = str(interaction.message.id) if interaction.message else None
+        if action == "confirm":
+            # The Confirm button of a costly request: `job_id` is the request's token.
+            chat = await self._defer(interaction, ephemeral=False)
+            self._spawn(
+                self._invoke(interaction, chat, "confirm", text=str(job_id), message_id=message_id)
+            )
+            return
         if action == "reroll":
             chat = await self._defer(interaction, ephemeral=False)
             self._spawn(

@@ -20,7 +20,11 @@ the i18n keys of their labels."""
 MODAL_TIMEOUT = 15 * 60.0
 """Seconds a modal waits for its submit (Discord drops interactions after 15 minutes)."""
 
-_STYLES = {"reroll": discord.ButtonStyle.primary, "edit": discord.ButtonStyle.secondary}
+_STYLES = {
+    "reroll": discord.ButtonStyle.primary,
+    "edit": discord.ButtonStyle.secondary,
+    "confirm": discord.ButtonStyle.success,
+}
 
 
 class ActionHandler(Protocol):
@@ -38,9 +42,9 @@ def custom_id(action: str, job_id: int) -> str:
 
 class ResultButton(
     discord.ui.DynamicItem[discord.ui.Button[Any]],
-    template=r"db:(?P<action>reroll|edit|ref):(?P<job>[0-9]+)",
+    template=r"db:(?P<action>reroll|edit|ref|confirm):(?P<job>[0-9]+)",
 ):
-    """One result action on one job."""
+    """One result action on one job (for `confirm`: the request waiting for it, by token)."""
 
     def __init__(self, action: str, job_id: int, label: str) -> None:
         super().__init__(
@@ -74,6 +78,14 @@ def result_view(job_id: int, labels: dict[str, str]) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     for action in BUTTON_KEYS:
         view.add_item(ResultButton(action, job_id, labels.get(action, action)))
+    return view
+
+
+def confirm_view(token: int, label: str) -> discord.ui.View:
+    """The Confirm button of a costly request; a press after a restart is still answered
+    (there is then nothing to confirm), as the button is matched by its custom id."""
+    view = discord.ui.View(timeout=None)
+    view.add_item(ResultButton("confirm", token, label))
     return view
 
 

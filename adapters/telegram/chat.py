@@ -551,6 +551,28 @@ class TelegramChat:
             request_timeout=UPLOAD_TIMEOUT,
         )
 
+    async def send_confirm(self, text: str, *, token: int, label: str) -> MessageRef | None:
+        """The confirmation of a costly request: `text` with one Confirm button under it."""
+        markup = InlineKeyboardMarkup(
+            inline_keyboard=[
+                [InlineKeyboardButton(text=label, callback_data=callback_data("confirm", token))]
+            ]
+        )
+        try:
+            message = await self._sender.call(
+                SendMessage(
+                    chat_id=self.chat_id,
+                    text=_clip(text, TEXT_LIMIT),
+                    reply_parameters=self._reply_parameters(),
+                    reply_markup=markup,
+                ),
+                chat_id=self.chat_id,
+            )
+        except AiogramError as exc:
+            log.warning("telegram: sendMessage failed: %s", type(exc).__name__)
+            return None
+        return MessageRef(str(message.message_id))
+
     def _buttons(self, job_id: int, lang: str) -> InlineKeyboardMarkup:
         t = self._link.services.t
         return InlineKeyboardMarkup(

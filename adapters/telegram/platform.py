@@ -53,7 +53,13 @@ from plugins.registry import COMMANDS, CommandSpec, split_command
 log = logging.getLogger(__name__)
 
 # A button's action -> the command it runs ("edit" asks for the change first).
-BUTTON_COMMANDS = {"reroll": "reroll", "edit": "edit_hint", "orig": "original"}
+BUTTON_COMMANDS = {
+    "reroll": "reroll",
+    "edit": "edit_hint",
+    "orig": "original",
+    # The confirm button of a costly request: its number is the request, not a job.
+    "confirm": "confirm",
+}
 COMMAND_DESCRIPTION_LIMIT = 256
 STOP_TIMEOUT = 5.0
 # Albums remembered so that a reply to any one photo of an album brings the whole album.
@@ -450,16 +456,18 @@ class TelegramPlatform:
         job_id = int(raw_job)
         user = query.from_user
         private = message.chat.type == "private"
+        confirming = command == "confirm"
         inv = Invocation(
             platform=PLATFORM,
             user_id=str(user.id),
             chat_id=str(message.chat.id),
             command=command,
+            text=raw_job if confirming else "",
             is_private=private,
             user_name=user.full_name,
             locale=user.language_code,
             message_id=str(message.message_id),
-            reply_to_job=job_id,
+            reply_to_job=None if confirming else job_id,
         )
         chat = TelegramChat(
             self.link,

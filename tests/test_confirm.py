@@ -1,0 +1,192 @@
+"""A job priced over DRAWBRIDGE_CONFIRM_ABOVE waits for its confirmation: a button where the
+chat has buttons, `/confirm` (`/确认`) elsewhere; nothing is reserved until then, and only the
+person who asked can confirm. Driven through the recording chat."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+import plugins.confirm
+from bot.chat import ChatLimits, MessageRef
+from bot.config import Settings
+from bot.jobs import today
+from bot.mock_upstream import MockUpstream
+from bot.services import Services
+from plugins.registry import find_command, split_command
+from tests.recording_chat import RecordingChat, Sent, invocation, run_command
+
+PRICES = {"1k": {"high": 8, "medium": 4, "default": 1}}
+
+
+class ButtonChat(RecordingChat):
+    """A recording chat with buttons: it implements the confirm prompt capability."""
+
+    def __init__(self) -> None:
+        super().__init__(ChatLimits(can_preview=True, has_buttons=True))
+        self.tokens: list[int] = []
+
+    async def send_confirm(self, text: str, *, token: int, label: str) -> MessageRef | None:
+        self.tokens.append(token)
+        ref = MessageRef(f"confirm-{token}")
+        self.log.append(Sent("confirm", f"{text} [{label}]", ref=ref))
+        return ref
+
+
+@pytest.fixture
+async def costly(settings_factory: Callable[..., Settings]) -> AsyncIterator[Services]:
+    services = await Services.create(
+        settings_factory(prices=PRICES, daily_credits=100, confirm_above=10)
+    )
+    try:
+        yield services
+    finally:
+        await services.close()
+
+
+async def left(services: Services, user_id: str = "u1") -> int:
+    user = await services.store.user("test", user_id)
+    credits = await services.store.credits(
+        user.id, today(services.settings), services.settings.daily_credits
+    )
+    return credits.total_left
+
+
+def job_count(services: Services) -> int:
+    with sqlite3.connect(services.settings.data_dir / "drawbridge.sqlite3") as db:
+        return int(db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+
+
+COSTLY = "a castle --quality high --n 2"  # 16 credits, over 10
+
+
+async def test_costly_job_asks_for_a_reply_and_reserves_nothing_until_confirmed(
+    costly: Services, mock_upstream: MockUpstream
+) -> None:
+    asked = await run_command(costly, invocation("draw", COSTLY))
+    [question] = asked.texts()
+    assert "16 credits, 84 left after this" in question
+    assert "reply /confirm within 60 s" in question
+    assert mock_upstream.requests == [] and job_count(costly) == 0
+    assert await left(costly) == 100
+
+    done = await run_command(costly, invocation("confirm"))
+    assert len(done.results()[0].files) == 2
+    assert await left(costly) == 84
+    assert len(mock_upstream.requests) == 1
+
+
+async def test_chinese_alias_confirms_the_newest_request(
+    costly: Services, mock_upstream: MockUpstream
+) -> None:
+    assert find_command("确认") is find_command("confirm")
+    parsed = split_command("/确认")
+    assert parsed is not None and parsed[0].name == "confirm"
+    asked = await run_command(costly, invocation("draw", COSTLY, locale="zh-CN"))
+    assert "回复 /确认" in asked.last_text()
+    await run_command(costly, invocation("draw", "a tower --quality high --n 2"))
+    done = await run_command(costly, invocation("confirm", locale="zh-CN"))
+    assert done.results()
+    assert "a tower" in mock_upstream.requests[-1].fields["prompt"]
+    # The older request still waits for its own confirmation.
+    again = await run_command(costly, invocation("confirm"))
+    assert again.results()
+    assert "a castle" in mock_upstream.requests[-1].fields["prompt"]
+
+
+async def test_button_chat_gets_a_confirm_button_and_the_press_starts_the_job(
+    costly: Services, mock_upstream: MockUpstream
+) -> None:
+    chat = ButtonChat()
+    await run_command(costly, invocation("draw", COSTLY), chat)
+    [token] = chat.tokens
+    [prompt] = [s for s in chat.log if s.kind == "confirm"]
+    assert "press Confirm within 60 s" in prompt.text and prompt.text.endswith("[Confirm]")
+    assert job_count(costly) == 0
+
+    pressed = await run_command(costly, invocation("confirm", str(token)))
+    assert pressed.results()
+    assert await left(costly) == 84
+
+
+async def test_a_confirmation_by_someone_else_is_refused(
+    costly: Services, mock_upstream: MockUpstream
+) -> None:
+    chat = ButtonChat()
+    await run_command(costly, invocation("draw", COSTLY, is_private=False), chat)
+    [token] = chat.tokens
+    other = await run_command(costly, invocation("confirm", str(token), user_id="u2"))
+    assert "Only the person who asked" in other.last_text()
+    assert other.log[-1].ephemeral
+    # A bare /confirm by someone else finds nothing of theirs.
+    bare = await run_command(costly, invocation("confirm", user_id="u2"))
+    assert "Nothing to confirm" in bare.last_text()
+    assert mock_upstream.requests == [] and job_count(costly) == 0
+    # The request is still there for its owner.
+    mine = await run_command(costly, invocation("confirm", str(token)))
+    assert mine.results()
+
+
+async def test_a_confirmation_works_once(costly: Services, mock_upstream: MockUpstream) -> None:
+    chat = ButtonChat()
+    await run_command(costly, invocation("draw", COSTLY), chat)
+    [token] = chat.tokens
+    await run_command(costly, invocation("confirm", str(token)))
+    twice = await run_command(costly, invocation("confirm", str(token)))
+    assert "Nothing to confirm" in twice.last_text()
+    assert len(mock_upstream.requests) == 1
+    assert await left(costly) == 84
+
+
+async def test_an_expired_request_cannot_be_confirmed(
+    costly: Services, mock_upstream: MockUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Expired at once: the 60 s are a setting of the module, not waited for here.
+    monkeypatch.setattr(plugins.confirm, "CONFIRM_SECONDS", 0.0)
+    await run_command(costly, invocation("draw", COSTLY))
+    late = await run_command(costly, invocation("confirm"))
+    assert "Nothing to confirm" in late.last_text()
+    assert mock_upstream.requests == [] and job_count(costly) == 0
+
+
+async def test_jobs_at_or_under_the_limit_start_at_once(
+    costly: Services, mock_upstream: MockUpstream
+) -> None:
+    chat = await run_command(costly, invocation("draw", "a hut --quality medium --n 2"))  # 8 credits
+    assert chat.results()
+    assert await left(costly) == 92
+
+
+async def test_own_key_jobs_are_never_held(costly: Services, mock_upstream: MockUpstream) -> None:
+    await run_command(costly, invocation("token", "sk-own-key-1234567890abcdef"))
+    chat = await run_command(costly, invocation("draw", COSTLY))
+    assert chat.results()
+
+
+async def test_a_job_the_user_cannot_afford_is_refused_not_held(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    services = await Services.create(
+        settings_factory(prices=PRICES, daily_credits=12, confirm_above=10)
+    )
+    try:
+        chat = await run_command(services, invocation("draw", COSTLY))
+        assert "confirm" not in chat.last_text().lower()
+        assert "16" in chat.last_text()
+        assert mock_upstream.requests == []
+    finally:
+        await services.close()
+
+
+async def test_reroll_of_a_costly_result_asks_too(
+    costly: Services, mock_upstream: MockUpstream
+) -> None:
+    await run_command(costly, invocation("draw", COSTLY))
+    first = await run_command(costly, invocation("confirm"))
+    meta = first.results()[0].meta
+    assert meta is not None
+    again = await run_command(costly, invocation("reroll", reply_to_job=meta.job_id))
+    assert "reply /confirm" in again.last_text()
+    assert len(mock_upstream.requests) == 1
