@@ -99,7 +99,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     """
     lang = args.lang or normalize_lang(settings.default_lang, "en")
     try:
-        return asyncio.run(terminal_job(args, settings, lang=lang))
+        return asyncio.run(terminal_job(args, settings))
     except errors.DrawbridgeError as exc:
         print(f"error: {render_error(lang, exc)} [{exc.kind}]", file=sys.stderr)
         return 2 if isinstance(exc, errors.NotConfiguredError) else 1
@@ -241,15 +241,14 @@ async def terminal_job(
     args: argparse.Namespace,
     settings: Settings,
     *,
-    lang: str = "en",
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
     """One `draw` or `edit` (`args.command`) from parsed arguments; returns the exit code.
 
     Raises a `DrawbridgeError` for a request refused (nothing sent upstream) or failed;
-    `run` prints it. `out` and `err` default to stdout and stderr. `lang` is for the few
-    notes printed here; the caller renders errors.
+    `run` prints it (`render_error`). `out` and `err` default to stdout and stderr; what is
+    printed here is for operators, in English.
     """
     out = out or sys.stdout
     err = err or sys.stderr

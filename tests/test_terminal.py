@@ -36,10 +36,10 @@ from plugins.options import parse_image_args
 MakeSettings = Callable[..., Settings]
 
 
-async def job(settings: Settings, *argv: str, lang: str = "en") -> tuple[int, str, str]:
+async def job(settings: Settings, *argv: str) -> tuple[int, str, str]:
     args = build_parser().parse_args(list(argv))
     out, err = io.StringIO(), io.StringIO()
-    code = await terminal_job(args, settings, lang=lang, out=out, err=err)
+    code = await terminal_job(args, settings, out=out, err=err)
     return code, out.getvalue(), err.getvalue()
 
 
