@@ -22,6 +22,7 @@ from bot.chat import OutFile, ResultMeta
 from bot.config import Settings
 from bot.i18n import t
 from bot.mock_upstream import MockUpstream
+from bot.startup import StartupError
 from tests.fake_telegram import ApiCall, FakeTelegram, make_noisy_png, make_png
 
 # No pacing in tests, except where a test is about pacing.
@@ -618,9 +619,10 @@ async def test_start_fails_clearly_on_a_rejected_token(
     settings = settings_factory(telegram_bot_token=wrong, telegram_api_server=fake.base_url)
     tg = create_platform(settings, services)
 
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(StartupError, match="TELEGRAM_BOT_TOKEN") as info:
         await tg.start()
 
+    assert info.value.exit_code == 2
     assert wrong not in str(info.value)
     await tg.stop()
 
