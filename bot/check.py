@@ -12,6 +12,7 @@ The chat platforms are asked over plain HTTPS with httpx: `bot/` imports no chat
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import sys
 from dataclasses import dataclass
@@ -171,10 +172,34 @@ async def _get(url: str, headers: dict[str, str], proxy: str, deadline: float) -
         return response.status_code, None
 
 
+def _is_loopback(host: str) -> bool:
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_onebot_bind(settings: Settings) -> Row:
-    """Whether the OneBot endpoint's `HOST:PORT` can be bound right now (bound, then closed)."""
+    """Whether the OneBot endpoint's `HOST:PORT` can be bound right now (bound, then closed).
+
+    Also the rule `drawbridge run` enforces before binding: a `HOST` beyond this machine
+    needs `ONEBOT_ACCESS_TOKEN` (or `QQ_ALLOW_NO_TOKEN=true`), else anyone could act as any
+    QQ user.
+    """
     host, port = settings.host, settings.port
     target = f"{host}:{port}"
+    exposed = not (settings.onebot_access_token or _is_loopback(host))
+    if exposed and not settings.qq_allow_no_token:
+        return Row(
+            "qq (OneBot)",
+            target,
+            FAIL,
+            "run refuses a non-loopback HOST without ONEBOT_ACCESS_TOKEN "
+            "(or QQ_ALLOW_NO_TOKEN=true behind a firewall)",
+        )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as sock:

@@ -159,3 +159,20 @@ async def test_with_a_platform_a_shared_base_without_a_key_is_checked_for_reacha
     )
     assert code == 0, output
     assert "users bind their own" in row(output, "provider default")
+
+
+async def test_an_open_onebot_endpoint_fails_the_check_as_run_would_refuse_it(
+    tmp_path: Path, mock_upstream: MockUpstream
+) -> None:
+    code, output = await drawbridge(
+        tmp_path,
+        "check",
+        DRAWBRIDGE_API_BASE=mock_upstream.base_url,
+        DRAWBRIDGE_API_KEY=API_KEY,
+        QQ_ENABLED="true",
+        HOST="0.0.0.0",
+        PORT=str(closed_port()),
+    )
+    assert code == 1, output
+    line = row(output, "qq (OneBot)")
+    assert "FAIL" in line and "ONEBOT_ACCESS_TOKEN" in line
