@@ -1,0 +1,232 @@
+"""An honest ETA: estimates from the recent similar jobs (median and p90 of their upstream
+time, the queue ahead over the concurrency), none without history, "taking longer than usual"
+past the p90, and an estimate that follows the relay when its latency changes."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+import bot.jobs
+from bot.config import Settings
+from bot.eta import (
+    HISTORY,
+    Estimate,
+    EtaBook,
+    clock,
+    estimate_of,
+    eta_class,
+    queue_factor,
+    shifted,
+)
+from bot.mock_upstream import MockUpstream
+from bot.services import Services
+from bot.sizes import Size
+from plugins.dispatch import dispatch
+from tests.recording_chat import RecordingChat, invocation, run_command
+
+
+@pytest.fixture
+async def rich(settings_factory: Callable[..., Settings]) -> AsyncIterator[Services]:
+    services = await Services.create(
+        settings_factory(daily_credits=200, user_max_jobs=5, stream=False)
+    )
+    try:
+        yield services
+    finally:
+        await services.close()
+
+
+def rows(services: Services) -> list[sqlite3.Row]:
+    with sqlite3.connect(services.settings.data_dir / "drawbridge.sqlite3") as db:
+        db.row_factory = sqlite3.Row
+        return db.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+
+
+DRAW_CLASS = eta_class("default", Size(1024, 1024), None, "draw")  # a /draw at the default size
+
+
+# --- the arithmetic ---
+
+
+def test_no_estimate_without_enough_history() -> None:
+    assert estimate_of([]) is None
+    assert estimate_of([1.0, 2.0]) is None
+    estimate = estimate_of([1.0, 2.0, 3.0])
+    assert estimate == Estimate(2.0, 3.0, 3)
+
+
+def test_median_and_p90_of_the_samples() -> None:
+    estimate = estimate_of([float(x) for x in range(1, 11)])
+    assert estimate is not None
+    assert estimate.median == 5.5 and estimate.p90 == 9.0
+
+
+def test_queue_adds_the_jobs_ahead_divided_by_the_concurrency() -> None:
+    assert queue_factor(0, 1) == 1.0
+    assert queue_factor(3, 1) == 4.0
+    assert queue_factor(4, 2) == 3.0
+    assert Estimate(10.0, 20.0, 5).scaled(queue_factor(4, 2)) == Estimate(30.0, 60.0, 5)
+
+
+def test_a_change_of_more_than_20_percent_is_a_change() -> None:
+    shown = Estimate(10.0, 20.0, 5)
+    assert not Estimate(11.9, 20.0, 5).differs(shown)
+    assert Estimate(12.1, 20.0, 5).differs(shown)
+    assert Estimate(10.0, 15.0, 5).differs(shown)
+    assert Estimate(10.0, 20.0, 5).differs(None)
+
+
+def test_classes_keep_provider_tier_quality_and_kind_apart() -> None:
+    assert eta_class("a", Size(1024, 1024), "high", "draw") == "a|1k|high|draw"
+    assert eta_class("a", Size(3840, 2160), None, "edit") == "a|4k|auto|edit"
+
+
+def test_a_run_of_jobs_outside_the_old_range_is_a_new_level() -> None:
+    assert not shifted([1.0] * 10 + [1.1] * 5)
+    assert shifted([1.0] * 10 + [5.0] * 5)
+    assert shifted([5.0] * 10 + [1.0] * 5)
+    assert not shifted([1.0] * 10 + [5.0] * 4 + [1.0])
+
+
+def test_clock_rounds_up() -> None:
+    assert clock(0.2) == "0:01" and clock(61.0) == "1:01" and clock(59.5) == "1:00"
+
+
+class Durations:
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+        self.asked: list[tuple[str, int]] = []
+
+    async def upstream_durations(self, eta_class: str, limit: int) -> list[float]:
+        self.asked.append((eta_class, limit))
+        return self.values[-limit:]
+
+
+async def test_book_loads_the_last_50_once_and_follows_a_step_within_10_jobs() -> None:
+    source = Durations([10.0] * 80)
+    book = EtaBook(source)
+    first = await book.estimate("c")
+    assert first is not None and first.median == 10.0 and first.samples == HISTORY
+    for _ in range(10):
+        await book.record("c", 2.0)
+    after = await book.estimate("c")
+    assert after is not None and after.median == 2.0 and after.p90 == 2.0
+    assert source.asked == [("c", HISTORY)]
+
+
+# --- through the job runner and the mock upstream ---
+
+
+async def test_each_job_records_queue_wait_and_upstream_time_apart(
+    rich: Services, mock_upstream: MockUpstream
+) -> None:
+    await run_command(rich, invocation("draw", "a fox --quality high"))
+    [row] = rows(rich)
+    assert row["eta_class"] == "default|1k|high|draw"
+    assert row["created_at"] <= row["started_at"] <= row["upstream_done_at"]
+    assert row["upstream_done_at"] <= row["finished_at"]
+
+
+async def test_no_history_means_no_estimate_is_shown(
+    rich: Services, mock_upstream: MockUpstream
+) -> None:
+    chat = await run_command(rich, invocation("draw", "a fox"))
+    assert chat.results()
+    assert not any("about" in text for text in chat.texts())
+
+
+async def test_with_history_the_status_shows_the_estimate(
+    rich: Services, mock_upstream: MockUpstream
+) -> None:
+    for index in range(3):
+        await run_command(rich, invocation("draw", f"fox {index}"))
+    chat = await run_command(rich, invocation("draw", "fox 4"))
+    assert "Usually takes about 0:01 (at most 0:01)" in chat.texts()[0]
+    # Another size tier has no history of its own: no estimate borrowed from the 1k jobs.
+    other = await run_command(rich, invocation("draw", "fox --size 2k"))
+    assert not any("about" in text for text in other.texts())
+
+
+async def test_queued_job_shows_the_wait_for_the_jobs_ahead(
+    settings_factory: Callable[..., Settings],
+    mock_upstream: MockUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(bot.jobs, "QUEUE_TICK", 0.05)
+    services = await Services.create(
+        settings_factory(daily_credits=50, concurrency=1, stream=False)
+    )
+    try:
+        for index in range(3):
+            await run_command(services, invocation("draw", f"fox {index}"))
+        mock_upstream.options.latency = 0.5
+        chats = [RecordingChat() for _ in range(3)]
+        for index, chat in enumerate(chats):
+            await dispatch(invocation("draw", f"cat {index}", user_id=f"q{index}"), chat, services)
+        await services.jobs.wait_idle()
+        third = chats[2].texts()
+        assert third[0].startswith("Queued #2")
+        # Two jobs ahead of it on one slot (one running, one waiting) plus itself.
+        assert "Ready in about" in third[0]
+        assert all(c.results() for c in chats)
+    finally:
+        await services.close()
+
+
+async def test_a_job_past_its_p90_says_it_is_taking_longer_than_usual(
+    rich: Services, mock_upstream: MockUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bot.jobs, "ETA_TICK", 0.05)
+    for index in range(3):
+        await run_command(rich, invocation("draw", f"fox {index}"))
+    mock_upstream.options.latency = 1.5
+    chat = await run_command(rich, invocation("draw", "a slow fox"))
+    edits = [s.text for s in chat.log if s.kind == "edit"]
+    assert any("Taking longer than usual" in text for text in edits)
+    assert chat.results()
+
+
+async def test_estimate_follows_the_upstream_latency_within_10_jobs(
+    rich: Services, mock_upstream: MockUpstream
+) -> None:
+    """A slow relay for 11 jobs, then a fast one for 10, then slow again for 6: each time
+    the estimate follows (a median over all 21 would still say "slow" after 10 fast jobs)."""
+    slow = 0.5
+    mock_upstream.options.latency = slow
+    for index in range(11):
+        await run_command(rich, invocation("draw", f"slow {index}"))
+    estimate = await rich.jobs.eta.estimate(DRAW_CLASS)
+    assert estimate is not None and estimate.median >= slow
+
+    mock_upstream.options.latency = 0.0
+    for index in range(10):
+        await run_command(rich, invocation("draw", f"fast {index}"))
+    estimate = await rich.jobs.eta.estimate(DRAW_CLASS)
+    assert estimate is not None and estimate.median < slow and estimate.p90 < slow
+
+    mock_upstream.options.latency = slow
+    for index in range(6):
+        await run_command(rich, invocation("draw", f"slow again {index}"))
+    estimate = await rich.jobs.eta.estimate(DRAW_CLASS)
+    assert estimate is not None and estimate.median >= slow
+
+
+async def test_a_restart_keeps_the_history(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    settings = settings_factory(daily_credits=50)
+    services = await Services.create(settings)
+    try:
+        for index in range(3):
+            await run_command(services, invocation("draw", f"fox {index}"))
+    finally:
+        await services.close()
+    services = await Services.create(settings)
+    try:
+        chat = await run_command(services, invocation("draw", "fox after restart"))
+        assert "Usually takes about" in chat.texts()[0]
+    finally:
+        await services.close()
