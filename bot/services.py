@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import secrets
+import time
 from typing import Any
 
 import httpx
@@ -19,6 +21,33 @@ from bot.upstream import CapabilityStore, build_clients
 log = logging.getLogger(__name__)
 
 
+class LoginLinks:
+    """One-time login tokens for the operator console, kept in memory.
+
+    `/console` issues one for an admin; the console redeems it once, within `ttl` seconds. A
+    restart forgets them all, which only means asking again.
+    """
+
+    def __init__(self, ttl: float = 600.0) -> None:
+        self.ttl = ttl
+        self._tokens: dict[str, tuple[str, float]] = {}
+
+    def issue(self, who: str) -> str:
+        """A new token that logs `who` (`platform:user id`) in once."""
+        now = time.monotonic()
+        self._tokens = {k: v for k, v in self._tokens.items() if v[1] > now}
+        token = secrets.token_urlsafe(32)
+        self._tokens[token] = (who, now + self.ttl)
+        return token
+
+    def redeem(self, token: str) -> str | None:
+        """Who `token` logs in, if it is valid; it never works again either way."""
+        entry = self._tokens.pop(token, None)
+        if entry is None or entry[1] <= time.monotonic():
+            return None
+        return entry[0]
+
+
 class Services:
     """The composition of bot services shared by plugins and adapters."""
 
@@ -32,6 +61,8 @@ class Services:
         # Jobs the last stop interrupted (refunded by recovery); their chats are told once
         # the platforms are up.
         self.recovered: list[int] = []
+        # One-time console login links: issued by /console, redeemed by the console.
+        self.console_links = LoginLinks()
         self._closed = False
 
     @classmethod

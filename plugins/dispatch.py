@@ -9,7 +9,7 @@ from bot.chat import Chat, Invocation
 from bot.i18n import normalize_lang
 from bot.jobs import render_error
 from bot.services import Services
-from plugins import account, admin, confirm, image
+from plugins import account, admin, confirm, console, image
 from plugins.context import Context, Handler
 from plugins.registry import find_command
 
@@ -21,6 +21,7 @@ HANDLERS: dict[str, Handler] = {
     "reroll": image.reroll,
     "original": image.original,
     "edit_hint": image.edit_hint,
+    "console": console.console,
     "token": account.token,
     "quota": account.quota,
     "help": account.help_,

@@ -92,6 +92,8 @@ LANG = CommandSpec(
 )
 # The answer is the caller's `platform:id`, what an operator puts in DRAWBRIDGE_ADMINS.
 WHOAMI = CommandSpec("whoami", "help.whoami", aliases=("我是谁",))
+# Admins, in a private chat: a one-time login link to the operator console.
+CONSOLE = CommandSpec("console", "help.console", aliases=("控制台",), admin=True)
 # Starts the caller's request that waits for a confirmation (priced over CONFIRM_ABOVE); the
 # Telegram and Discord confirm buttons run it too, naming the request in the text.
 CONFIRM = CommandSpec("confirm", "help.confirm", aliases=("确认",))
@@ -131,6 +133,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
     ORIGINAL,
     TOKEN,
     QUOTA,
+    CONSOLE,
     HELP,
     CANCEL,
     LANG,

@@ -22,7 +22,9 @@ from adapters.console.auth import FAILED_LOGINS
 from adapters.console.logbuffer import LogBuffer
 from bot.config import Settings
 from bot.services import Services
+from plugins.registry import find_command, split_command
 from tests.bot_process import BotProcess, bot_env
+from tests.recording_chat import invocation, run_command
 
 PASSWORD = "correct horse battery staple"
 
@@ -55,7 +57,9 @@ async def console(console_factory: Callable[..., Any]) -> tuple[Console, Service
 
 def client(console: Console, ip: str = "127.0.0.1") -> httpx.AsyncClient:
     transport = httpx.ASGITransport(app=console.app, client=(ip, 40000))
-    return httpx.AsyncClient(transport=transport, base_url="http://console.test")
+    # https when the console says so: the client keeps Secure cookies for https only.
+    scheme = "https" if console.secure else "http"
+    return httpx.AsyncClient(transport=transport, base_url=f"{scheme}://console.test")
 
 
 def csrf_of(html: str) -> str:
@@ -580,3 +584,108 @@ async def test_logs_page_shows_lines_redacted_with_a_level_filter(
     assert secret not in everything
     assert "an info line for the console" in everything
     assert "an info line" not in warnings and "relay refused key" in warnings
+
+
+# --- the one-time login link (/console) ------------------------------------------------------
+
+
+def test_console_command_is_declared_for_admins_with_its_chinese_alias() -> None:
+    spec = find_command("console")
+    assert spec is not None and spec.admin
+    assert find_command("控制台") is spec
+    assert split_command("/控制台") == (spec, "")
+
+
+async def link_from_chat(services: Services, **fields: Any) -> str:
+    chat = await run_command(services, invocation("console", user_id="boss", **fields))
+    found = re.search(r"https://console\.example\.com/login/link\?token=\S+", chat.last_text())
+    assert found, chat.last_text()
+    return found.group(0)
+
+
+async def test_a_one_time_link_logs_in_once(console_factory: Callable[..., Any]) -> None:
+    app, services = await console_factory(
+        admins="test:boss", console_url="https://console.example.com"
+    )
+    link = await link_from_chat(services)
+    path = link.removeprefix("https://console.example.com")
+    async with client(app) as first:
+        page = await first.get(path)
+        assert page.status_code == 200
+        # Opening the page (as a link preview would) does not spend the token.
+        page = await first.get(path)
+        token = re.search(r'name="token" value="([^"]+)"', page.text)
+        assert token is not None
+        used = await first.post(
+            "/login/link", data={"csrf": csrf_of(page.text), "token": token.group(1)}
+        )
+        assert used.status_code == 303
+        home = await first.get("/")
+        assert home.status_code == 200
+        assert "test:boss" in home.text
+    async with client(app) as second:
+        page = await second.get(path)
+        again = await second.post(
+            "/login/link", data={"csrf": csrf_of(page.text), "token": token.group(1)}
+        )
+        assert again.status_code == 401
+        assert "expired or was used" in again.text
+        assert (await second.get("/")).status_code == 303
+    audit = await services.store.audit_entries()
+    assert [(a["actor"], a["action"]) for a in audit] == [("test:boss", "login")]
+
+
+async def test_a_link_login_names_the_admin_in_grants(console_factory: Callable[..., Any]) -> None:
+    app, services = await console_factory(
+        admins="test:boss", console_url="https://console.example.com"
+    )
+    link = await link_from_chat(services)
+    target = await services.store.user("telegram", "42")
+    async with client(app) as http:
+        page = await http.get(link.removeprefix("https://console.example.com"))
+        token = re.search(r'name="token" value="([^"]+)"', page.text)
+        assert token is not None
+        csrf = csrf_of(page.text)
+        await http.post("/login/link", data={"csrf": csrf, "token": token.group(1)})
+        csrf = csrf_of((await http.get("/")).text)
+        await http.post(f"/users/{target.id}/grant", data={"csrf": csrf, "credits": "3"})
+    boss = await services.store.user("test", "boss")
+    entries, _ = await services.store.console_ledger({"user": f"#{target.id}"})
+    assert [(e["kind"], e["by_user_id"]) for e in entries] == [("grant", boss.id)]
+
+
+async def test_an_expired_link_is_refused(console_factory: Callable[..., Any]) -> None:
+    app, services = await console_factory(
+        admins="test:boss", console_url="https://console.example.com"
+    )
+    services.console_links.ttl = 0.0
+    link = await link_from_chat(services)
+    async with client(app) as http:
+        page = await http.get(link.removeprefix("https://console.example.com"))
+        token = re.search(r'name="token" value="([^"]+)"', page.text)
+        assert token is not None
+        response = await http.post(
+            "/login/link", data={"csrf": csrf_of(page.text), "token": token.group(1)}
+        )
+    assert response.status_code == 401
+
+
+async def test_console_link_only_for_admins_in_private_chats(
+    console_factory: Callable[..., Any],
+) -> None:
+    _, services = await console_factory(
+        admins="test:boss", console_url="https://console.example.com"
+    )
+    stranger = await run_command(services, invocation("console", user_id="nobody"))
+    assert "token=" not in stranger.last_text()
+    in_group = await run_command(
+        services, invocation("console", user_id="boss", is_private=False, chat_id="g1")
+    )
+    assert "token=" not in in_group.last_text()
+    assert "private chat" in in_group.last_text()
+
+
+async def test_console_link_needs_the_console_url(console_factory: Callable[..., Any]) -> None:
+    _, services = await console_factory(admins="test:boss")
+    chat = await run_command(services, invocation("console", user_id="boss"))
+    assert "DRAWBRIDGE_CONSOLE_URL" in chat.last_text()

@@ -72,6 +72,8 @@ class Console:
         app.add_api_route("/metrics", self.metrics, methods=["GET"])
         app.add_api_route("/login", self.login_page, methods=["GET"])
         app.add_api_route("/login", self.login, methods=["POST"])
+        app.add_api_route("/login/link", self.link_page, methods=["GET"])
+        app.add_api_route("/login/link", self.link_login, methods=["POST"])
         pages: dict[str, Handler] = {
             "/": self.overview,
             "/partials/now": self.now_partial,
@@ -238,6 +240,53 @@ class Console:
         fresh = self.signer.new(who)
         response = RedirectResponse("/", status_code=303)
         self._cookie(response, fresh)
+        return response
+
+    async def link_page(self, request: Request) -> Response:
+        # Only shows a button: link previews (Telegram fetches URLs sent in chats) must not
+        # use up the one-time token, so it is spent by the POST alone.
+        session = self.signer.load(request.cookies.get(COOKIE)) or self.signer.new()
+        response = self.render(
+            request,
+            session,
+            "login.html",
+            error="",
+            action="/login/link",
+            link_token=request.query_params.get("token", ""),
+        )
+        self._cookie(response, session)
+        return response
+
+    async def link_login(self, request: Request) -> Response:
+        address = request.client.host if request.client else "?"
+        wait = self.limiter.blocked(address)
+        if wait:
+            return PlainTextResponse(
+                "too many failed logins; try again later",
+                status_code=429,
+                headers={"Retry-After": str(int(wait))},
+            )
+        session = self.signer.load(request.cookies.get(COOKIE))
+        form = await _form(request)
+        if session is None or not _csrf_ok(request, form, session):
+            return PlainTextResponse("CSRF token missing or wrong", status_code=403)
+        who = self.services.console_links.redeem(form.get("token", ""))
+        if who is None:
+            self.limiter.failed(address)
+            log.warning("console: an expired or used login link from %s", address)
+            return self.render(
+                request,
+                session,
+                "login.html",
+                status_code=401,
+                error="login.link_used",
+                action="/login",
+            )
+        self.limiter.succeeded(address)
+        await self.services.store.audit(who, "login", detail={"via": "link", "from": address})
+        log.info("console: %s logged in with a one-time link", who)
+        response = RedirectResponse("/", status_code=303)
+        self._cookie(response, self.signer.new(who))
         return response
 
     # --- actions ---

@@ -125,6 +125,11 @@ MESSAGES: dict[str, str] = {
     "admin.unbanned": "{user} is no longer banned.",
     "admin.user_not_found": "No user {user}. Use their id, or platform:id.",
     # --- the operator console (adapters/console) ---
+    "help.console": "Admin: a one-time link to the web console (private chat)",
+    "console.off": "The console is off: set DRAWBRIDGE_CONSOLE_PASSWORD.",
+    "console.no_url": "Set DRAWBRIDGE_CONSOLE_URL (the console's public address) for login links.",
+    "console.private_only": "Ask for the console link in a private chat with me.",
+    "console.link": "Your console login link, valid {minutes} minutes and usable once:\n{link}",
     "console.title": "drawbridge console",
     "console.nav.overview": "Overview",
     "console.nav.jobs": "Jobs",

@@ -120,6 +120,11 @@ MESSAGES: dict[str, str] = {
     "admin.unbanned": "已解封 {user}。",
     "admin.user_not_found": "找不到用户 {user}。请使用其 ID,或 平台:ID。",
     # --- the operator console (adapters/console) ---
+    "help.console": "管理员:获取网页控制台的一次性登录链接(私聊)",
+    "console.off": "控制台未开启:请设置 DRAWBRIDGE_CONSOLE_PASSWORD。",
+    "console.no_url": "请设置 DRAWBRIDGE_CONSOLE_URL(控制台的公开地址)以使用登录链接。",
+    "console.private_only": "请在与我的私聊中获取控制台链接。",
+    "console.link": "你的控制台登录链接,{minutes} 分钟内有效,仅可使用一次:\n{link}",
     "console.title": "drawbridge 控制台",
     "console.nav.overview": "概览",
     "console.nav.jobs": "任务",
