@@ -119,9 +119,10 @@ class Quote:
         what = f"{self.tier.upper()} · {self.quality} · {images}"
         if self.left is None:
             return t(lang, "price.own_key", what=what)
+        cost = t(lang, "price.credit_one" if self.cost == 1 else "price.credits", n=self.cost)
         if self.left < 0:
-            return t(lang, "price.short", what=what, cost=self.cost, left=self.cost + self.left)
-        return t(lang, "price.line", what=what, cost=self.cost, left=self.left)
+            return t(lang, "price.short", what=what, cost=cost, left=self.cost + self.left)
+        return t(lang, "price.line", what=what, cost=cost, left=self.left)
 
 
 @dataclass(eq=False)

@@ -4,8 +4,11 @@ person who asked can confirm. Driven through the recording chat."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +19,19 @@ from bot.jobs import today
 from bot.mock_upstream import MockUpstream
 from bot.services import Services
 from plugins.registry import find_command, split_command
+from tests.bot_process import BotProcess, bot_env
+from tests.fake_onebot import FakeOneBot, ImageHost, text
 from tests.recording_chat import RecordingChat, Sent, invocation, run_command
+from tests.test_qq_e2e import (
+    SELF_ID,
+    Running,
+    _free_port,
+    _results_for,
+    _say,
+    _texts_for,
+    _until,
+    _users,
+)
 
 PRICES = {"1k": {"high": 8, "medium": 4, "default": 1}}
 
@@ -154,7 +169,9 @@ async def test_an_expired_request_cannot_be_confirmed(
 async def test_jobs_at_or_under_the_limit_start_at_once(
     costly: Services, mock_upstream: MockUpstream
 ) -> None:
-    chat = await run_command(costly, invocation("draw", "a hut --quality medium --n 2"))  # 8 credits
+    chat = await run_command(
+        costly, invocation("draw", "a hut --quality medium --n 2")
+    )  # 8 credits
     assert chat.results()
     assert await left(costly) == 92
 
@@ -190,3 +207,87 @@ async def test_reroll_of_a_costly_result_asks_too(
     again = await run_command(costly, invocation("reroll", reply_to_job=meta.job_id))
     assert "reply /confirm" in again.last_text()
     assert len(mock_upstream.requests) == 1
+
+
+# --- QQ end to end: `drawbridge run` with the fake OneBot (reply /确认) ---
+
+
+@contextlib.asynccontextmanager
+async def qq_bot(workdir: Path, **settings: str) -> AsyncIterator[Running]:
+    """A `drawbridge run` serving QQ to a FakeOneBot, with these extra settings."""
+    upstream = MockUpstream()
+    api_base = await upstream.start()
+    images = ImageHost()
+    await images.start()
+    port = _free_port()
+    (workdir / ".env").write_text(
+        f"DRAWBRIDGE_API_KEY={QQ_KEY}\nONEBOT_ACCESS_TOKEN={QQ_TOKEN}\n", "utf-8"
+    )
+    env = bot_env(
+        QQ_ENABLED="true",
+        HOST="127.0.0.1",
+        PORT=str(port),
+        DRAWBRIDGE_DATA_DIR=str(workdir / "data"),
+        DRAWBRIDGE_API_BASE=api_base,
+        DRAWBRIDGE_IMAGE_HOSTS="127.0.0.1",
+        DRAWBRIDGE_DEFAULT_LANG="en",
+        DRAWBRIDGE_SHUTDOWN_GRACE="2",
+        API_TIMEOUT="2",
+        **settings,
+    )
+    process = BotProcess(env, workdir)
+    onebot = FakeOneBot(SELF_ID, images=images)
+    bot = Running(
+        process, onebot, images, upstream, f"ws://127.0.0.1:{port}/onebot/v11/ws", workdir / "data"
+    )
+    try:
+        await process.start(ready=r"\bqq ready\b")
+        await onebot.connect(bot.url, QQ_TOKEN)
+        await bot.wait_output(rf"Bot {SELF_ID}.* connected")
+        yield bot
+    finally:
+        await onebot.close()
+        if process.process is not None:
+            await process.stop()
+        await images.stop()
+        await upstream.stop()
+
+
+QQ_KEY = "sk-qq-confirm-shared-5Rt8"
+QQ_TOKEN = "onebot-confirm-token-77aa"
+
+
+@pytest.fixture(scope="module")
+async def qq(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running]:
+    async with qq_bot(
+        tmp_path_factory.mktemp("qq-confirm"),
+        DRAWBRIDGE_DAILY_CREDITS="100",
+        DRAWBRIDGE_PRICES=json.dumps(PRICES),
+        DRAWBRIDGE_CONFIRM_ABOVE="10",
+    ) as bot:
+        yield bot
+
+
+async def test_qq_costly_draw_waits_for_a_reply_confirm_and_only_its_owner_can_give_it(
+    qq: Running,
+) -> None:
+    alice, bob = next(_users), next(_users)
+    asked = await _say(qq, alice, text(f"/画 {COSTLY}"))
+    [question] = await _until(qq, _texts_for(asked))
+    assert "16 credits, 84 left after this" in question.text
+    assert "reply /confirm within 60 s" in question.text
+    assert qq.upstream.requests == []
+
+    # Bob's /确认 finds nothing of his; Alice's request still waits.
+    stranger = await _say(qq, bob, text("/确认"))
+    [refused] = await _until(qq, _texts_for(stranger))
+    assert "Nothing to confirm" in refused.text
+    assert qq.upstream.requests == []
+
+    confirmed = await _say(qq, alice, text("/确认"))
+    results = await _until(qq, _results_for(confirmed), n=2)
+    assert len(results) == 2
+    [ack] = _texts_for(confirmed)(qq.onebot.calls)
+    assert "16 credits, 84 left after this" in ack.text
+    with qq.db() as db:
+        assert db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1

@@ -4,6 +4,7 @@ past the p90, and an estimate that follows the relay when its latency changes.""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 
@@ -25,7 +26,10 @@ from bot.mock_upstream import MockUpstream
 from bot.services import Services
 from bot.sizes import Size
 from plugins.dispatch import dispatch
+from tests.fake_onebot import text
 from tests.recording_chat import RecordingChat, invocation, run_command
+from tests.test_confirm import qq_bot
+from tests.test_qq_e2e import Running, _results_for, _say, _texts_for, _until, _users
 
 
 @pytest.fixture
@@ -230,3 +234,37 @@ async def test_a_restart_keeps_the_history(
         assert "Usually takes about" in chat.texts()[0]
     finally:
         await services.close()
+
+
+# --- QQ end to end (fake OneBot): no estimate first, then one from the jobs before ---
+
+
+@pytest.fixture(scope="module")
+async def qq(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running]:
+    async with qq_bot(tmp_path_factory.mktemp("qq-eta"), DRAWBRIDGE_DAILY_CREDITS="50") as bot:
+        yield bot
+
+
+async def test_qq_acknowledgement_shows_an_estimate_once_there_is_history(qq: Running) -> None:
+    user = next(_users)
+    acks = []
+    for index in range(4):
+        asked = await _say(qq, user, text(f"/draw fox {index}"))
+        await _until(qq, _results_for(asked))
+        [ack] = _texts_for(asked)(qq.onebot.calls)
+        acks.append(ack.text)
+        # The next command comes once this job is settled (and so counted), not as soon as
+        # its image shows: the runner records a job's time after its commit.
+        await _settled(qq, index + 1)
+    assert not any("about" in ack for ack in acks[:3])
+    assert "Usually takes about" in acks[3]
+
+
+async def _settled(bot: Running, count: int) -> None:
+    async with asyncio.timeout(15):
+        while True:
+            with bot.db() as db:
+                done = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'succeeded'")
+                if done.fetchone()[0] >= count:
+                    return
+            await asyncio.sleep(0.05)

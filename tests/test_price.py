@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 
@@ -13,7 +14,10 @@ from bot.jobs import today
 from bot.mock_upstream import MockUpstream
 from bot.services import Services
 from plugins.options import parse_image_args
+from tests.fake_onebot import text
 from tests.recording_chat import RecordingChat, invocation, run_command
+from tests.test_confirm import qq_bot
+from tests.test_qq_e2e import Running, _results_for, _say, _texts_for, _until, _users
 
 OWN_KEY = "sk-own-key-1234567890abcdef"
 PRICES = {"1k": {"default": 1}, "2k": {"default": 3}, "4k": {"high": 8, "default": 4}}
@@ -124,15 +128,15 @@ async def test_dry_run_says_when_the_credits_do_not_reach(
 
 
 def test_dry_run_flag_is_taken_out_of_the_prompt_in_every_spelling() -> None:
-    for text in (
+    for spelled in (
         "a fox --dry-run",
         "a fox --dry_run",
         "--dryrun a fox",
         "a fox —预览",
         "a fox --预览",
     ):
-        opts = parse_image_args(text, {}, model="gpt-image-2", default_size="auto", max_n=4)
-        assert opts.dry_run and opts.prompt == "a fox", text
+        opts = parse_image_args(spelled, {}, model="gpt-image-2", default_size="auto", max_n=4)
+        assert opts.dry_run and opts.prompt == "a fox", spelled
     opts = parse_image_args("a fox", {}, model="gpt-image-2", default_size="auto", max_n=4)
     assert not opts.dry_run
 
@@ -147,3 +151,36 @@ async def test_free_jobs_still_say_what_is_left(
         assert "1 image: 0 credits, 5 left after this" in chat.texts()[0]
     finally:
         await services.close()
+
+
+# --- QQ end to end (fake OneBot) ---
+
+
+@pytest.fixture(scope="module")
+async def qq(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running]:
+    async with qq_bot(
+        tmp_path_factory.mktemp("qq-price"),
+        DRAWBRIDGE_DAILY_CREDITS="100",
+        DRAWBRIDGE_PRICES=json.dumps(PRICES),
+        DRAWBRIDGE_CONFIRM_ABOVE="50",
+    ) as bot:
+        yield bot
+
+
+async def test_qq_acknowledgement_says_the_price_and_what_is_left(qq: Running) -> None:
+    asked = await _say(qq, next(_users), text("/draw a fox --size 2k"))
+    await _until(qq, _results_for(asked))
+    [ack] = _texts_for(asked)(qq.onebot.calls)
+    assert "2K · auto · 1 image: 3 credits, 97 left after this" in ack.text
+
+
+async def test_qq_dry_run_in_chinese_answers_the_price_and_runs_nothing(qq: Running) -> None:
+    before = len(qq.upstream.requests)
+    asked = await _say(qq, next(_users), text("/画 一只猫 --size 4k --quality high --预览"))
+    [answer] = await _until(qq, _texts_for(asked))
+    assert answer.text.startswith("4K · high · 1 image: 8 credits, 92 left after this")
+    assert "nothing was started or charged" in answer.text
+    assert len(qq.upstream.requests) == before
+    with qq.db() as db:
+        prompts = [row[0] for row in db.execute("SELECT prompt FROM jobs")]
+    assert "一只猫" not in prompts

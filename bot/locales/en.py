@@ -50,9 +50,11 @@ MESSAGES: dict[str, str] = {
     # --- the price before you pay, and the estimate (issue 14) ---
     "price.image_one": "1 image",
     "price.images": "{n} images",
-    "price.line": "{what}: {cost} credits, {left} left after this",
+    "price.credit_one": "1 credit",
+    "price.credits": "{n} credits",
+    "price.line": "{what}: {cost}, {left} left after this",
     "price.own_key": "{what}: your own key pays for this",
-    "price.short": "{what}: {cost} credits, but you have {left}",
+    "price.short": "{what}: {cost}, but you have {left}",
     "price.dry_run": "Dry run (--dry-run): nothing was started or charged.",
     "eta.queued": "Ready in about {median} (at most {p90})",
     "eta.running": "Usually takes about {median} (at most {p90})",
