@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import plugins.confirm
+from adapters.telegram import FloodPolicy, TelegramPlatform
 from bot.chat import ChatLimits, MessageRef
 from bot.config import Settings
 from bot.jobs import today
@@ -21,6 +22,7 @@ from bot.services import Services
 from plugins.registry import find_command, split_command
 from tests.bot_process import BotProcess, bot_env
 from tests.fake_onebot import FakeOneBot, ImageHost, text
+from tests.fake_telegram import ApiCall, FakeTelegram
 from tests.recording_chat import RecordingChat, Sent, invocation, run_command
 from tests.test_qq_e2e import (
     SELF_ID,
@@ -33,6 +35,7 @@ from tests.test_qq_e2e import (
     _users,
 )
 
+FAST = FloodPolicy(chat_interval=0.0, group_limit=10_000, global_interval=0.0)
 PRICES = {"1k": {"high": 8, "medium": 4, "default": 1}}
 
 
@@ -291,3 +294,67 @@ async def test_qq_costly_draw_waits_for_a_reply_confirm_and_only_its_owner_can_g
     assert "16 credits, 84 left after this" in ack.text
     with qq.db() as db:
         assert db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
+
+
+# --- Telegram (fake Bot API): the Confirm button is an inline keyboard ---
+
+
+@pytest.fixture
+async def tg(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> AsyncIterator[tuple[FakeTelegram, TelegramPlatform]]:
+    async with FakeTelegram() as fake:
+        settings = settings_factory(
+            telegram_bot_token=fake.token,
+            telegram_api_server=fake.base_url,
+            prices=PRICES,
+            daily_credits=100,
+            confirm_above=10,
+        )
+        services = await Services.create(settings)
+        platform = TelegramPlatform(settings, services, flood=FAST, polling_timeout=5)
+        await platform.start()
+        try:
+            yield fake, platform
+        finally:
+            await platform.stop()
+            await services.close()
+
+
+def confirm_data(call: ApiCall) -> str:
+    [[button]] = call.json("reply_markup")["inline_keyboard"]
+    assert button["text"] == "Confirm"
+    return str(button["callback_data"])
+
+
+async def test_telegram_costly_draw_shows_a_confirm_button_only_its_asker_can_press(
+    tg: tuple[FakeTelegram, TelegramPlatform], mock_upstream: MockUpstream
+) -> None:
+    fake, platform = tg
+    alice, bob = fake.user(1001), fake.user(1002, "Bob")
+    group = fake.group_chat()
+    fake.send_message(group, alice, f"/draw {COSTLY}")
+    question = await fake.wait_call(
+        "sendMessage", where=lambda c: "inline_keyboard" in c.fields.get("reply_markup", "")
+    )
+    assert "16 credits, 84 left after this" in question.fields["text"]
+    assert "press Confirm within 60 s" in question.fields["text"]
+    data = confirm_data(question)
+    assert data.startswith("db:confirm:")
+    prompt = [m for m in fake.bot_messages(group["id"]) if "reply_markup" in m][-1]
+
+    fake.press_button(group, bob, prompt, data)
+    refusal = await fake.wait_call(
+        "sendMessage", where=lambda c: "Only the person who asked" in c.fields["text"]
+    )
+    assert refusal.fields["chat_id"] == str(group["id"])
+    assert mock_upstream.requests == []
+
+    fake.press_button(group, alice, prompt, data)
+    photo = await fake.wait_call("sendMediaGroup", within=20)
+    assert photo.fields["chat_id"] == str(group["id"])
+    await platform.services.jobs.wait_idle()
+    assert len(mock_upstream.requests) == 1
+    user = await platform.services.store.user("telegram", "1001")
+    credits = await platform.services.store.credits(user.id, today(platform.services.settings), 100)
+    assert credits.total_left == 84

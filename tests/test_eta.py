@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 import bot.jobs
+from adapters.telegram import FloodPolicy, TelegramPlatform
 from bot.config import Settings
 from bot.eta import (
     HISTORY,
@@ -27,6 +28,7 @@ from bot.services import Services
 from bot.sizes import Size
 from plugins.dispatch import dispatch
 from tests.fake_onebot import text
+from tests.fake_telegram import FakeTelegram
 from tests.recording_chat import RecordingChat, invocation, run_command
 from tests.test_confirm import qq_bot
 from tests.test_qq_e2e import Running, _results_for, _say, _texts_for, _until, _users
@@ -49,6 +51,7 @@ def rows(services: Services) -> list[sqlite3.Row]:
         return db.execute("SELECT * FROM jobs ORDER BY id").fetchall()
 
 
+FAST = FloodPolicy(chat_interval=0.0, group_limit=10_000, global_interval=0.0)
 DRAW_CLASS = eta_class("default", Size(1024, 1024), None, "draw")  # a /draw at the default size
 
 
@@ -268,3 +271,38 @@ async def _settled(bot: Running, count: int) -> None:
                 if done.fetchone()[0] >= count:
                     return
             await asyncio.sleep(0.05)
+
+
+# --- Telegram (fake Bot API) ---
+
+
+async def test_telegram_status_shows_the_estimate_once_there_is_history(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    async with FakeTelegram() as fake:
+        settings = settings_factory(
+            telegram_bot_token=fake.token, telegram_api_server=fake.base_url, daily_credits=50
+        )
+        services = await Services.create(settings)
+        platform = TelegramPlatform(settings, services, flood=FAST, polling_timeout=5)
+        await platform.start()
+        try:
+            alice = fake.user(1001)
+            chat = fake.private_chat(alice)
+            for index in range(4):
+                fake.send_message(chat, alice, f"/draw fox {index}")
+                await fake.wait_call(
+                    "sendPhoto", where=lambda c: "reply_markup" in c.fields, count=index + 1
+                )
+                await services.jobs.wait_idle()
+            statuses = [
+                c.fields["text"]
+                for c in fake.ok_calls("sendMessage")
+                if c.fields["text"].startswith("Drawing")
+            ]
+            assert len(statuses) == 4
+            assert not any("about" in s for s in statuses[:3])
+            assert "Usually takes about" in statuses[3]
+        finally:
+            await platform.stop()
+            await services.close()

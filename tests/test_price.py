@@ -9,17 +9,20 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from adapters.telegram import FloodPolicy, TelegramPlatform
 from bot.config import Settings
 from bot.jobs import today
 from bot.mock_upstream import MockUpstream
 from bot.services import Services
 from plugins.options import parse_image_args
 from tests.fake_onebot import text
+from tests.fake_telegram import FakeTelegram
 from tests.recording_chat import RecordingChat, invocation, run_command
 from tests.test_confirm import qq_bot
 from tests.test_qq_e2e import Running, _results_for, _say, _texts_for, _until, _users
 
 OWN_KEY = "sk-own-key-1234567890abcdef"
+FAST = FloodPolicy(chat_interval=0.0, group_limit=10_000, global_interval=0.0)
 PRICES = {"1k": {"default": 1}, "2k": {"default": 3}, "4k": {"high": 8, "default": 4}}
 
 
@@ -184,3 +187,46 @@ async def test_qq_dry_run_in_chinese_answers_the_price_and_runs_nothing(qq: Runn
     with qq.db() as db:
         prompts = [row[0] for row in db.execute("SELECT prompt FROM jobs")]
     assert "一只猫" not in prompts
+
+
+# --- Telegram (fake Bot API) ---
+
+
+@pytest.fixture
+async def tg(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> AsyncIterator[tuple[FakeTelegram, TelegramPlatform]]:
+    async with FakeTelegram() as fake:
+        settings = settings_factory(
+            telegram_bot_token=fake.token,
+            telegram_api_server=fake.base_url,
+            prices=PRICES,
+            daily_credits=100,
+        )
+        services = await Services.create(settings)
+        platform = TelegramPlatform(settings, services, flood=FAST, polling_timeout=5)
+        await platform.start()
+        try:
+            yield fake, platform
+        finally:
+            await platform.stop()
+            await services.close()
+
+
+async def test_telegram_status_says_the_price_and_dry_run_runs_nothing(
+    tg: tuple[FakeTelegram, TelegramPlatform], mock_upstream: MockUpstream
+) -> None:
+    fake, platform = tg
+    alice = fake.user(1001)
+    chat = fake.private_chat(alice)
+    fake.send_message(chat, alice, "/draw a fox --size 2k --dry-run")
+    answer = await fake.wait_call("sendMessage")
+    assert answer.fields["text"].startswith("2K · auto · 1 image: 3 credits, 97 left after this")
+    assert "nothing was started or charged" in answer.fields["text"]
+    assert mock_upstream.requests == [] and job_count(platform.services) == 0
+
+    fake.send_message(chat, alice, "/draw a fox --size 2k")
+    await fake.wait_call("sendPhoto", where=lambda c: "reply_markup" in c.fields, within=20)
+    status = fake.ok_calls("sendMessage")[1]
+    assert status.fields["text"].startswith("Drawing")
+    assert "2K · auto · 1 image: 3 credits, 97 left after this" in status.fields["text"]
