@@ -46,10 +46,13 @@ async def overview(services: Services, seconds: int) -> dict[str, Any]:
     since = time.time() - seconds
     data = await services.store.console_overview(since)
     platforms = sorted(data["platforms"])
-    hours = sorted({int(row[0]) for row in data["per_hour"]})
+    # Every hour of the range, empty ones too: a gap in time must look like one.
+    first = int(since // 3600) * 3600
+    hours = list(range(first, int(time.time()) + 1, 3600))
     counts = {(int(row[0]), row[1]): int(row[2]) for row in data["per_hour"]}
+    zone = ZoneInfo(services.settings.timezone)
     chart = {
-        "labels": [time.strftime("%m-%d %H:00", time.localtime(hour)) for hour in hours],
+        "labels": [datetime.fromtimestamp(hour, zone).strftime("%m-%d %H:00") for hour in hours],
         "datasets": [
             {"label": platform, "data": [counts.get((hour, platform), 0) for hour in hours]}
             for platform in platforms
