@@ -21,7 +21,8 @@ MESSAGES: dict[str, str] = {
     "help.line": "/{name}{aliases} {args}: {text}",
     "help.options": (
         "Options: --size 16:9 | 9:16 | 1:1 | 4:3 | 3:2 | 2k | 4k | 16:9@4k | 1536x1024, "
-        "--n 1-{max_n}, --quality low|medium|high, --format png|jpeg|webp, --background transparent"
+        "--n 1-{max_n}, --quality low|medium|high, --format png|jpeg|webp, --background transparent, "
+        "--dry-run (the price only, nothing runs)"
     ),
     "help.footer": "Each image costs credits from your daily allowance ({daily} a day) "
     "unless you bind your own key with /token in a private chat.",
@@ -47,6 +48,23 @@ MESSAGES: dict[str, str] = {
     "status.drawing": "Drawing... {elapsed} (job {job})",
     "status.uploading": "Uploading the result... (job {job})",
     "status.refunded": "Nothing was charged.",
+    # --- the price before you pay, and the estimate (issue 14) ---
+    "price.image_one": "1 image",
+    "price.images": "{n} images",
+    "price.line": "{what}: {cost} credits, {left} left after this",
+    "price.own_key": "{what}: your own key pays for this",
+    "price.short": "{what}: {cost} credits, but you have {left}",
+    "price.dry_run": "Dry run (--dry-run): nothing was started or charged.",
+    "eta.queued": "Ready in about {median} (at most {p90})",
+    "eta.running": "Usually takes about {median} (at most {p90})",
+    "eta.overdue": "Taking longer than usual (usually {median})",
+    "confirm.ask_button": "{price}\nThat is more than {limit} credits: press Confirm within "
+    "{seconds} s to start. Nothing is charged until then.",
+    "confirm.ask_reply": "{price}\nThat is more than {limit} credits: reply /confirm within "
+    "{seconds} s to start. Nothing is charged until then.",
+    "confirm.button": "Confirm",
+    "confirm.nothing": "Nothing to confirm: a request waits {seconds} s for its confirmation.",
+    "confirm.not_yours": "Only the person who asked for this job can confirm it.",
     # --- the price before you pay, and the estimate (issue 14) ---
     "price.image_one": "1 image",
     "price.images": "{n} images",
