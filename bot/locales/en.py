@@ -51,23 +51,6 @@ MESSAGES: dict[str, str] = {
     # --- the price before you pay, and the estimate (issue 14) ---
     "price.image_one": "1 image",
     "price.images": "{n} images",
-    "price.line": "{what}: {cost} credits, {left} left after this",
-    "price.own_key": "{what}: your own key pays for this",
-    "price.short": "{what}: {cost} credits, but you have {left}",
-    "price.dry_run": "Dry run (--dry-run): nothing was started or charged.",
-    "eta.queued": "Ready in about {median} (at most {p90})",
-    "eta.running": "Usually takes about {median} (at most {p90})",
-    "eta.overdue": "Taking longer than usual (usually {median})",
-    "confirm.ask_button": "{price}\nThat is more than {limit} credits: press Confirm within "
-    "{seconds} s to start. Nothing is charged until then.",
-    "confirm.ask_reply": "{price}\nThat is more than {limit} credits: reply /confirm within "
-    "{seconds} s to start. Nothing is charged until then.",
-    "confirm.button": "Confirm",
-    "confirm.nothing": "Nothing to confirm: a request waits {seconds} s for its confirmation.",
-    "confirm.not_yours": "Only the person who asked for this job can confirm it.",
-    # --- the price before you pay, and the estimate (issue 14) ---
-    "price.image_one": "1 image",
-    "price.images": "{n} images",
     "price.credit_one": "1 credit",
     "price.credits": "{n} credits",
     "price.line": "{what}: {cost}, {left} left after this",

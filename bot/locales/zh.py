@@ -50,23 +50,6 @@ MESSAGES: dict[str, str] = {
     # --- 先报价再付费,以及预计时间(issue 14) ---
     "price.image_one": "1 张",
     "price.images": "{n} 张",
-    "price.line": "{what}:{cost} 点额度,之后剩 {left} 点",
-    "price.own_key": "{what}:由你自己的密钥付费",
-    "price.short": "{what}:需要 {cost} 点额度,你只有 {left} 点",
-    "price.dry_run": "预览(--预览):没有开始任何任务,也没有扣除额度。",
-    "eta.queued": "预计约 {median} 后完成(最多 {p90})",
-    "eta.running": "通常约需 {median}(最多 {p90})",
-    "eta.overdue": "比平时慢(通常 {median})",
-    "confirm.ask_button": "{price}\n超过 {limit} 点额度:请在 {seconds} 秒内点「确认」开始。"
-    "确认前不扣任何额度。",
-    "confirm.ask_reply": "{price}\n超过 {limit} 点额度:请在 {seconds} 秒内回复 /确认 开始。"
-    "确认前不扣任何额度。",
-    "confirm.button": "确认",
-    "confirm.nothing": "没有等待确认的请求:请求只等待确认 {seconds} 秒。",
-    "confirm.not_yours": "只有发起这个任务的人才能确认。",
-    # --- 先报价再付费,以及预计时间(issue 14) ---
-    "price.image_one": "1 张",
-    "price.images": "{n} 张",
     "price.credit_one": "1 点额度",
     "price.credits": "{n} 点额度",
     "price.line": "{what}:{cost},之后剩 {left} 点",
