@@ -110,11 +110,31 @@ class Invocation:
     message_id: str | None = None
     # When the command replies to one of the bot's results: that result's job id.
     reply_to_job: int | None = None
+    # What DRAWBRIDGE_GROUPS names this chat by, when it is not the chat id: the QQ group
+    # number, the Discord server id.
+    space_id: str | None = None
+    # The caller administers this group (QQ owner or admin, Telegram chat administrator,
+    # Discord Manage Server), so may change its rules with /group. Adapters may leave it False
+    # for other commands when finding out costs a request (Telegram's getChatMember).
+    group_admin: bool = False
+    # The answer can be shown to the caller alone though the chat is a group (a Discord
+    # ephemeral reply): what a /link code needs.
+    private_answer: bool = False
 
     @property
     def group_id(self) -> str | None:
         """The chat as a group key for per-group caps, or None in private chats."""
         return None if self.is_private else f"{self.platform}:{self.chat_id}"
+
+    @property
+    def space(self) -> str:
+        """`platform:id` as DRAWBRIDGE_GROUPS names this chat."""
+        return f"{self.platform.lower()}:{self.space_id or self.chat_id}"
+
+    @property
+    def answers_privately(self) -> bool:
+        """Whether only the caller would see an answer (a private chat or an ephemeral reply)."""
+        return self.is_private or self.private_answer
 
 
 @dataclass(frozen=True, slots=True)

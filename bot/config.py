@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from bot.groups import parse_groups
 from bot.proxies import proxy_setting
 
 MB = 1024 * 1024
@@ -249,6 +250,12 @@ class Settings(BaseSettings):
     )
     group_daily_cap: int = Field(
         default=0, validation_alias=AliasChoices("DRAWBRIDGE_GROUP_DAILY_CAP", "group_daily_cap")
+    )
+    # Where the bot answers at all: "qq:123,telegram:-100...,discord:<server id>"; empty:
+    # everywhere. DRAWBRIDGE_PRIVATE=false turns private chats off.
+    groups: str = Field(default="", validation_alias=AliasChoices("DRAWBRIDGE_GROUPS", "groups"))
+    private: bool = Field(
+        default=True, validation_alias=AliasChoices("DRAWBRIDGE_PRIVATE", "private")
     )
     user_max_jobs: int = Field(
         default=2, validation_alias=AliasChoices("DRAWBRIDGE_USER_MAX_JOBS", "user_max_jobs")
@@ -486,6 +493,12 @@ class Settings(BaseSettings):
             raise ValueError(f"{which} is not platform:user_id; must be {ADMINS_FORM}")
         return value
 
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, value: str) -> str:
+        parse_groups(value)  # a typo must stop the start, not silence a group
+        return value
+
     @field_validator("discord_guild_ids")
     @classmethod
     def _guild_ids(cls, value: str) -> str:
@@ -556,6 +569,10 @@ class Settings(BaseSettings):
             if sep and platform and user:
                 pairs.add((platform.strip().lower(), user.strip()))
         return pairs
+
+    def group_allow_list(self) -> frozenset[str]:
+        """The `platform:id` entries of `DRAWBRIDGE_GROUPS`; empty means every group."""
+        return parse_groups(self.groups)
 
     def image_host_list(self) -> list[str]:
         """Hosts reference images may be downloaded from (QQ)."""

@@ -56,6 +56,7 @@ import aiosqlite
 from cryptography.fernet import InvalidToken
 
 from bot.errors import GroupCapReachedError, InsufficientCreditsError
+from bot.groups import GroupRules, effective_cap
 from bot.secrets import KeyBox
 
 log = logging.getLogger(__name__)
@@ -313,7 +314,22 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX audit_one_refund_per_job ON audit (job_id) WHERE action = 'refund';
     CREATE INDEX jobs_created ON jobs (created_at);
     """,
+    # 7: each group's own rules, set by its admins with /group (keyed like group_usage).
+    """
+    CREATE TABLE group_rules (
+        group_key  TEXT    NOT NULL PRIMARY KEY,
+        enabled    INTEGER NOT NULL DEFAULT 1 CHECK (enabled IN (0, 1)),
+        size       TEXT,
+        quality    TEXT,
+        cap        INTEGER CHECK (cap > 0),
+        cooldown   INTEGER NOT NULL DEFAULT 0 CHECK (cooldown >= 0),
+        updated_at REAL    NOT NULL,
+        updated_by INTEGER REFERENCES users (id)
+    ) WITHOUT ROWID;
+    """,
 )
+
+_GROUP_RULES = frozenset({"enabled", "size", "quality", "cap", "cooldown"})
 
 PRAGMAS = (
     "PRAGMA journal_mode = WAL",
@@ -621,7 +637,8 @@ class Store:
         """Take `cost` credits for the job: today's free allowance first, then the balance.
 
         All or nothing, in one transaction. With `group_key`, `cost` also counts against the
-        group's usage for `day`, and `group_cap > 0` refuses beyond it. Raises
+        group's usage for `day`, and `group_cap > 0` (or the group's own lower cap, set with
+        /group) refuses beyond it. Raises
         `GroupCapReachedError` or `InsufficientCreditsError` (charging nothing), and
         `ReservationError` if the job was already reserved (charging nothing again). A cost of
         0 (the user's own key) still records a reservation, so the job settles like any other.
@@ -644,8 +661,16 @@ class Store:
                 raise ReservationError(f"job #{job_id} is already reserved ({state})")
             if status != "queued":
                 raise ReservationError(f"job #{job_id} is {status}, not queued")
-            if group_key and group_cap > 0 and group_used + cost > group_cap:
-                raise GroupCapReachedError(cap=group_cap)
+            cap = group_cap
+            if group_key:
+                # The group's own cap (/group cap), read in this transaction: never above
+                # the global one, which the caller passes.
+                own = con.execute(
+                    "SELECT cap FROM group_rules WHERE group_key = ?", (group_key,)
+                ).fetchall()
+                cap = effective_cap(group_cap, own[0][0] if own else None)
+            if group_key and cap > 0 and group_used + cost > cap:
+                raise GroupCapReachedError(cap=cap)
 
             credits = Credits(allowance, daily_used, balance)
             if cost > credits.total_left:
@@ -664,9 +689,9 @@ class Store:
                 if cursor.rowcount != 1:
                     raise InsufficientCreditsError(needed=cost, left=credits.total_left)
             if group_key and cost:
-                cursor = con.execute(SQL_TAKE_GROUP, (group_key, iso_day, cost, group_cap))
+                cursor = con.execute(SQL_TAKE_GROUP, (group_key, iso_day, cost, cap))
                 if cursor.rowcount != 1:
-                    raise GroupCapReachedError(cap=group_cap)
+                    raise GroupCapReachedError(cap=cap)
             con.execute(
                 SQL_INSERT_RESERVATION,
                 (job_id, user_id, daily_part, balance_part, iso_day, group_key),
@@ -983,6 +1008,61 @@ class Store:
             (eta_class, limit),
         )
         return [max(0.0, float(row[0])) for row in reversed(rows)]
+
+    # ==== groups (/group) and linked accounts (/link): issue 14 ==============================
+
+    async def group_rules(self, group_key: str) -> GroupRules:
+        """The group's own rules (the defaults when its admins never set any)."""
+        rows = await self._read("SELECT * FROM group_rules WHERE group_key = ?", (group_key,))
+        if not rows:
+            return GroupRules()
+        row = rows[0]
+        return GroupRules(
+            enabled=bool(row["enabled"]),
+            size=row["size"],
+            quality=row["quality"],
+            cap=row["cap"],
+            cooldown=row["cooldown"],
+        )
+
+    async def set_group_rule(
+        self, group_key: str, name: str, value: Any, *, by_user_id: int | None = None
+    ) -> GroupRules:
+        """Set one rule (`enabled`, `size`, `quality`, `cap`, `cooldown`); returns them all.
+
+        None clears `size`, `quality` and `cap`. One statement: two admins at once each
+        change only their own rule.
+        """
+        if name not in _GROUP_RULES:
+            raise ValueError(f"unknown group rule {name!r}")
+        if name == "enabled":
+            value = int(bool(value))
+        elif name == "cooldown":
+            value = int(value or 0)
+        # The column name comes from the fixed set above, never from the caller's text.
+        await self._write_one(
+            f"""
+            INSERT INTO group_rules (group_key, {name}, updated_at, updated_by)
+            VALUES (?1, ?2, ?3, ?4)
+            ON CONFLICT (group_key) DO UPDATE
+                SET {name} = ?2, updated_at = ?3, updated_by = ?4
+            """,
+            (group_key, value, time.time(), by_user_id),
+        )
+        return await self.group_rules(group_key)
+
+    async def last_group_job_at(self, user_id: int, group_key: str) -> float | None:
+        """When the user last started a job in the group that was not refunded (cooldown)."""
+        rows = await self._read(
+            """
+            SELECT MAX(j.created_at) FROM jobs AS j JOIN reservations AS r ON r.job_id = j.id
+            WHERE j.user_id = ? AND j.group_key = ? AND r.state <> 'refunded'
+            """,
+            (user_id, group_key),
+        )
+        return None if rows[0][0] is None else float(rows[0][0])
+
+    # ==== end of issue 14's section ===========================================================
 
     # --- internals ---
 

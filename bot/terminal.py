@@ -53,11 +53,21 @@ _CLEAR_LINE = "\r\x1b[K"
 
 def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `draw` and `edit` subcommands to the `drawbridge` parser."""
-    draw = sub.add_parser("draw", help="make an image from a prompt, in this terminal")
-    draw.add_argument("prompt")
+    draw = sub.add_parser(
+        "draw",
+        help="make an image from a prompt, in this terminal",
+        description="Make images from a prompt through the configured providers, with the "
+        "checks and messages of /draw; the files are written to --output.",
+    )
+    draw.add_argument("prompt", help="what to draw (quote it)")
     _image_arguments(draw)
-    edit = sub.add_parser("edit", help="edit images with a prompt, in this terminal")
-    edit.add_argument("prompt")
+    edit = sub.add_parser(
+        "edit",
+        help="edit images with a prompt, in this terminal",
+        description="Edit reference images with a prompt through the configured providers, "
+        "with the checks and messages of /edit; the files are written to --output.",
+    )
+    edit.add_argument("prompt", help="the change to make (quote it)")
     edit.add_argument("images", nargs="+", type=Path, help="reference image files")
     _image_arguments(edit, edit=True)
 
@@ -69,13 +79,31 @@ def _image_arguments(parser: argparse.ArgumentParser, *, edit: bool = False) -> 
     parser.add_argument(
         "--n", "-n", type=int, default=1, help="how many images (1 to DRAWBRIDGE_MAX_N)"
     )
-    parser.add_argument("--quality", "-q", choices=("low", "medium", "high", "auto"), default=None)
-    parser.add_argument("--format", "-f", dest="output_format", choices=("png", "jpeg", "webp"))
+    parser.add_argument(
+        "--quality",
+        "-q",
+        choices=("low", "medium", "high", "auto"),
+        default=None,
+        help="image quality; higher costs more credits and upstream tokens (default: the API's)",
+    )
+    parser.add_argument(
+        "--format",
+        "-f",
+        dest="output_format",
+        choices=("png", "jpeg", "webp"),
+        help="file format of the results (default: png)",
+    )
     parser.add_argument(
         "--compression", type=int, choices=range(0, 101), metavar="0-100", help="jpeg/webp only"
     )
-    parser.add_argument("--background", choices=("transparent", "opaque", "auto"))
-    parser.add_argument("--moderation", choices=("low", "auto"))
+    parser.add_argument(
+        "--background",
+        choices=("transparent", "opaque", "auto"),
+        help="transparent needs png or webp",
+    )
+    parser.add_argument(
+        "--moderation", choices=("low", "auto"), help="the API's content filter strictness"
+    )
     parser.add_argument("--output", "-o", type=Path, default=Path("."), help="folder for the files")
     parser.add_argument("--no-stream", action="store_true", help="do not ask for streaming")
     parser.add_argument(

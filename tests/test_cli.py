@@ -364,7 +364,7 @@ def test_help_says_where_the_api_base_and_key_come_from(
     assert "--env-file PATH" in text
 
 
-@pytest.mark.parametrize("command", ["run", "check", "doctor", "mock-upstream"])
+@pytest.mark.parametrize("command", ["run", "draw", "edit", "check", "doctor", "mock-upstream"])
 def test_every_argument_of_the_service_commands_is_described(command: str) -> None:
     import argparse
 
