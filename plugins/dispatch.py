@@ -6,10 +6,11 @@ import logging
 
 from bot import errors
 from bot.chat import Chat, Invocation
+from bot.groups import answers_here
 from bot.i18n import normalize_lang
 from bot.jobs import render_error
 from bot.services import Services
-from plugins import account, admin, confirm, console, image
+from plugins import account, admin, confirm, console, group, image
 from plugins.context import Context, Handler
 from plugins.registry import find_command
 
@@ -33,6 +34,7 @@ HANDLERS: dict[str, Handler] = {
     "ban": admin.ban,
     "unban": admin.unban,
     "stats": admin.stats,
+    "group": group.group,
 }
 """Command name -> handler; result actions ("original", "edit_hint") have no menu entry."""
 
@@ -43,6 +45,17 @@ async def dispatch(inv: Invocation, chat: Chat, services: Services) -> None:
     if handler is None:
         log.debug("unknown command %r", inv.command)
         return
+    settings = services.settings
+    if not answers_here(
+        settings.group_allow_list(),
+        settings.private,
+        inv.platform,
+        inv.space_id or inv.chat_id,
+        inv.is_private,
+    ):
+        # DRAWBRIDGE_GROUPS / DRAWBRIDGE_PRIVATE: not a word here, and no user row either.
+        log.debug("%s /%s: not answering in %s", inv.platform, inv.command, inv.space)
+        return
     user = await services.store.user(inv.platform, inv.user_id, inv.user_name)
     lang = user.lang or normalize_lang(inv.locale, services.settings.default_lang)
     ctx = Context(inv, chat, services, user, lang)
@@ -52,6 +65,8 @@ async def dispatch(inv: Invocation, chat: Chat, services: Services) -> None:
             raise errors.BannedError()
         if spec is not None and spec.admin and user.role != "admin":
             raise errors.NotAdminError()
+        if not await group.admits(ctx):
+            return
         await handler(ctx)
     except errors.DrawbridgeError as exc:
         log.info("%s /%s refused: %s", inv.platform, inv.command, exc.kind)

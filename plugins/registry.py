@@ -125,6 +125,18 @@ UNBAN = CommandSpec(
     admin=True,
 )
 STATS = CommandSpec("stats", "help.stats", admin=True)
+# A group's own rules, for its admins: `/group size 16:9` (Discord: setting + value options).
+GROUP_SETTINGS = ("on", "off", "size", "quality", "cap", "cooldown")
+GROUP = CommandSpec(
+    "group",
+    "help.group",
+    aliases=("群设置",),
+    text_arg="setting",
+    options=(
+        OptionSpec("setting", "str", "opt.group_setting", choices=GROUP_SETTINGS),
+        OptionSpec("value", "str", "opt.group_value"),
+    ),
+)
 
 COMMANDS: tuple[CommandSpec, ...] = (
     DRAW,
@@ -143,6 +155,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
     BAN,
     UNBAN,
     STATS,
+    GROUP,
 )
 
 _BY_NAME = {name.lower(): spec for spec in COMMANDS for name in spec.all_names}

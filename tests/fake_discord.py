@@ -260,6 +260,8 @@ class FakeDiscord:
         self.channel_id = snowflake()
         self.user = FakeUser(snowflake(), "alice")
         self.other_user = FakeUser(snowflake(), "bob")
+        # The member permissions interactions carry, by user id (Manage Server is 1 << 5).
+        self.permissions: dict[int, int] = {}
 
         self.requests: list[tuple[str, str]] = []
         self.unhandled: list[tuple[str, str]] = []
@@ -575,7 +577,7 @@ class FakeDiscord:
                 "flags": 0,
                 "pending": False,
                 "nick": None,
-                "permissions": "2248473465835073",
+                "permissions": str(self.permissions.get(user.id, 2248473465835073)),
             },
             "locale": locale,
             "guild_locale": "en-US",

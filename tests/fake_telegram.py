@@ -91,6 +91,8 @@ class FakeTelegram:
     local_dir: Path | None = None
     # The bot's id in getMe and on its messages; by default the token's numeric prefix.
     bot_user_id: int | None = None
+    # getChatMember: (chat id, user id) -> status ("creator", "administrator"); else "member".
+    chat_members: dict[tuple[int, int], str] = field(default_factory=dict)
 
     calls: list[ApiCall] = field(default_factory=list)
     messages: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
@@ -575,6 +577,20 @@ class FakeTelegram:
     async def _m_setMyCommands(self, call: ApiCall) -> bool:
         self.commands[call.fields.get("language_code", "")] = call.json("commands")
         return True
+
+    async def _m_getChatMember(self, call: ApiCall) -> dict[str, Any]:
+        chat_id, user_id = _int(call.fields, "chat_id"), _int(call.fields, "user_id")
+        status = self.chat_members.get((chat_id, user_id), "member")
+        member: dict[str, Any] = {"status": status, "user": self.user(user_id)}
+        if status == "administrator":
+            rights = ("can_be_edited", "is_anonymous", "can_manage_chat", "can_delete_messages")
+            rights += ("can_manage_video_chats", "can_restrict_members", "can_promote_members")
+            rights += ("can_change_info", "can_invite_users", "can_post_stories")
+            rights += ("can_edit_stories", "can_delete_stories", "can_send_welcome_messages")
+            member |= {right: right != "can_be_edited" for right in rights}
+        elif status == "creator":
+            member["is_anonymous"] = False
+        return member
 
     async def _m_sendMessage(self, call: ApiCall) -> dict[str, Any]:
         text = call.fields.get("text", "")

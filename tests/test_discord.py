@@ -164,6 +164,7 @@ async def test_start_identifies_without_privileged_intents_and_syncs_every_menu_
         "ban",
         "unban",
         "stats",
+        "group",
         "Edit image",
     }
     draw = {o["name"]: o for o in fake.command("draw")["options"]}

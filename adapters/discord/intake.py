@@ -17,6 +17,7 @@ import discord
 
 from bot.chat import Invocation
 from bot.errors import NoReferenceImageError, ShuttingDownError
+from bot.groups import answers_here
 from bot.services import Services
 from plugins.dispatch import dispatch
 from plugins.registry import CommandSpec
@@ -169,6 +170,13 @@ class DiscordIntake:
     # --- steps -------------------------------------------------------------------------
 
     async def _admit(self, interaction: discord.Interaction[Any]) -> bool:
+        settings = self.services.settings
+        guild = None if interaction.guild_id is None else str(interaction.guild_id)
+        if not answers_here(
+            settings.group_allow_list(), settings.private, PLATFORM, guild, guild is None
+        ):
+            # DRAWBRIDGE_GROUPS / DRAWBRIDGE_PRIVATE: silent, not even "thinking...".
+            return False
         if self.accepting:
             return True
         lang = await self._lang(interaction)
@@ -292,6 +300,11 @@ class DiscordIntake:
                 locale=str(interaction.locale),
                 message_id=message_id,
                 reply_to_job=reply_to_job,
+                # DRAWBRIDGE_GROUPS names a server; its Manage Server members set its rules.
+                space_id=None if interaction.guild_id is None else str(interaction.guild_id),
+                group_admin=bool(getattr(interaction.permissions, "manage_guild", False)),
+                # Answered ephemerally (deferred so above): a /link code may be shown here.
+                private_answer=command not in IMAGE_COMMANDS,
             )
             await dispatch(inv, chat, self.services)
         except asyncio.CancelledError:

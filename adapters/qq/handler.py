@@ -92,6 +92,10 @@ class QQHandler:
                 references=references,
                 message_id=str(event.message_id),
                 reply_to_job=reply_job,
+                # DRAWBRIDGE_GROUPS names a QQ group by its number; its owner and admins
+                # (the sender's role, free in every group event) set its rules with /group.
+                space_id=str(getattr(event, "group_id", "") or "") or None,
+                group_admin=getattr(sender, "role", None) in ("owner", "admin"),
             )
             chat = QQChat(bot, event, self.services, self.pacer, self.limits)
             await dispatch(invocation, chat, self.services)

@@ -23,6 +23,7 @@ from aiogram.exceptions import (
 from aiogram.methods import (
     AnswerCallbackQuery,
     DeleteWebhook,
+    GetChatMember,
     GetMe,
     SendMessage,
     SetMyCommands,
@@ -416,6 +417,8 @@ class TelegramPlatform:
             locale=user.language_code,
             message_id=str(message.message_id),
             reply_to_job=reply_job,
+            # Asked of Telegram only for /group: every other command would pay a request.
+            group_admin=command == "group" and await self._is_chat_admin(message, user.id),
         )
         chat = TelegramChat(
             self.link,
@@ -479,6 +482,21 @@ class TelegramPlatform:
         )
         log.info("telegram: button %s for job %s from %s", action, job_id, user.id)
         await dispatch(inv, chat, self.services)
+
+    async def _is_chat_admin(self, message: Message, user_id: int) -> bool:
+        """Whether the user is an administrator (or the creator) of the message's group."""
+        if message.chat.type == "private":
+            return False
+        try:
+            member = await self.sender.call(
+                GetChatMember(chat_id=message.chat.id, user_id=user_id),
+                chat_id=message.chat.id,
+                paced=False,
+            )
+        except (TelegramAPIError, TelegramNetworkError) as exc:
+            log.info("telegram: getChatMember in %s failed: %s", message.chat.id, exc)
+            return False
+        return member.status in ("creator", "administrator")
 
     def _parse(self, text: str) -> tuple[CommandSpec, str] | None:
         """The command in `text`, unless it is addressed to another bot (`/draw@otherbot`)."""

@@ -315,4 +315,32 @@ MESSAGES: dict[str, str] = {
     'so this image was lost. Run with --no-stream, or set "stream": false for this provider.',
     "terminal.error.relay_failed": "The provider's relay failed while passing on the answer "
     "({reason}). The image may already have been paid for upstream, so it was not retried.",
+    # --- /group (issue 14) ---
+    "help.group": "Group admins: this group's rules (on/off, default size and quality, "
+    "daily cap, cooldown)",
+    "opt.group_setting": "What to change: on, off, size, quality, cap or cooldown",
+    "opt.group_value": "The new value (a size, a quality, credits, seconds; off clears it)",
+    "arg.setting": "[on|off|size|quality|cap|cooldown] [value]",
+    "group.private_only": "/group sets a group's rules: use it in that group.",
+    "group.not_admin": "Only this group's admins can change its rules.",
+    "group.usage": "Change with: /group on|off, /group size 16:9, /group quality low, "
+    "/group cap 50, /group cooldown 60 (off clears a setting)",
+    "group.header": "This group's settings:",
+    "group.saved": "Saved. This group's settings now:",
+    "group.state_on": "Bot: on",
+    "group.state_off": "Bot: off (only /group answers here)",
+    "group.size": "Default size: {size} (the bot's: {default})",
+    "group.quality": "Default quality: {quality}",
+    "group.cap": "Daily cap: {cap} credits, {used} used today (the bot's cap: {limit})",
+    "group.cooldown_line": "Cooldown between one member's jobs: {seconds} s",
+    "group.none": "none",
+    "group.cooldown": "Please wait {seconds} s: this group has a cooldown between one "
+    "member's jobs.",
+    "group.cap_above": "This group's cap can be at most {limit} credits (the bot's own cap), "
+    "not {cap}.",
+    "group.bad_size": "Give a size, such as /group size 16:9 (off: the bot's default).",
+    "group.bad_quality": "Quality is low, medium, high or auto (off: the bot's default), "
+    "not {value}.",
+    "group.bad_cap": "The cap is a whole number of credits a day (off: none), not {value}.",
+    "group.bad_cooldown": "The cooldown is whole seconds from 0 to {max}, not {value}.",
 }

@@ -281,4 +281,28 @@ MESSAGES: dict[str, str] = {
     "terminal.error.relay_cannot_stream": "服务商的中转不支持流式返回图片,这张图丢失了。"
     '请加 --no-stream 运行,或为该服务商设置 "stream": false。',
     "terminal.error.relay_failed": "服务商的中转在转发结果时出错({reason})。上游可能已经计费,所以没有重试。",
+    # --- /group(issue 14)---
+    "help.group": "群管理员:本群的规则(开关、默认尺寸和画质、每日上限、冷却)",
+    "opt.group_setting": "要改的项:on、off、size、quality、cap 或 cooldown",
+    "opt.group_value": "新的值(尺寸、画质、额度、秒数;off 为清除)",
+    "arg.setting": "[on|off|size|quality|cap|cooldown] [值]",
+    "group.private_only": "/群设置 用来设置群规则:请在该群里使用。",
+    "group.not_admin": "只有本群的管理员可以修改本群规则。",
+    "group.usage": "修改:/群设置 on|off、/群设置 size 16:9、/群设置 quality low、"
+    "/群设置 cap 50、/群设置 cooldown 60(off 为清除该项)",
+    "group.header": "本群设置:",
+    "group.saved": "已保存。本群现在的设置:",
+    "group.state_on": "机器人:开启",
+    "group.state_off": "机器人:关闭(本群只响应 /群设置)",
+    "group.size": "默认尺寸:{size}(机器人默认:{default})",
+    "group.quality": "默认画质:{quality}",
+    "group.cap": "每日上限:{cap} 额度,今日已用 {used}(机器人的上限:{limit})",
+    "group.cooldown_line": "同一成员两次任务之间的冷却:{seconds} 秒",
+    "group.none": "无",
+    "group.cooldown": "请等待 {seconds} 秒:本群设置了同一成员两次任务之间的冷却。",
+    "group.cap_above": "本群上限最多为 {limit} 额度(机器人自己的上限),不能是 {cap}。",
+    "group.bad_size": "请给出尺寸,例如 /群设置 size 16:9(off:用机器人默认)。",
+    "group.bad_quality": "画质为 low、medium、high 或 auto(off:用机器人默认),而不是 {value}。",
+    "group.bad_cap": "上限是每天的额度整数(off:不设),而不是 {value}。",
+    "group.bad_cooldown": "冷却是 0 到 {max} 之间的整数秒,而不是 {value}。",
 }
