@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -20,10 +20,12 @@ from bot.jobs import today
 from bot.mock_upstream import MockUpstream
 from bot.services import Services
 from plugins.registry import find_command, split_command
+from tests import test_discord
 from tests.bot_process import BotProcess, bot_env
 from tests.fake_onebot import FakeOneBot, ImageHost, text
 from tests.fake_telegram import ApiCall, FakeTelegram
 from tests.recording_chat import RecordingChat, Sent, invocation, run_command
+from tests.test_discord import Bot as DiscordBot
 from tests.test_qq_e2e import (
     SELF_ID,
     Running,
@@ -35,6 +37,9 @@ from tests.test_qq_e2e import (
     _users,
 )
 
+# The Discord fixtures of tests/test_discord.py (the fake Discord and a bot started on it).
+fake_discord = test_discord.fake_discord
+start_bot = test_discord.start_bot
 FAST = FloodPolicy(chat_interval=0.0, group_limit=10_000, global_interval=0.0)
 PRICES = {"1k": {"high": 8, "medium": 4, "default": 1}}
 
@@ -358,3 +363,44 @@ async def test_telegram_costly_draw_shows_a_confirm_button_only_its_asker_can_pr
     user = await platform.services.store.user("telegram", "1001")
     credits = await platform.services.store.credits(user.id, today(platform.services.settings), 100)
     assert credits.total_left == 84
+
+
+# --- Discord (fake Discord): the Confirm button is a persistent component ---
+
+
+async def test_discord_costly_draw_shows_a_confirm_button_that_works_for_its_asker_only(
+    start_bot: Callable[..., Awaitable[DiscordBot]], mock_upstream: MockUpstream
+) -> None:
+    bot = await start_bot(prices=PRICES, daily_credits=100, confirm_above=10)
+    asked = await bot.fake.slash("draw", prompt="a castle", quality="high", n=2)
+    question = await bot.answer(asked, lambda m: bool(m.buttons()))
+    [button] = question.buttons()
+    assert button["custom_id"].startswith("db:confirm:") and button["label"] == "Confirm"
+    assert "16 credits, 84 left after this" in question.content
+    assert "press Confirm within 60 s" in question.content
+
+    stranger = await bot.fake.click(question, button["custom_id"], user=bot.fake.other_user)
+    refusal = await bot.fake.wait_message(
+        lambda m: m.interaction_id == stranger.id and "Only the person who asked" in m.content
+    )
+    assert refusal.ephemeral
+    await bot.settle()
+    assert mock_upstream.requests == []
+
+    mine = await bot.fake.click(question, button["custom_id"])
+    result = await bot.result(mine)
+    await bot.settle()
+    assert len(result.filenames) == 2
+    assert len(mock_upstream.requests) == 1
+
+
+async def test_discord_dry_run_option_answers_the_price_only(
+    start_bot: Callable[..., Awaitable[DiscordBot]], mock_upstream: MockUpstream
+) -> None:
+    bot = await start_bot(prices=PRICES, daily_credits=100)
+    asked = await bot.fake.slash("draw", prompt="a castle", quality="high", dry_run=True)
+    answer = await bot.answer(asked)
+    await bot.settle()
+    assert answer.content.startswith("1K · high · 1 image: 8 credits, 92 left after this")
+    assert "nothing was started or charged" in answer.content
+    assert mock_upstream.requests == []
