@@ -327,6 +327,10 @@ class JobRunner:
                     await self.store.credits(user.id, day, self.settings.daily_credits)
                 ).total_left
             references = await self._fetch_references(user.id, spec, cred.primary, extra_references)
+            # Read before the job is queued: once queued, it must reach its slot without a
+            # store round trip in between (the queue counts it until then).
+            cls = eta_class(cred.primary.name, spec.size, spec.quality, spec.kind)
+            estimate = await self._class_estimate(cls, job_id)
             await self.store.reserve(
                 job_id,
                 user_id=user.id,
@@ -369,7 +373,7 @@ class JobRunner:
             unit=unit,
             quality=spec.quality,
             ack=quote.render(lang),
-            eta_class=eta_class(cred.primary.name, spec.size, spec.quality, spec.kind),
+            eta_class=cls,
             concurrency=max(1, cred.primary.concurrency),
         )
         queue = self._waiting.setdefault(ticket.provider, deque())
@@ -389,7 +393,7 @@ class JobRunner:
         )
         # From here the task owns the reservation: it commits or refunds on every path.
         ticket.task = asyncio.create_task(
-            self._run(ticket, cred, request, chat, lang, position, references),
+            self._run(ticket, cred, request, chat, lang, position, references, estimate),
             name=f"job-{job_id}",
         )
         return job_id
@@ -486,6 +490,7 @@ class JobRunner:
         lang: str,
         position: int,
         references: Sequence[Reference],
+        base_estimate: Estimate | None = None,
     ) -> None:
         job_id = ticket.job_id
         started = time.monotonic()
@@ -498,7 +503,7 @@ class JobRunner:
         delivered = False
         upstream_seconds = 0.0
         try:
-            estimate = await self._estimate(ticket, position)
+            estimate = self._in_queue(ticket, base_estimate, position)
             if position:
                 line = t(lang, "status.queued", position=position, job=job_id)
                 status = await _status(chat, self._status_text(lang, ticket, line, estimate))
@@ -829,15 +834,25 @@ class JobRunner:
     # --- estimates ---
 
     async def _estimate(self, ticket: _Ticket, position: int) -> Estimate | None:
-        """The estimate for this job: alone when running, behind the queue while waiting.
+        """The estimate for this job: alone when running, behind the queue while waiting."""
+        estimate = await self._class_estimate(ticket.eta_class, ticket.job_id)
+        return self._in_queue(ticket, estimate, position)
 
-        Estimates are a courtesy: a store that cannot be read means none, not a failed job.
+    async def _class_estimate(self, cls: str, job_id: int) -> Estimate | None:
+        """The estimate for one job of a class (a store that cannot be read: none).
+
+        Estimates are a courtesy: they never fail a job.
         """
         try:
-            estimate = await self.eta.estimate(ticket.eta_class)
+            return await self.eta.estimate(cls)
         except Exception:
-            log.debug("job %s: no estimate", ticket.job_id, exc_info=True)
+            log.debug("job %s: no estimate", job_id, exc_info=True)
             return None
+
+    def _in_queue(
+        self, ticket: _Ticket, estimate: Estimate | None, position: int
+    ) -> Estimate | None:
+        """`estimate` for a job at `position` in its provider's queue (0: running)."""
         if estimate is None or position <= 0:
             return estimate
         running = sum(

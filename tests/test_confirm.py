@@ -16,6 +16,7 @@ import plugins.confirm
 from adapters.telegram import FloodPolicy, TelegramPlatform
 from bot.chat import ChatLimits, MessageRef
 from bot.config import Settings
+from bot.i18n import t
 from bot.jobs import today
 from bot.mock_upstream import MockUpstream
 from bot.services import Services
@@ -404,3 +405,12 @@ async def test_discord_dry_run_option_answers_the_price_only(
     assert answer.content.startswith("1K · high · 1 image: 8 credits, 92 left after this")
     assert "nothing was started or charged" in answer.content
     assert mock_upstream.requests == []
+
+
+async def test_telegram_menu_has_confirm_in_both_languages(
+    tg: tuple[FakeTelegram, TelegramPlatform],
+) -> None:
+    fake, _ = tg
+    for code, lang in (("en", "en"), ("zh", "zh")):
+        menu = {c["command"]: c["description"] for c in fake.commands[code]}
+        assert menu["confirm"] == t(lang, "help.confirm")

@@ -160,6 +160,7 @@ async def test_start_identifies_without_privileged_intents_and_syncs_every_menu_
         "cancel",
         "lang",
         "whoami",
+        "confirm",
         "grant",
         "ban",
         "unban",
@@ -172,6 +173,7 @@ async def test_start_identifies_without_privileged_intents_and_syncs_every_menu_
     assert [c["value"] for c in draw["size"]["choices"]] == list(SIZE_CHOICES)
     assert [c["value"] for c in draw["quality"]["choices"]] == list(QUALITY_CHOICES)
     assert draw["n"]["type"] == 4 and (draw["n"]["min_value"], draw["n"]["max_value"]) == (1, 10)
+    assert draw["dry_run"]["type"] == 5 and not draw["dry_run"].get("required")  # a boolean
     assert fake.command("draw")["description_localizations"]["zh-CN"] == bot.services.t(
         "zh", "help.draw"
     )
