@@ -414,3 +414,23 @@ async def test_telegram_menu_has_confirm_in_both_languages(
     for code, lang in (("en", "en"), ("zh", "zh")):
         menu = {c["command"]: c["description"] for c in fake.commands[code]}
         assert menu["confirm"] == t(lang, "help.confirm")
+
+
+async def test_discord_confirm_pressed_after_a_restart_is_answered_not_left_failing(
+    start_bot: Callable[..., Awaitable[DiscordBot]], mock_upstream: MockUpstream
+) -> None:
+    bot = await start_bot(prices=PRICES, daily_credits=100, confirm_above=10)
+    asked = await bot.fake.slash("draw", prompt="a castle", quality="high", n=2)
+    question = await bot.answer(asked, lambda m: bool(m.buttons()))
+    [button] = question.buttons()
+    await bot.platform.stop()
+    await bot.services.close(grace=0)
+
+    restarted = await start_bot(prices=PRICES, daily_credits=100, confirm_above=10)
+    late = await restarted.fake.click(question, button["custom_id"])
+    answer = await restarted.fake.wait_message(
+        lambda m: m.interaction_id == late.id and "Nothing to confirm" in m.content
+    )
+    await restarted.settle()
+    assert answer.ephemeral
+    assert mock_upstream.requests == []

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 import bot.jobs
 from adapters.telegram import FloodPolicy, TelegramPlatform
+from bot.chat import MessageRef
 from bot.config import Settings
 from bot.eta import (
     HISTORY,
@@ -306,3 +308,45 @@ async def test_telegram_status_shows_the_estimate_once_there_is_history(
         finally:
             await platform.stop()
             await services.close()
+
+
+class EditSignal(RecordingChat):
+    """A recording chat that says when a status edit arrives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.edited = asyncio.Event()
+
+    async def edit_text(self, ref: MessageRef, text: str) -> None:
+        await super().edit_text(ref, text)
+        self.edited.set()
+
+
+async def test_a_running_status_is_edited_at_once_when_its_estimate_moves_over_20_percent(
+    rich: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Elapsed-time edits every 1000 s: any edit seen here comes from the estimate moving.
+    monkeypatch.setattr(bot.jobs, "STATUS_TICK", 1000.0)
+    monkeypatch.setattr(bot.jobs, "ETA_TICK", 0.01)
+    cls = "p|1k|auto|draw"
+    for _ in range(5):
+        await rich.jobs.eta.record(cls, 10.0)
+    shown = await rich.jobs.eta.estimate(cls)
+    chat = EditSignal()
+    ticket = bot.jobs._Ticket(1, 1, "p", eta_class=cls)
+    ticking = asyncio.create_task(
+        rich.jobs._tick(chat, MessageRef("status"), "en", ticket, time.monotonic(), shown)
+    )
+    try:
+        for _ in range(2):  # 10, 10, 10, 10, 10, 11, 11: the median stays 10 (under 20%)
+            await rich.jobs.eta.record(cls, 11.0)
+        await asyncio.sleep(0.2)  # ticks that see it (fewer only weaken the test)
+        for _ in range(6):  # then the median reaches 20 s: over 20%
+            await rich.jobs.eta.record(cls, 20.0)
+        async with asyncio.timeout(10):
+            await chat.edited.wait()
+    finally:
+        ticking.cancel()
+        await asyncio.gather(ticking, return_exceptions=True)
+    # The first edit is the moved estimate: the small move made none.
+    assert "Usually takes about 0:20" in chat.texts()[0]
