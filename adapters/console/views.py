@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -32,6 +33,7 @@ def percentile(values: list[float], share: float) -> float | None:
     return ordered[rank - 1]
 
 
+@functools.lru_cache(maxsize=256)
 def size_tier(size: str) -> str:
     """`1k`, `2k` or `4k` by the long edge of a `WxH` size (as `bot.sizes.Size.tier`)."""
     width, _, height = size.partition("x")
