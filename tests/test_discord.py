@@ -160,6 +160,7 @@ async def test_start_identifies_without_privileged_intents_and_syncs_every_menu_
         "cancel",
         "lang",
         "whoami",
+        "console",
         "confirm",
         "grant",
         "ban",
