@@ -116,7 +116,8 @@ class Quote:
     def render(self, lang: str) -> str:
         """ "4K · high · 2 images: 16 credits, 84 left after this" (or "your own key pays")."""
         images = t(lang, "price.image_one" if self.n == 1 else "price.images", n=self.n)
-        what = f"{self.tier.upper()} · {self.quality} · {images}"
+        tier = "auto" if self.tier == "auto" else self.tier.upper()
+        what = f"{tier} · {self.quality} · {images}"
         if self.left is None:
             return t(lang, "price.own_key", what=what)
         cost = t(lang, "price.credit_one" if self.cost == 1 else "price.credits", n=self.cost)

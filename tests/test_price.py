@@ -11,7 +11,7 @@ import pytest
 
 from adapters.telegram import FloodPolicy, TelegramPlatform
 from bot.config import Settings
-from bot.jobs import today
+from bot.jobs import Quote, today
 from bot.mock_upstream import MockUpstream
 from bot.services import Services
 from plugins.options import parse_image_args
@@ -230,3 +230,10 @@ async def test_telegram_status_says_the_price_and_dry_run_runs_nothing(
     status = fake.ok_calls("sendMessage")[1]
     assert status.fields["text"].startswith("Drawing")
     assert "2K · auto · 1 image: 3 credits, 97 left after this" in status.fields["text"]
+
+
+def test_price_line_of_an_automatic_size_and_of_one_credit() -> None:
+    assert Quote("auto", "auto", 1, 1, 4).render("en") == (
+        "auto · auto · 1 image: 1 credit, 4 left after this"
+    )
+    assert Quote("4k", "high", 2, 16, 84).render("zh") == "4K · high · 2 张:16 点额度,之后剩 84 点"
