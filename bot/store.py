@@ -1348,6 +1348,31 @@ class Store:
         rows = await self._read("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
         return [dict(row) for row in rows]
 
+    async def console_groups(self, since: float, day: date) -> list[dict[str, Any]]:
+        """Each group with jobs since `since` or rules of its own: jobs, credits spent (since
+        `since`), used on `day`, and its rules (`group_rules` columns, None when never set)."""
+        rows = await self._read(
+            """
+            WITH seen AS (
+                SELECT j.group_key, COUNT(*) AS jobs,
+                       SUM(COALESCE(c.daily_amount + c.balance_amount, 0)) AS spent
+                FROM jobs AS j LEFT JOIN ledger AS c ON c.job_id = j.id AND c.kind = 'commit'
+                WHERE j.created_at >= ? AND j.group_key IS NOT NULL GROUP BY j.group_key
+            ),
+            keys AS (SELECT group_key FROM seen UNION SELECT group_key FROM group_rules)
+            SELECT k.group_key, COALESCE(s.jobs, 0) AS jobs, COALESCE(s.spent, 0) AS spent,
+                   COALESCE((SELECT used FROM group_usage AS g
+                             WHERE g.group_key = k.group_key AND g.day = ?), 0) AS used_today,
+                   r.enabled, r.size, r.quality, r.cap, r.cooldown
+            FROM keys AS k
+            LEFT JOIN seen AS s ON s.group_key = k.group_key
+            LEFT JOIN group_rules AS r ON r.group_key = k.group_key
+            ORDER BY jobs DESC, k.group_key LIMIT 500
+            """,
+            (since, day.isoformat()),
+        )
+        return [dict(row) for row in rows]
+
     # ==== end of the operator console's section ===============================================
 
 

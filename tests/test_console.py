@@ -10,7 +10,6 @@ import logging
 import re
 import signal
 from collections.abc import AsyncIterator, Callable
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from adapters.console.app import Console
 from adapters.console.auth import FAILED_LOGINS
 from adapters.console.logbuffer import LogBuffer
 from bot.config import Settings
+from bot.jobs import today
 from bot.services import Services
 from plugins.registry import find_command, split_command
 from tests.bot_process import BotProcess, bot_env
@@ -111,7 +111,14 @@ async def finished_job(
         ref_count=0,
         own_key=False,
     )
-    await store.reserve(job_id, user_id=user_id, cost=cost, day=date.today(), daily_allowance=0)
+    await store.reserve(
+        job_id,
+        user_id=user_id,
+        cost=cost,
+        day=today(services.settings),
+        daily_allowance=0,
+        group_key=group_key,
+    )
     await store.mark_running(job_id, provider)
     if status == "succeeded":
         await store.finish_job(job_id, status="succeeded", outputs=[{"width": 1024}])
@@ -421,8 +428,8 @@ async def test_jobs_are_filtered(console: tuple[Console, Services]) -> None:
         by_user = (await http.get("/jobs", params={"user": "telegram:42"})).text
         by_kind = (await http.get("/jobs", params={"error_kind": "timeout"})).text
         by_provider = (await http.get("/jobs", params={"provider": "backup"})).text
-        today = date.today().isoformat()
-        by_date = (await http.get("/jobs", params={"date": today})).text
+        day = today(services.settings).isoformat()
+        by_date = (await http.get("/jobs", params={"date": day})).text
         other_day = (await http.get("/jobs", params={"date": "2001-01-01"})).text
     assert "owl job" in by_platform and "fox job" not in by_platform
     assert "owl failed" in by_status and "owl job" not in by_status
@@ -689,3 +696,52 @@ async def test_console_link_needs_the_console_url(console_factory: Callable[...,
     _, services = await console_factory(admins="test:boss")
     chat = await run_command(services, invocation("console", user_id="boss"))
     assert "DRAWBRIDGE_CONSOLE_URL" in chat.last_text()
+
+
+# --- groups and kept job files ----------------------------------------------------------------
+
+
+async def test_groups_show_jobs_spent_cap_and_their_own_rules(
+    console_factory: Callable[..., Any],
+) -> None:
+    app, services = await console_factory(group_daily_cap=50)
+    store = services.store
+    user = await store.user("qq", "10001")
+    await store.grant(user.id, 20)
+    await finished_job(services, user.id, platform="qq", group_key="qq:777", cost=3)
+    await store.set_group_rule("qq:888", "cap", 10)
+    await store.set_group_rule("qq:888", "enabled", False)
+    await store.set_group_rule("qq:888", "size", "16:9")
+    async with logged_in(app) as (http, _):
+        page = (await http.get("/groups")).text
+    rows = {
+        key: re.sub(r"<[^>]+>", "|", row)
+        for key, row in re.findall(r">(qq:\d+)</a>(.*?)</tr>", page, re.S)
+    }
+    cells = {key: [c.strip() for c in row.split("|") if c.strip()] for key, row in rows.items()}
+    # jobs, spent, used today, effective cap, enabled, size, ...
+    assert cells["qq:777"][:5] == ["1", "3", "3", "50", "yes"]
+    assert cells["qq:888"][:6] == ["0", "0", "0", "10", "no", "16:9"]
+
+
+async def test_jobs_show_kept_results_as_thumbnails(console: tuple[Console, Services]) -> None:
+    app, services = console
+    chat = await run_command(services, invocation("draw", "a small boat"))
+    assert chat.log
+    jobs, _ = await services.store.console_jobs({})
+    [job] = jobs
+    assert job.status == "succeeded", job
+    async with logged_in(app) as (http, _):
+        page = (await http.get("/jobs")).text
+        found = re.search(rf'src="(/jobs/{job.id}/files/out1\.\w+)\?thumb=1"', page)
+        assert found, page
+        thumb = await http.get(found.group(1), params={"thumb": "1"})
+        original = await http.get(found.group(1))
+        sneaky = await http.get(f"/jobs/{job.id}/files/..%2F..%2Fdrawbridge.sqlite3")
+        other = await http.get(f"/jobs/{job.id}/files/secret.key")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert thumb.content[:3] == b"\xff\xd8\xff"
+    assert original.status_code == 200 and len(original.content) > len(thumb.content)
+    assert (sneaky.status_code, other.status_code) == (404, 404)
+    async with client(app) as anonymous:
+        assert (await anonymous.get(found.group(1))).status_code == 303

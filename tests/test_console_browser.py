@@ -34,7 +34,7 @@ FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-PAGES = ("/", "/jobs", "/users", "/ledger", "/providers", "/settings", "/logs")
+PAGES = ("/", "/jobs", "/users", "/groups", "/ledger", "/providers", "/settings", "/logs")
 
 
 @pytest.fixture
@@ -195,10 +195,10 @@ async def test_jobs_are_filtered_in_the_browser(served: tuple[str, Services], br
     await page.page.click("#job-filters button[type=submit]")
     await page.page.wait_for_url("**/jobs?*platform=qq*")
     platforms = await page.page.eval_on_selector_all(
-        "tr.job-row td:nth-child(3)", "cells => cells.map(c => c.textContent)"
+        "tr.job-row td.platform", "cells => cells.map(c => c.textContent)"
     )
     statuses = await page.page.eval_on_selector_all(
-        "tr.job-row td:nth-child(9)", "cells => cells.map(c => c.textContent)"
+        "tr.job-row td.status", "cells => cells.map(c => c.textContent)"
     )
     assert platforms and set(platforms) == {"qq"}
     assert set(statuses) == {"succeeded"}

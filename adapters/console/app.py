@@ -7,6 +7,7 @@ only through `Services` and the store's console section.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -22,7 +23,13 @@ from zoneinfo import ZoneInfo
 
 import jinja2
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+)
 from fastapi.staticfiles import StaticFiles
 
 from adapters.console import metrics, views
@@ -86,6 +93,8 @@ class Console:
             "/jobs": self.jobs,
             "/jobs/{job_id}": self.job,
             "/users": self.users,
+            "/groups": self.groups,
+            "/jobs/{job_id}/files/{name}": self.job_file,
             "/ledger": self.ledger,
             "/ledger.csv": self.ledger_csv,
             "/providers": self.providers,
@@ -402,11 +411,17 @@ class Console:
             store_filters, limit=PAGE_SIZE, offset=page * PAGE_SIZE
         )
         query = urlencode(filters)
+        rows = [views.job_row(job) for job in jobs]
+        files = await asyncio.to_thread(
+            views.job_files, [self.services.jobs.job_dir(job.id) for job in jobs]
+        )
+        for row, names in zip(rows, files, strict=True):
+            row["files"] = names
         return self.render(
             request,
             session,
             "jobs.html",
-            jobs=[views.job_row(job) for job in jobs],
+            jobs=rows,
             total=total,
             filters=filters,
             page=page,
@@ -426,11 +441,15 @@ class Console:
             a.get("job_id") == job.id and a["action"] == "refund"
             for a in await self.services.store.audit_entries(500)
         )
+        row = views.job_row(job)
+        row["files"] = (
+            await asyncio.to_thread(views.job_files, [self.services.jobs.job_dir(job.id)])
+        )[0]
         return self.render(
             request,
             session,
             "job.html",
-            job=views.job_row(job),
+            job=row,
             raw=job,
             user=user,
             entries=entries,
@@ -439,6 +458,40 @@ class Console:
             and job.spent > 0
             and not refunded,
         )
+
+    async def groups(self, request: Request, session: Session) -> Response:
+        span = request.query_params.get("range", "30d")
+        if span not in RANGES:
+            span = "30d"
+        rows = await self.services.store.console_groups(
+            time.time() - RANGES[span], today(self.settings)
+        )
+        global_cap = self.settings.group_daily_cap
+        for row in rows:
+            own = row["cap"]
+            caps = [cap for cap in (global_cap, own or 0) if cap > 0]
+            row["effective_cap"] = min(caps) if caps else 0
+            row["enabled"] = row["enabled"] is None or bool(row["enabled"])
+        return self.render(
+            request, session, "groups.html", groups=rows, span=span, ranges=list(RANGES)
+        )
+
+    async def job_file(self, request: Request, session: Session) -> Response:
+        # A job's kept reference or result (DATA_DIR/jobs/<id>/, `DRAWBRIDGE_KEEP_HOURS`), or
+        # with ?thumb=1 a small JPEG of it for the tables. Names are the runner's own only.
+        name = request.path_params["name"]
+        job_id = _int(request.path_params["job_id"], -1)
+        if job_id < 0 or not views.JOB_FILE.fullmatch(name):
+            return PlainTextResponse("not found", status_code=404)
+        path = self.services.jobs.job_dir(job_id) / name
+        if request.query_params.get("thumb"):
+            data = await asyncio.to_thread(views.thumbnail, path)
+            if data is None:
+                return PlainTextResponse("not found", status_code=404)
+            return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private"})
+        if not await asyncio.to_thread(path.is_file):
+            return PlainTextResponse("not found", status_code=404)
+        return FileResponse(path, headers={"Cache-Control": "private"})
 
     async def users(self, request: Request, session: Session) -> Response:
         search = request.query_params.get("q", "")

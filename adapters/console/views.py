@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import math
+import os
+import re
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -18,6 +21,9 @@ from bot.config import Settings, env_name
 from bot.services import Services
 from bot.store import Job
 
+JOB_FILE = re.compile(r"(?:ref|out)\d{1,2}\.(?:png|jpe?g|webp|gif)")
+"""Names the job runner gives the files it keeps (`bot.jobs.JobRunner.job_dir`)."""
+THUMB_PIXELS = 160
 JOB_FILTERS = ("platform", "chat", "user", "status", "error_kind", "provider", "date")
 LEDGER_FILTERS = ("user", "kind", "job", "date")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -221,3 +227,36 @@ def level_number(name: str) -> int:
     """A level name's number (INFO when unknown)."""
     value = logging.getLevelName(name.upper())
     return value if isinstance(value, int) else logging.INFO
+
+
+def job_files(folders: list[Path]) -> list[dict[str, list[str]]]:
+    """Each job folder's kept files: {"refs": [...], "outs": [...]} (empty once pruned)."""
+    out = []
+    for folder in folders:
+        try:
+            names = sorted(n for n in os.listdir(folder) if JOB_FILE.fullmatch(n))
+        except OSError:
+            names = []
+        out.append(
+            {
+                "refs": [n for n in names if n.startswith("ref")],
+                "outs": [n for n in names if n.startswith("out")],
+            }
+        )
+    return out
+
+
+def thumbnail(path: Path) -> bytes | None:
+    """A small JPEG of a kept image, or None if it is gone or unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (THUMB_PIXELS, THUMB_PIXELS))
+            image.thumbnail((THUMB_PIXELS, THUMB_PIXELS))
+            small = image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    buffer = io.BytesIO()
+    small.save(buffer, "JPEG", quality=80)
+    return buffer.getvalue()
