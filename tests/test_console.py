@@ -745,3 +745,22 @@ async def test_jobs_show_kept_results_as_thumbnails(console: tuple[Console, Serv
     assert (sneaky.status_code, other.status_code) == (404, 404)
     async with client(app) as anonymous:
         assert (await anonymous.get(found.group(1))).status_code == 303
+
+
+async def test_run_doctor_runs_the_free_checks_and_keeps_what_it_learned(
+    console: tuple[Console, Services],
+) -> None:
+    app, services = console
+    async with logged_in(app) as (http, csrf):
+        page = (await http.get("/providers")).text
+        assert 'name="provider" value="default"' in page
+        refused = await http.post("/providers/doctor", data={"provider": "default"})
+        ran = await http.post("/providers/doctor", data={"csrf": csrf, "provider": "default"})
+        missing = await http.post("/providers/doctor", data={"csrf": csrf, "provider": "nope"})
+    assert refused.status_code == 403
+    assert ran.status_code == 200
+    assert 'id="doctor-report"' in ran.text and "free checks passed: 1/1" in ran.text
+    assert "sk-test-shared-0000" not in ran.text
+    assert missing.status_code == 404
+    assert (await services.store.provider_capabilities("default")).get("models_ok") is True
+    assert [a["action"] for a in await services.store.audit_entries()][:1] == ["doctor"]

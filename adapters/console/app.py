@@ -108,6 +108,7 @@ class Console:
             "/logout": self.logout,
             "/lang": self.set_lang,
             "/jobs/{job_id}/refund": self.refund,
+            "/providers/doctor": self.doctor,
             "/users/{user_id}/grant": self.grant,
             "/users/{user_id}/ban": self.ban,
             "/users/{user_id}/unban": self.unban,
@@ -334,6 +335,28 @@ class Console:
             return PlainTextResponse(str(exc), status_code=409)
         log.info("console: %s refunded %d credits of job #%d", session.who, credits, job_id)
         return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+
+    async def doctor(self, request: Request, session: Session) -> Response:
+        # The free checks only (as `drawbridge doctor` without --spend): nothing is bought.
+        from bot import doctor
+        from bot.upstream import CapabilityStore
+
+        name = request.state.form.get("provider", "")
+        provider = next((p for p in self.settings.providers() if p.name == name), None)
+        if provider is None:
+            return PlainTextResponse("no such provider", status_code=404)
+        store = self.services.store
+        report = await doctor.diagnose(
+            self.services.http, provider, known=await store.provider_capabilities(name)
+        )
+        if report.learned:
+            await CapabilityStore(store).learn(name, **report.learned)
+        await store.audit(session.who, "doctor", name, {"free_ok": report.free_ok})
+        log.info("console: %s ran the doctor's free checks on %s", session.who, name)
+        rows = await views.providers(self.services)
+        return self.render(
+            request, session, "providers.html", providers=rows, report=doctor.render([report])
+        )
 
     async def grant(self, request: Request, session: Session) -> Response:
         user_id = int(request.path_params["user_id"])
@@ -563,7 +586,7 @@ class Console:
 
     async def providers(self, request: Request, session: Session) -> Response:
         rows = await views.providers(self.services)
-        return self.render(request, session, "providers.html", providers=rows)
+        return self.render(request, session, "providers.html", providers=rows, report="")
 
     async def settings_page(self, request: Request, session: Session) -> Response:
         rows = views.settings_rows(self.settings, os.environ, Path(".env"))

@@ -171,6 +171,7 @@ async def providers(services: Services) -> list[dict[str, Any]]:
     store = services.store
     health = await store.console_provider_health(time.time() - 3600)
     names = [p.name for p in services.settings.providers()]
+    configured = set(names)
     names += [n for n in await store.console_providers_known() if n not in names]
     names += [n for n in health if n not in names]
     rows = []
@@ -179,6 +180,7 @@ async def providers(services: Services) -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": name,
+                "configured": name in configured,
                 "capabilities": await store.provider_capabilities(name),
                 "jobs": entry["jobs"],
                 "rate": (100.0 * entry["succeeded"] / entry["jobs"]) if entry["jobs"] else None,

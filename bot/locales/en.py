@@ -218,6 +218,7 @@ MESSAGES: dict[str, str] = {
     "console.no": "no",
     "console.cooldown": "Cooldown (s)",
     "console.results": "Results",
+    "console.doctor": "Run the doctor (free checks)",
     "console.missing": "Not found.",
     "admin.usage_grant": "Usage: /grant <user> <credits>",
     "admin.stats": "Today: {jobs} jobs ({succeeded} ok, {failed} failed), {images} images, "

@@ -213,6 +213,7 @@ MESSAGES: dict[str, str] = {
     "console.no": "否",
     "console.cooldown": "冷却(秒)",
     "console.results": "结果",
+    "console.doctor": "运行诊断(免费检查)",
     "console.missing": "未找到。",
     "admin.usage_grant": "用法:/grant <用户> <额度>",
     "admin.stats": "今日:{jobs} 个任务(成功 {succeeded},失败 {failed}),{images} 张图,"
