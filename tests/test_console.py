@@ -764,3 +764,13 @@ async def test_run_doctor_runs_the_free_checks_and_keeps_what_it_learned(
     assert missing.status_code == 404
     assert (await services.store.provider_capabilities("default")).get("models_ok") is True
     assert [a["action"] for a in await services.store.audit_entries()][:1] == ["doctor"]
+
+
+@pytest.mark.parametrize("target", ["//evil.example", "/\\evil.example", "https://evil.example"])
+async def test_actions_never_redirect_off_the_console(
+    console: tuple[Console, Services], target: str
+) -> None:
+    async with logged_in(console[0]) as (http, csrf):
+        response = await http.post("/lang", data={"csrf": csrf, "lang": "en", "next": target})
+    assert response.status_code == 303
+    assert response.headers["location"] == "/"

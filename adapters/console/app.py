@@ -418,7 +418,8 @@ class Console:
             ranges=list(RANGES),
             now=await self.services.store.console_now(),
             data=data,
-            chart=json.dumps(data["chart"]),
+            # Inside a <script> element: no "</script>" can close it early.
+            chart=json.dumps(data["chart"]).replace("<", "\\u003c"),
         )
 
     async def now_partial(self, request: Request, session: Session) -> Response:
@@ -625,7 +626,8 @@ def _csrf_ok(request: Request, form: dict[str, str], session: Session) -> bool:
 def _back(request: Request, default: str = "/") -> str:
     # Only a path on this site: an open redirect would let a link send an operator anywhere.
     target = request.state.form.get("next", "") if hasattr(request.state, "form") else ""
-    if target.startswith("/") and not target.startswith("//"):
+    # Browsers read "/\\host" as "//host": a backslash anywhere is refused too.
+    if target.startswith("/") and not target.startswith("//") and "\\" not in target:
         return target
     return default
 
