@@ -41,6 +41,8 @@ _SECRETS: Final = frozenset(
         "telegram_webhook_secret",
         "onebot_access_token",
         "discord_bot_token",
+        "console_password",
+        "metrics_token",
     }
 )
 _PROXIES: Final = frozenset({"upstream_proxy", "telegram_proxy", "discord_proxy"})

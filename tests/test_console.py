@@ -774,3 +774,32 @@ async def test_actions_never_redirect_off_the_console(
         response = await http.post("/lang", data={"csrf": csrf, "lang": "en", "next": target})
     assert response.status_code == 303
     assert response.headers["location"] == "/"
+
+
+def test_check_masks_the_console_password_and_metrics_token() -> None:
+    from bot.check import configuration_lines
+
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, console_password=PASSWORD, metrics_token="scrape-token-123456789"
+    )
+    text = "\n".join(configuration_lines(settings))
+    assert "DRAWBRIDGE_CONSOLE_PASSWORD" in text and "DRAWBRIDGE_METRICS_TOKEN" in text
+    assert PASSWORD not in text and "scrape-token-123456789" not in text
+
+
+async def test_the_console_password_is_redacted_from_log_lines(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    from adapters.console.platform import ConsolePlatform
+    from bot.logs import redact
+
+    settings = settings_factory(console_password=PASSWORD, metrics_token="scrape-token-123456789")
+    services = await Services.create(settings)
+    try:
+        platform = ConsolePlatform(settings, services)
+        platform.logs.detach()
+        assert (
+            redact(f"login with {PASSWORD} and scrape-token-123456789") == "login with *** and ***"
+        )
+    finally:
+        await services.close()

@@ -18,6 +18,7 @@ import uvicorn
 from adapters.console.app import Console
 from adapters.console.logbuffer import LogBuffer
 from bot.config import Settings
+from bot.logs import add_secrets
 from bot.services import Services
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class ConsolePlatform:
     def __init__(self, settings: Settings, services: Services) -> None:
         self.settings = settings
         self.services = services
+        # bot.logs.settings_secrets predates these two: redact them in every log line too.
+        add_secrets([settings.console_password, settings.metrics_token], configured=True)
         self.logs = LogBuffer()
         # Collecting from now on: the log page shows the start-up lines too.
         self.logs.attach()
