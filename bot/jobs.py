@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
-from bot import errors
+from bot import errors, validation
 from bot.chat import Chat, ImageSource, Invocation, MessageRef, OutFile, ResultMeta
 from bot.config import ProviderConfig, Settings
 from bot.eta import Estimate, EtaBook, clock, eta_class, queue_factor
@@ -41,7 +41,7 @@ from bot.images import (
     to_jpeg_partial,
 )
 from bot.logs import add_secrets
-from bot.sizes import Size
+from bot.sizes import Size, size_for_reference
 from bot.store import Store, User, is_transient
 from bot.upstream import ImageRequest, ImageResult, Progress, ProviderChain, UpstreamClient
 
@@ -85,11 +85,17 @@ class JobSpec:
     output_format: str | None = None
     background: str | None = None
     references: tuple[ImageSource, ...] = ()
+    # False when the user gave no --size: an edit then keeps its first image's shape.
+    size_given: bool = True
 
     def options(self) -> dict[str, Any]:
-        """The options as stored on the job row (and reused by reroll)."""
+        """The options as stored on the job row (and reused by reroll).
+
+        An edit without `--size` stores none, so a reroll keeps the images' shape again.
+        """
+        keeps_shape = self.kind == "edit" and not self.size_given
         return {
-            "size": str(self.size) if self.size else None,
+            "size": str(self.size) if self.size and not keeps_shape else None,
             "n": self.n,
             "quality": self.quality,
             "format": self.output_format,
@@ -328,6 +334,12 @@ class JobRunner:
                     await self.store.credits(user.id, day, self.settings.daily_credits)
                 ).total_left
             references = await self._fetch_references(user.id, spec, cred.primary, extra_references)
+            if spec.kind == "edit" and not spec.size_given and references:
+                # The first image's shape, at the default size's tier (so the same price).
+                first = references[0]
+                default = str(spec.size) if spec.size else self.settings.default_size
+                shape = size_for_reference(first.width, first.height, self.settings.model, default)
+                spec = replace(spec, size=shape)
             # Read before the job is queued: once queued, it must reach its slot without a
             # store round trip in between (the queue counts it until then).
             cls = eta_class(cred.primary.name, spec.size, spec.quality, spec.kind)
@@ -400,20 +412,19 @@ class JobRunner:
         return job_id
 
     def _check_request(self, spec: JobSpec, extra: Sequence[bytes]) -> None:
-        """Refuse a bad request by what it says alone, before any image is downloaded."""
-        prompt = spec.prompt.strip()
-        if not prompt:
-            raise errors.EmptyPromptError()
-        if len(prompt) > self.settings.max_prompt_chars:
-            raise errors.PromptTooLongError(
-                f"{len(prompt)} chars", length=len(prompt), limit=self.settings.max_prompt_chars
-            )
-        if not 1 <= spec.n <= self.settings.max_n:
-            raise errors.BadOptionError(f"n={spec.n}", option="n", value=spec.n)
-        if spec.kind != "edit":
-            return
-        if not spec.references and not extra:
-            raise errors.NoReferenceImageError()
+        """Refuse a bad request by what it says alone, before any image is downloaded.
+
+        The same checks as the options parser and the terminal (`bot.validation`); how many
+        images a provider takes is the chain's to say (`ProviderChain.candidates`).
+        """
+        validation.check_request(
+            spec.kind,
+            spec.prompt,
+            spec.n,
+            len(spec.references) + len(extra),
+            max_prompt_chars=self.settings.max_prompt_chars,
+            max_n=self.settings.max_n,
+        )
 
     async def _check_affordable(
         self, user_id: int, cost: int, day: date, group_key: str | None
@@ -595,6 +606,7 @@ class JobRunner:
                 else errors.ShuttingDownError()
             )
             await asyncio.shield(_settle(side))
+            await asyncio.shield(progress.close())
             await asyncio.shield(
                 self._fail(job_id, stopped, chat, lang, status, own_key=ticket.own_key)
             )
@@ -602,6 +614,8 @@ class JobRunner:
         except errors.DrawbridgeError as exc:
             log.info("job %s failed: %s (%s)", job_id, exc.kind, exc.detail[:200])
             await _settle(side)
+            # A preview shown after the failure message would look like a late result.
+            await progress.close()
             await self._fail(job_id, exc, chat, lang, status, own_key=ticket.own_key)
         except Exception as exc:
             if delivered:
@@ -610,6 +624,7 @@ class JobRunner:
             else:
                 log.exception("job %s crashed", job_id)
                 await _settle(side)
+                await progress.close()
                 await self._fail(
                     job_id,
                     errors.DrawbridgeError(type(exc).__name__),

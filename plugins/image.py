@@ -55,6 +55,7 @@ async def _image_job(ctx: Context, kind: str) -> None:
         output_format=opts.output_format,
         background=opts.background,
         references=inv.references,
+        size_given=opts.size_given,
     )
     await _start(ctx, spec, tuple(extra), dry_run=opts.dry_run)
 
@@ -83,6 +84,8 @@ async def reroll(ctx: Context) -> None:
         output_format=options.get("format"),
         background=options.get("background"),
         references=references,
+        # An edit stored without a size kept its images' shape: so does its reroll.
+        size_given=job.kind != "edit" or bool(options.get("size")),
     )
     await _start(ctx, spec)
 
