@@ -205,10 +205,17 @@ async def cancel(ctx: Context) -> None:
 
 
 async def whoami(ctx: Context) -> None:
-    """The caller's `platform:id`, exactly as `DRAWBRIDGE_ADMINS` takes it."""
+    """The caller's `platform:id`, exactly as `DRAWBRIDGE_ADMINS` takes it.
+
+    In a group, also the group's, as `DRAWBRIDGE_GROUPS` takes it (the QQ group number, the
+    Telegram chat id, the Discord server id).
+    """
     # The platform as the store matches admins (lower case), the id as the platform gives it.
     who = f"{ctx.inv.platform.lower()}:{ctx.inv.user_id}"
-    await ctx.reply("whoami.text", ephemeral=True, who=who)
+    lines = [ctx.t("whoami.text", who=who)]
+    if not ctx.inv.is_private:
+        lines.append(ctx.t("whoami.group", space=ctx.inv.space))
+    await ctx.chat.send_text("\n".join(lines), ephemeral=True)
 
 
 async def lang(ctx: Context) -> None:

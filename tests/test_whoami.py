@@ -17,12 +17,14 @@ from nonebug import App
 
 from adapters.telegram import TelegramPlatform
 from bot.config import Settings
+from bot.i18n import t
 from bot.services import Services
 from plugins.registry import find_command, split_command
 from tests.fake_telegram import FakeTelegram
 from tests.recording_chat import invocation, run_command
 from tests.test_discord import Bot, bot, fake_discord, start_bot  # noqa: F401 (fixtures)
 from tests.test_qq_matcher import (  # noqa: F401 (fixtures)
+    GROUP,
     SELF_ID,
     USER,
     Matching,
@@ -45,11 +47,26 @@ def test_whoami_is_declared_once_with_its_chinese_alias() -> None:
     assert split_command("/我是谁") == (spec, "")
 
 
+def second_line(text: str) -> str:
+    return text.splitlines()[2]
+
+
 async def test_whoami_answers_platform_colon_id_privately(services: Services) -> None:
     chat = await run_command(services, invocation("whoami", user_id="12345", is_private=False))
     [sent] = chat.log
     assert first_line(sent.text) == "test:12345"
     assert sent.ephemeral
+
+
+async def test_whoami_in_a_group_also_names_the_group_as_drawbridge_groups_takes_it(
+    services: Services,
+) -> None:
+    group = await run_command(
+        services, invocation("whoami", user_id="12345", chat_id="777", is_private=False)
+    )
+    assert second_line(group.last_text()) == t("en", "whoami.group", space="test:777")
+    private = await run_command(services, invocation("whoami", user_id="12345"))
+    assert len(private.last_text().splitlines()) == 2  # no group line in a private chat
 
 
 async def test_whoami_answer_made_into_drawbridge_admins_makes_that_user_an_admin(
@@ -92,6 +109,9 @@ async def test_whoami_on_telegram_by_chinese_alias_in_a_group(
 
     assert first_line(answer.fields["text"]) == "telegram:515151"
     assert "DRAWBRIDGE_ADMINS" in answer.fields["text"]
+    # The group as DRAWBRIDGE_GROUPS takes it: its chat id.
+    group_id = fake.group_chat()["id"]
+    assert f"telegram:{group_id}" in second_line(answer.fields["text"])
 
 
 async def test_whoami_on_discord_is_a_slash_command_answered_only_to_the_user(bot: Bot) -> None:
@@ -102,11 +122,18 @@ async def test_whoami_on_discord_is_a_slash_command_answered_only_to_the_user(bo
     message = await bot.answer(interaction)
 
     assert first_line(message.content) == f"discord:{bot.fake.user.id}"
+    # The server, as DRAWBRIDGE_GROUPS names a Discord group.
+    assert f"discord:{bot.fake.guild_id}" in second_line(message.content)
     assert message.ephemeral
 
 
 async def test_whoami_on_qq_by_chinese_alias_in_a_group(app: App, matcher: type[Matcher]) -> None:
-    answer = Matching(lambda m: first_line(plain(m["message"])) == f"qq:{USER}")
+    answer = Matching(
+        lambda m: (
+            first_line(plain(m["message"])) == f"qq:{USER}"
+            and f"qq:{GROUP}" in second_line(plain(m["message"]))
+        )
+    )
     async with app.test_matcher(matcher) as ctx:
         qq = ctx.create_bot(base=OneBot, self_id=str(SELF_ID))
         ctx.receive_event(qq, group_event("/我是谁"))

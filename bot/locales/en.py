@@ -122,6 +122,7 @@ MESSAGES: dict[str, str] = {
     "lang.auto": "Language follows your app's setting again.",
     "lang.bad": "Choose zh, en or auto.",
     "whoami.text": "{who}\n(your id in the form DRAWBRIDGE_ADMINS takes)",
+    "whoami.group": "This group: {space} (the form DRAWBRIDGE_GROUPS takes)",
     # --- admin ---
     "admin.granted": "Gave {credits} credits to {user}; their balance is {balance}.",
     "admin.banned": "{user} is banned.",

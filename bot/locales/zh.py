@@ -117,6 +117,7 @@ MESSAGES: dict[str, str] = {
     "lang.auto": "语言将跟随你的客户端设置。",
     "lang.bad": "请选择 zh、en 或 auto。",
     "whoami.text": "{who}\n(这是你的 ID,格式与 DRAWBRIDGE_ADMINS 相同)",
+    "whoami.group": "本群:{space}(格式与 DRAWBRIDGE_GROUPS 相同)",
     # --- 管理 ---
     "admin.granted": "已给 {user} 增加 {credits} 点额度,当前余额 {balance}。",
     "admin.banned": "已封禁 {user}。",
