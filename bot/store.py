@@ -1373,6 +1373,19 @@ class Store:
         )
         return [dict(row) for row in rows]
 
+    async def console_upstream_done(self, job_ids: list[int]) -> dict[int, float]:
+        """When the upstream answered each of these jobs (those it did), to tell the time
+        spent running upstream from the time delivering."""
+        if not job_ids:
+            return {}
+        marks = ",".join("?" * len(job_ids))
+        rows = await self._read(
+            f"SELECT id, upstream_done_at FROM jobs WHERE id IN ({marks})"
+            " AND upstream_done_at IS NOT NULL",
+            tuple(job_ids),
+        )
+        return {int(row[0]): float(row[1]) for row in rows}
+
     # ==== end of the operator console's section ===============================================
 
 

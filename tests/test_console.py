@@ -803,3 +803,20 @@ async def test_the_console_password_is_redacted_from_log_lines(
         )
     finally:
         await services.close()
+
+
+async def test_job_times_split_queued_running_and_delivering(
+    console: tuple[Console, Services],
+) -> None:
+    app, services = console
+    chat = await run_command(services, invocation("draw", "a small boat"))
+    assert chat.log
+    jobs, _ = await services.store.console_jobs({})
+    [job] = jobs
+    done = await services.store.console_upstream_done([job.id])
+    assert job.id in done, "the runner marks when the upstream answered"
+    async with logged_in(app) as (http, _):
+        page = (await http.get("/jobs")).text
+    times = re.search(r'class="times">([^<]*)<', page)
+    assert times is not None
+    assert re.fullmatch(r"\d+\.\ds / \d+\.\ds / \d+\.\ds", times.group(1).strip()), times.group(1)

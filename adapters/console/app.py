@@ -435,7 +435,8 @@ class Console:
             store_filters, limit=PAGE_SIZE, offset=page * PAGE_SIZE
         )
         query = urlencode(filters)
-        rows = [views.job_row(job) for job in jobs]
+        done = await self.services.store.console_upstream_done([job.id for job in jobs])
+        rows = [views.job_row(job, done.get(job.id)) for job in jobs]
         files = await asyncio.to_thread(
             views.job_files, [self.services.jobs.job_dir(job.id) for job in jobs]
         )
@@ -465,7 +466,8 @@ class Console:
             a.get("job_id") == job.id and a["action"] == "refund"
             for a in await self.services.store.audit_entries(500)
         )
-        row = views.job_row(job)
+        done = await self.services.store.console_upstream_done([job.id])
+        row = views.job_row(job, done.get(job.id))
         row["files"] = (
             await asyncio.to_thread(views.job_files, [self.services.jobs.job_dir(job.id)])
         )[0]

@@ -126,8 +126,12 @@ def ledger_filters(filters: Mapping[str, str], timezone: str) -> dict[str, str]:
     return job_filters(filters, timezone)
 
 
-def job_row(job: Job) -> dict[str, Any]:
-    """One job as the jobs table and the job page show it."""
+def job_row(job: Job, upstream_done: float | None = None) -> dict[str, Any]:
+    """One job as the jobs table and the job page show it.
+
+    With `upstream_done` (when the upstream answered), running is the upstream's time and
+    delivering the rest, up to the end.
+    """
     options = job.options or {}
 
     def span(start: float | None, end: float | None) -> str:
@@ -148,7 +152,8 @@ def job_row(job: Job) -> dict[str, Any]:
         "status": job.status,
         "created_at": job.created_at,
         "queued": span(job.created_at, job.started_at),
-        "running": span(job.started_at, job.finished_at),
+        "running": span(job.started_at, upstream_done or job.finished_at),
+        "delivering": span(upstream_done, job.finished_at),
         "total": span(job.created_at, job.finished_at),
         "cost": job.cost,
         "spent": job.spent,

@@ -183,7 +183,7 @@ MESSAGES: dict[str, str] = {
     "console.size": "Size",
     "console.quality": "Quality",
     "console.refs": "References",
-    "console.times": "Queued / running",
+    "console.times": "Queued / running / delivering",
     "console.cost": "Spent / reserved",
     "console.error": "Error",
     "console.job": "Job #{id}",

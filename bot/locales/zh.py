@@ -178,7 +178,7 @@ MESSAGES: dict[str, str] = {
     "console.size": "尺寸",
     "console.quality": "画质",
     "console.refs": "参考图",
-    "console.times": "排队 / 生成",
+    "console.times": "排队 / 生成 / 发送",
     "console.cost": "实扣 / 预扣",
     "console.error": "错误",
     "console.job": "任务 #{id}",
