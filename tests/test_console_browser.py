@@ -8,6 +8,7 @@ made that way), else to the test's temp dir.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shutil
@@ -240,3 +241,36 @@ async def test_the_overview_counts_a_job_that_ran_through_the_bot(
     )
     assert rows == ["test"]
     assert page.errors == []
+
+
+async def test_the_now_block_updates_live_while_a_job_runs(
+    settings_factory: Callable[..., Settings],
+    mock_factory: Callable[..., Any],
+    browser: Any,
+) -> None:
+    # An upstream slow enough for the overview's 5 s poll to see the job running.
+    slow = await mock_factory(latency=8.0)
+    settings = settings_factory(console_password=PASSWORD, console_port=0, api_base=slow.base_url)
+    services = await Services.create(settings)
+    platform = ConsolePlatform(settings, services)
+    await platform.start()
+    assert platform.address is not None
+    try:
+        page = await open_page(browser, f"http://127.0.0.1:{platform.address[1]}")
+        await page.login()
+        assert await page.page.text_content("#now-running") == "0"
+        drawing = asyncio.create_task(run_command(services, invocation("draw", "a slow boat")))
+        # No reload: htmx swaps the block in place.
+        await page.page.wait_for_function(
+            "() => document.querySelector('#now-running').textContent === '1'", timeout=15_000
+        )
+        chat = await drawing
+        assert chat.log
+        await page.page.wait_for_function(
+            "() => document.querySelector('#now-running').textContent === '0'", timeout=15_000
+        )
+        assert page.page.url.endswith("/")
+        assert page.errors == []
+    finally:
+        await platform.stop()
+        await services.close()
