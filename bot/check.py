@@ -239,7 +239,7 @@ async def check_provider(
 async def reachability(settings: Settings, *, deadline: float = DEFAULT_DEADLINE) -> list[Row]:
     """Every check for what the settings configure, run at once; rows in a fixed order."""
     rows: list[Row] = []
-    if not settings.enabled_platforms():
+    if not settings.chat_platforms():
         rows.append(
             Row(
                 "platforms",

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("draw", "edit", "check"):
         # Where nobody can bind their own key, a provider without one can only answer 401.
         # `check` of a bot with chat platforms checks what `run` would: users may bring keys.
-        if args.command != "check" or not settings.enabled_platforms():
+        if args.command != "check" or not settings.chat_platforms():
             problems = settings.keyless_provider_lines()
             for line in problems:
                 print(f"error: {line}", file=sys.stderr)

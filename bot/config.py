@@ -561,6 +561,11 @@ class Settings(BaseSettings):
             names.append("console")
         return names
 
+    def chat_platforms(self) -> list[str]:
+        """The enabled platforms where users chat (the console is not one: nobody binds a key
+        or draws there)."""
+        return [name for name in self.enabled_platforms() if name != "console"]
+
     def admin_ids(self) -> set[tuple[str, str]]:
         """(platform, user id) pairs named in `DRAWBRIDGE_ADMINS`."""
         pairs = set()

@@ -204,6 +204,8 @@ def settings_secrets(settings: Settings) -> set[str]:
         settings.telegram_bot_token,
         settings.telegram_webhook_secret,
         settings.discord_bot_token,
+        settings.console_password,
+        settings.metrics_token,
     }
     values.update(provider.api_key for provider in settings.providers())
     # A proxy's password may surface in a library's error message with the URL.

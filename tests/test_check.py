@@ -176,3 +176,29 @@ async def test_an_open_onebot_endpoint_fails_the_check_as_run_would_refuse_it(
     assert code == 1, output
     line = row(output, "qq (OneBot)")
     assert "FAIL" in line and "ONEBOT_ACCESS_TOKEN" in line
+
+
+async def test_the_console_alone_is_no_chat_platform(
+    tmp_path: Path, mock_upstream: MockUpstream
+) -> None:
+    # Nobody draws or binds a key in the console: a keyless provider is a settings error and
+    # "no chat platform" is a failed row, console or not.
+    code, output = await drawbridge(
+        tmp_path,
+        "check",
+        DRAWBRIDGE_API_BASE=mock_upstream.base_url,
+        DRAWBRIDGE_CONSOLE_PASSWORD="a-long-console-passphrase",
+    )
+    assert code == 2, output
+    assert output.strip().splitlines()[0].startswith("error: DRAWBRIDGE_API_KEY: ")
+
+    code, output = await drawbridge(
+        tmp_path,
+        "check",
+        DRAWBRIDGE_API_BASE=mock_upstream.base_url,
+        DRAWBRIDGE_API_KEY=API_KEY,
+        DRAWBRIDGE_CONSOLE_PASSWORD="a-long-console-passphrase",
+    )
+    assert code == 1, output
+    assert "none configured" in row(output, "platforms")
+    assert "a-long-console-passphrase" not in output

@@ -201,7 +201,7 @@ def test_discord_interaction_tokens_in_urls_are_masked() -> None:
         assert token not in redact(line)
 
 
-def test_proxy_passwords_are_configured_secrets() -> None:
+def test_proxy_passwords_and_console_secrets_are_configured_secrets() -> None:
     from bot.config import Settings
     from bot.logs import settings_secrets
 
@@ -209,5 +209,12 @@ def test_proxy_passwords_are_configured_secrets() -> None:
         _env_file=None,
         telegram_proxy="socks5://bob:Pr0xyPass@127.0.0.1:1080",
         upstream_proxy="http://alice:Up5treamPw@127.0.0.1:3128",
+        console_password="console-Pass-0123456789",
+        metrics_token="metrics-Tok-0123456789",
     )
-    assert {"Pr0xyPass", "Up5treamPw"} <= settings_secrets(settings)
+    assert {
+        "Pr0xyPass",
+        "Up5treamPw",
+        "console-Pass-0123456789",
+        "metrics-Tok-0123456789",
+    } <= settings_secrets(settings)
