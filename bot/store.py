@@ -27,8 +27,17 @@ transaction, so such a job has a 'commit' row and a 'refund' row, and for every 
 The invariants, for every user and group:
 
     users.granted == sum(grant) - sum(reserve.balance_amount) + sum(refund.balance_amount)
-    daily_usage.used(day) == sum(reserve.daily_amount) - sum(refund.daily_amount) for that day
+                     + sum(transfer.balance_amount)
+    daily_usage.used(day) == sum(reserve.daily_amount) - sum(refund.daily_amount)
+                             + sum(transfer.daily_amount) for that day
     group_usage.used(day) == sum(reserve) - sum(refund) over the group's jobs of that day
+
+Linked identities (/link) share one account: one users row holds the money, key and
+language, and every identity's `account_id` points at it (NULL: the identity is its own).
+Joining two accounts moves the balance and the day's used allowance in 'transfer' rows, a pair
+per movement (out of one row, into the other: signed amounts that sum to 0), only while no
+job of the joining account is in flight, so no reservation is ever settled against a row that
+no longer holds the account.
 
 A job whose results were handed to the chat carries `jobs.charge` (what it is to be charged),
 written before the hand-off: should its commit never be written (the database locked for longer
@@ -43,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Set
@@ -82,6 +92,25 @@ class ReservationError(StoreError):
     """The job already has a reservation, or is not waiting to run."""
 
 
+class LinkRefused(StoreError):
+    """`/link` could not join the accounts; `reason` names why (an i18n key's last part)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class LinkResult:
+    """What `/link CODE` did: the joint account, its identities, what moved."""
+
+    account_id: int
+    identities: tuple[tuple[str, str], ...]
+    moved: int = 0
+    key: str = ""
+    expired: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class User:
     """A person on one platform. `role` is effective: config admins read as "admin"."""
@@ -94,6 +123,9 @@ class User:
     lang: str | None
     granted: int  # granted balance, spent after the daily allowance
     has_key: bool
+    # The row of this platform identity; `id` is its account's (the same unless /link
+    # joined it to another). Money, key, language and jobs go by `id`; roles by identity.
+    identity_id: int = 0
 
     @property
     def is_admin(self) -> bool:
@@ -327,9 +359,66 @@ MIGRATIONS: tuple[str, ...] = (
         updated_by INTEGER REFERENCES users (id)
     ) WITHOUT ROWID;
     """,
+    # 8: linked accounts (/link): an identity's account (NULL: its own row), when its key was
+    # bound (of two keys the newer is kept), one-time link codes, and the ledger rebuilt so a
+    # merge is recorded as 'transfer' rows (SQLite cannot alter a CHECK): every row, index and
+    # append-only trigger kept.
+    """
+    ALTER TABLE users ADD COLUMN account_id INTEGER REFERENCES users (id);
+    ALTER TABLE users ADD COLUMN key_set_at REAL;
+    CREATE INDEX users_account ON users (account_id) WHERE account_id IS NOT NULL;
+
+    CREATE TABLE link_codes (
+        code       TEXT    NOT NULL PRIMARY KEY,
+        user_id    INTEGER NOT NULL UNIQUE REFERENCES users (id),
+        expires_at REAL    NOT NULL
+    ) WITHOUT ROWID;
+
+    CREATE TABLE ledger_new (
+        id             INTEGER PRIMARY KEY,
+        job_id         INTEGER REFERENCES jobs (id),
+        user_id        INTEGER NOT NULL REFERENCES users (id),
+        kind           TEXT    NOT NULL
+                               CHECK (kind IN ('reserve', 'commit', 'refund', 'grant',
+                                               'transfer')),
+        daily_amount   INTEGER NOT NULL DEFAULT 0,
+        balance_amount INTEGER NOT NULL DEFAULT 0,
+        day            TEXT,
+        created_at     REAL    NOT NULL,
+        note           TEXT    NOT NULL DEFAULT '',
+        by_user_id     INTEGER REFERENCES users (id),
+        CHECK ((job_id IS NULL) = (kind IN ('grant', 'transfer')))
+    );
+    INSERT INTO ledger_new (id, job_id, user_id, kind, daily_amount, balance_amount, day,
+                            created_at, note, by_user_id)
+        SELECT id, job_id, user_id, kind, daily_amount, balance_amount, day, created_at, note,
+               by_user_id
+        FROM ledger;
+    -- DROP TABLE fires no trigger; the append-only ones go with the old table.
+    DROP TABLE ledger;
+    ALTER TABLE ledger_new RENAME TO ledger;
+    CREATE UNIQUE INDEX ledger_one_per_job_and_kind ON ledger (job_id, kind)
+        WHERE job_id IS NOT NULL;
+    CREATE INDEX ledger_user ON ledger (user_id);
+    CREATE INDEX ledger_day ON ledger (day);
+    CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger
+    BEGIN
+        SELECT RAISE(ABORT, 'ledger is append-only');
+    END;
+    CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger
+    BEGIN
+        SELECT RAISE(ABORT, 'ledger is append-only');
+    END;
+    """,
 )
 
 _GROUP_RULES = frozenset({"enabled", "size", "quality", "cap", "cooldown"})
+
+LINK_CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
+"""Link code characters: no 0/O, 1/I/L, which people misread when typing a code over."""
+LINK_CODE_LENGTH = 8
+LINK_CODE_TTL = 600.0
+"""Seconds a link code is valid."""
 
 PRAGMAS = (
     "PRAGMA journal_mode = WAL",
@@ -383,6 +472,14 @@ SQL_INSERT_LEDGER = """
 SQL_SETTLE = """
     UPDATE reservations SET state = ? WHERE job_id = ? AND state = 'reserved'
     RETURNING user_id, daily_amount, balance_amount, day, group_key
+"""
+
+# An identity with its account's money, key and language: `store.user` and `find_user` read
+# users through this, so every identity of one account charges the same row.
+_USER_SELECT = """
+    SELECT i.id AS identity_id, i.platform, i.platform_user_id, i.name, i.role,
+           a.id AS id, a.lang, a.granted, a.api_key_enc
+    FROM users AS i JOIN users AS a ON a.id = COALESCE(i.account_id, i.id)
 """
 
 _JOB_SELECT = """
@@ -452,7 +549,7 @@ class Store:
 
         def get_or_create(con: sqlite3.Connection) -> sqlite3.Row:
             rows: list[sqlite3.Row] = con.execute(
-                "SELECT * FROM users WHERE platform = ? AND platform_user_id = ?",
+                _USER_SELECT + " WHERE i.platform = ? AND i.platform_user_id = ?",
                 (platform, platform_user_id),
             ).fetchall()
             if rows and (not name or rows[0]["name"] == name):
@@ -468,11 +565,15 @@ class Store:
                 VALUES (?, ?, ?, ?)
                 ON CONFLICT (platform, platform_user_id) DO UPDATE
                 SET name = CASE WHEN excluded.name <> '' THEN excluded.name ELSE users.name END
-                RETURNING *
+                RETURNING id
                 """,
                 (platform, platform_user_id, name, time.time()),
             ).fetchall()
-            return rows[0]
+            # Read back with its account (a linked identity whose name changed).
+            found: sqlite3.Row = con.execute(
+                _USER_SELECT + " WHERE i.id = ?", (rows[0][0],)
+            ).fetchall()[0]
+            return found
 
         # Every command starts here, and a new user (or a new name) would otherwise cost a
         # second trip to the connection's thread.
@@ -482,7 +583,7 @@ class Store:
         """Find a user by `ref`: an id on `platform`, `"platform:id"`, or the internal `"#id"`."""
         ref = ref.strip()
         if ref.startswith("#") and ref[1:].isdigit():
-            rows = await self._read("SELECT * FROM users WHERE id = ?", (int(ref[1:]),))
+            rows = await self._read(_USER_SELECT + " WHERE i.id = ?", (int(ref[1:]),))
             return self._user(rows[0]) if rows else None
         other, sep, uid = ref.partition(":")
         candidates = [(platform, ref)]
@@ -490,14 +591,15 @@ class Store:
             candidates.insert(0, (other.strip().lower(), uid.strip()))
         for candidate in candidates:
             rows = await self._read(
-                "SELECT * FROM users WHERE platform = ? AND platform_user_id = ?", candidate
+                _USER_SELECT + " WHERE i.platform = ? AND i.platform_user_id = ?", candidate
             )
             if rows:
                 return self._user(rows[0])
         return None
 
     async def set_role(self, user_id: int, role: str) -> None:
-        """Store "user", "admin" or "banned". Config admins stay admin unless banned."""
+        """Store "user", "admin" or "banned" for one identity (`User.identity_id`: roles do
+        not travel with /link). Config admins stay admin unless banned."""
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}")
         await self._update_user(user_id, "UPDATE users SET role = ? WHERE id = ?", (role, user_id))
@@ -511,8 +613,11 @@ class Store:
     async def set_api_key(self, user_id: int, api_key: str) -> None:
         """Store the user's own API key, encrypted."""
         token = self._keybox.encrypt(api_key)
+        # When it was bound: of two linked accounts' keys, the newer is kept.
         await self._update_user(
-            user_id, "UPDATE users SET api_key_enc = ? WHERE id = ?", (token, user_id)
+            user_id,
+            "UPDATE users SET api_key_enc = ?, key_set_at = ? WHERE id = ?",
+            (token, time.time(), user_id),
         )
 
     async def get_api_key(self, user_id: int) -> str | None:
@@ -574,15 +679,15 @@ class Store:
         """
 
         def apply(con: sqlite3.Connection) -> int:
-            rows = con.execute("SELECT granted FROM users WHERE id = ?", (user_id,)).fetchall()
-            if not rows:
-                raise NotFoundError(f"no user #{user_id}")
+            # A linked identity's own row holds nothing: the grant goes to its account.
+            account = _account_of(con, user_id)
+            rows = con.execute("SELECT granted FROM users WHERE id = ?", (account,)).fetchall()
             before: int = rows[0][0]
             after = max(0, before + amount)
-            con.execute("UPDATE users SET granted = ? WHERE id = ?", (after, user_id))
+            con.execute("UPDATE users SET granted = ? WHERE id = ?", (after, account))
             con.execute(
                 SQL_INSERT_LEDGER,
-                (None, user_id, "grant", 0, after - before, None, time.time(), note, by_user_id),
+                (None, account, "grant", 0, after - before, None, time.time(), note, by_user_id),
             )
             return after
 
@@ -1062,6 +1167,134 @@ class Store:
         )
         return None if rows[0][0] is None else float(rows[0][0])
 
+    async def create_link_code(self, identity_id: int, *, ttl: float = LINK_CODE_TTL) -> str:
+        """A new one-time code for joining another identity to this one's account.
+
+        It replaces the identity's earlier code and is valid `ttl` seconds.
+        """
+
+        def create(con: sqlite3.Connection) -> str:
+            con.execute("DELETE FROM link_codes WHERE expires_at < ?", (time.time(),))
+            while True:
+                code = "".join(secrets.choice(LINK_CODE_ALPHABET) for _ in range(LINK_CODE_LENGTH))
+                try:
+                    con.execute(
+                        """
+                        INSERT INTO link_codes (code, user_id, expires_at) VALUES (?, ?, ?)
+                        ON CONFLICT (user_id) DO UPDATE
+                            SET code = excluded.code, expires_at = excluded.expires_at
+                        """,
+                        (code, identity_id, time.time() + ttl),
+                    )
+                except sqlite3.IntegrityError:
+                    continue  # another identity holds this very code: draw again
+                return code
+
+        return await self._write(create)
+
+    async def burn_link_code(self, code: str) -> None:
+        """Forget a code that was shown where others could read it."""
+        await self._write_one("DELETE FROM link_codes WHERE code = ?", (normalize_code(code),))
+
+    async def link(self, code: str, identity_id: int, day: date) -> LinkResult:
+        """Join the identity (and its account) to the account of the code's owner.
+
+        In one transaction: the joining account's balance, its allowance used on `day`, key,
+        language and jobs move to the other account (the credits as 'transfer' ledger rows,
+        out of one and into the other), and each of its identities points there. Of two keys
+        the newer is kept. Raises `LinkRefused` (nothing changed) for an unknown, expired or
+        own code, a banned identity on either side, two identities of one platform, accounts
+        already one, or a job of the joining account still running.
+        """
+        wanted = normalize_code(code)
+
+        def join(con: sqlite3.Connection) -> LinkResult:
+            rows = con.execute(
+                "SELECT user_id, expires_at FROM link_codes WHERE code = ?", (wanted,)
+            ).fetchall()
+            if not rows:
+                raise LinkRefused("bad_code")
+            owner, expires_at = rows[0]
+            if expires_at < time.time():
+                con.execute("DELETE FROM link_codes WHERE code = ?", (wanted,))
+                return LinkResult(0, (), expired=True)
+            if owner == identity_id:
+                raise LinkRefused("own_code")
+            dst = _account_of(con, owner)
+            src = _account_of(con, identity_id)
+            if dst == src:
+                raise LinkRefused("already")
+            members = con.execute(
+                """
+                SELECT platform, role FROM users
+                WHERE COALESCE(account_id, id) IN (?, ?)
+                """,
+                (dst, src),
+            ).fetchall()
+            if any(role == "banned" for _, role in members):
+                raise LinkRefused("banned")
+            platforms = [platform.lower() for platform, _ in members]
+            if len(platforms) != len(set(platforms)):
+                raise LinkRefused("same_platform")
+            if _has_jobs_in_flight(con, src):
+                raise LinkRefused("busy")
+            moved, key = _move_account(con, src, dst, day, note=f"link #{src} -> #{dst}")
+            con.execute(
+                "UPDATE users SET account_id = ? WHERE account_id = ? OR id = ?", (dst, src, src)
+            )
+            con.execute("DELETE FROM link_codes WHERE code = ?", (wanted,))
+            return LinkResult(dst, _identities(con, dst), moved=moved, key=key)
+
+        result = await self._write(join)
+        if result.expired:
+            raise LinkRefused("expired")
+        return result
+
+    async def unlink(self, identity_id: int, day: date) -> bool:
+        """Detach the identity from its account; False if it shares its account with none.
+
+        The credits, key, language and jobs stay with the account: when the identity was the
+        account's own row, they move (as 'transfer' rows) to the oldest other identity, which
+        then holds the account. Raises `LinkRefused("busy")` while one of its jobs runs.
+        """
+
+        def detach(con: sqlite3.Connection) -> bool:
+            account = _account_of(con, identity_id)
+            others = [
+                row[0]
+                for row in con.execute(
+                    "SELECT id FROM users WHERE COALESCE(account_id, id) = ? AND id <> ?"
+                    " ORDER BY id",
+                    (account, identity_id),
+                )
+            ]
+            if not others:
+                return False
+            if account == identity_id:
+                # The account lives in this row: hand it to the next identity first.
+                if _has_jobs_in_flight(con, identity_id):
+                    raise LinkRefused("busy")
+                heir = others[0]
+                _move_account(con, identity_id, heir, day, note=f"unlink #{identity_id}")
+                con.execute(
+                    "UPDATE users SET account_id = ? WHERE account_id = ?", (heir, identity_id)
+                )
+                con.execute("UPDATE users SET account_id = NULL WHERE id = ?", (heir,))
+            else:
+                con.execute("UPDATE users SET account_id = NULL WHERE id = ?", (identity_id,))
+            return True
+
+        return await self._write(detach)
+
+    async def identities(self, account_id: int) -> list[tuple[str, str, str]]:
+        """(platform, platform user id, name) of each identity sharing the account."""
+        rows = await self._read(
+            "SELECT platform, platform_user_id, name FROM users"
+            " WHERE COALESCE(account_id, id) = ? ORDER BY id",
+            (account_id,),
+        )
+        return [(row[0], row[1], row[2]) for row in rows]
+
     # ==== end of issue 14's section ===========================================================
 
     # --- internals ---
@@ -1072,6 +1305,7 @@ class Store:
         # takes the power away; an explicit ban still wins.
         if role != "banned" and (row["platform"].lower(), row["platform_user_id"]) in self._admins:
             role = "admin"
+        keys = row.keys()
         return User(
             id=row["id"],
             platform=row["platform"],
@@ -1081,6 +1315,8 @@ class Store:
             lang=row["lang"],
             granted=row["granted"],
             has_key=row["api_key_enc"] is not None,
+            # A plain users row (no _USER_SELECT) is its own identity.
+            identity_id=row["identity_id"] if "identity_id" in keys else row["id"],
         )
 
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
@@ -1421,6 +1657,109 @@ def _in_transaction(con: sqlite3.Connection, body: Callable[[sqlite3.Connection]
             con.execute("ROLLBACK")
         raise
     return result
+
+
+def normalize_code(code: str) -> str:
+    """A link code as stored: upper case, without spaces or dashes people add."""
+    return "".join(ch for ch in code.upper() if ch.isalnum())
+
+
+def _account_of(con: sqlite3.Connection, identity_id: int) -> int:
+    rows = con.execute(
+        "SELECT COALESCE(account_id, id) FROM users WHERE id = ?", (identity_id,)
+    ).fetchall()
+    if not rows:
+        raise NotFoundError(f"no user #{identity_id}")
+    return int(rows[0][0])
+
+
+def _identities(con: sqlite3.Connection, account_id: int) -> tuple[tuple[str, str], ...]:
+    rows = con.execute(
+        "SELECT platform, platform_user_id FROM users WHERE COALESCE(account_id, id) = ?"
+        " ORDER BY id",
+        (account_id,),
+    ).fetchall()
+    return tuple((row[0], row[1]) for row in rows)
+
+
+def _has_jobs_in_flight(con: sqlite3.Connection, account_id: int) -> bool:
+    # A queued job may not have reserved yet: it would reserve against the old row.
+    rows = con.execute(
+        """
+        SELECT EXISTS (SELECT 1 FROM jobs WHERE user_id = ? AND status IN ('queued', 'running'))
+            OR EXISTS (SELECT 1 FROM reservations WHERE user_id = ? AND state = 'reserved')
+        """,
+        (account_id, account_id),
+    ).fetchall()
+    return bool(rows[0][0])
+
+
+def _transfer(
+    con: sqlite3.Connection, src: int, dst: int, daily: int, balance: int, day: str, note: str
+) -> None:
+    # A pair of rows that sum to zero: out of one account, into the other.
+    for user_id, sign in ((src, -1), (dst, 1)):
+        con.execute(
+            SQL_INSERT_LEDGER,
+            (None, user_id, "transfer", sign * daily, sign * balance, day, time.time(), note, None),
+        )
+
+
+def _move_account(
+    con: sqlite3.Connection, src: int, dst: int, day: date, note: str
+) -> tuple[int, str]:
+    """Move what account row `src` holds into `dst` (no job of `src` may be in flight).
+
+    Returns (balance moved, what became of the keys: "" none moved, "moved", "kept_newer"
+    when both had one and `dst`'s was newer, "took_newer" when `src`'s was).
+    """
+    iso_day = day.isoformat()
+    src_row = con.execute(
+        "SELECT granted, api_key_enc, key_set_at, lang FROM users WHERE id = ?", (src,)
+    ).fetchall()[0]
+    dst_row = con.execute(
+        "SELECT api_key_enc, key_set_at FROM users WHERE id = ?", (dst,)
+    ).fetchall()[0]
+    granted = int(src_row[0])
+    used_rows = con.execute(
+        "SELECT used FROM daily_usage WHERE user_id = ? AND day = ?", (src, iso_day)
+    ).fetchall()
+    used = int(used_rows[0][0]) if used_rows else 0
+    if granted:
+        con.execute(
+            "UPDATE users SET granted = granted - ? WHERE id = ? AND granted >= ?",
+            (granted, src, granted),
+        )
+        con.execute("UPDATE users SET granted = granted + ? WHERE id = ?", (granted, dst))
+    if used:
+        # One allowance a day: what the joining account used today counts for the joint one.
+        con.execute(
+            "UPDATE daily_usage SET used = used - ? WHERE user_id = ? AND day = ?",
+            (used, src, iso_day),
+        )
+        con.execute(
+            """
+            INSERT INTO daily_usage (user_id, day, used) VALUES (?, ?, ?)
+            ON CONFLICT (user_id, day) DO UPDATE SET used = used + excluded.used
+            """,
+            (dst, iso_day, used),
+        )
+    if granted or used:
+        _transfer(con, src, dst, used, granted, iso_day, note)
+    key = ""
+    if src_row[1] is not None:
+        src_newer = dst_row[0] is None or (src_row[2] or 0.0) > (dst_row[1] or 0.0)
+        if src_newer:
+            con.execute(
+                "UPDATE users SET api_key_enc = ?, key_set_at = ? WHERE id = ?",
+                (src_row[1], src_row[2], dst),
+            )
+        key = "moved" if dst_row[0] is None else ("took_newer" if src_newer else "kept_newer")
+        con.execute("UPDATE users SET api_key_enc = NULL, key_set_at = NULL WHERE id = ?", (src,))
+    con.execute("UPDATE users SET lang = COALESCE(lang, ?) WHERE id = ?", (src_row[3], dst))
+    con.execute("UPDATE users SET lang = NULL WHERE id = ?", (src,))
+    con.execute("UPDATE jobs SET user_id = ? WHERE user_id = ?", (dst, src))
+    return granted, key
 
 
 def _settle(con: sqlite3.Connection, job_id: int, state: str) -> sqlite3.Row | None:

@@ -166,6 +166,11 @@ async def quota(ctx: Context) -> None:
     if key:
         line = _balance_line(ctx, await _key_balance(ctx.services, ctx.user.id, key), "quota.key")
         text = f"{text}\n{line}" if line else text
+    identities = await store.identities(ctx.user.id)
+    if len(identities) > 1:
+        # One wallet across platforms (/link): say which identities share it.
+        linked = ", ".join(f"{platform}:{uid}" for platform, uid, _ in identities)
+        text = f"{text}\n{ctx.t('quota.linked', identities=linked)}"
     await ctx.chat.send_text(text, ephemeral=True)
 
 

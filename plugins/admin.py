@@ -60,7 +60,8 @@ async def _set_role(ctx: Context, role: str, key: str) -> None:
     if user is None:
         await ctx.reply("admin.user_not_found", user=ref or "?")
         return
-    await ctx.services.store.set_role(user.id, role)
+    # The identity named, not its whole /link account: roles stay per identity.
+    await ctx.services.store.set_role(user.identity_id, role)
     await ctx.reply(key, user=_name(user))
 
 

@@ -10,7 +10,7 @@ from bot.groups import answers_here
 from bot.i18n import normalize_lang
 from bot.jobs import render_error
 from bot.services import Services
-from plugins import account, admin, confirm, console, group, image
+from plugins import account, admin, confirm, console, group, image, link
 from plugins.context import Context, Handler
 from plugins.registry import find_command
 
@@ -35,6 +35,8 @@ HANDLERS: dict[str, Handler] = {
     "unban": admin.unban,
     "stats": admin.stats,
     "group": group.group,
+    "link": link.link,
+    "unlink": link.unlink,
 }
 """Command name -> handler; result actions ("original", "edit_hint") have no menu entry."""
 

@@ -138,6 +138,11 @@ GROUP = CommandSpec(
     ),
 )
 
+# One wallet across platforms: `/link` answers a code (privately), `/link CODE` on another
+# platform joins the two identities' accounts; `/unlink` detaches the caller's identity.
+LINK = CommandSpec("link", "help.link", aliases=("绑定",), text_arg="code")
+UNLINK = CommandSpec("unlink", "help.unlink", aliases=("解绑",))
+
 COMMANDS: tuple[CommandSpec, ...] = (
     DRAW,
     EDIT,
@@ -156,6 +161,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
     UNBAN,
     STATS,
     GROUP,
+    LINK,
+    UNLINK,
 )
 
 _BY_NAME = {name.lower(): spec for spec in COMMANDS for name in spec.all_names}

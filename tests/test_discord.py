@@ -167,6 +167,8 @@ async def test_start_identifies_without_privileged_intents_and_syncs_every_menu_
         "unban",
         "stats",
         "group",
+        "link",
+        "unlink",
         "Edit image",
     }
     draw = {o["name"]: o for o in fake.command("draw")["options"]}

@@ -33,13 +33,14 @@ def assert_ledger_exact(db_path: Path) -> dict[str, int]:
     con = sqlite3.connect(db_path)
     try:
         q = con.execute
-        # Balance: granted == grants - reserved balance + refunded balance.
+        # Balance: granted == grants - reserved balance + refunded balance + transfers (/link).
         for user_id, granted, expected in q(
             """
             SELECT u.id, u.granted, COALESCE((
                 SELECT SUM(CASE kind WHEN 'grant' THEN balance_amount
                                      WHEN 'reserve' THEN -balance_amount
-                                     WHEN 'refund' THEN balance_amount ELSE 0 END)
+                                     WHEN 'refund' THEN balance_amount
+                                     WHEN 'transfer' THEN balance_amount ELSE 0 END)
                 FROM ledger WHERE user_id = u.id), 0)
             FROM users AS u
             """
@@ -53,8 +54,9 @@ def assert_ledger_exact(db_path: Path) -> dict[str, int]:
             for user_id, day, amount in q(
                 """
                 SELECT user_id, day, SUM(CASE kind WHEN 'reserve' THEN daily_amount
-                                                   WHEN 'refund' THEN -daily_amount ELSE 0 END)
-                FROM ledger WHERE job_id IS NOT NULL GROUP BY user_id, day
+                                                   WHEN 'refund' THEN -daily_amount
+                                                   WHEN 'transfer' THEN daily_amount ELSE 0 END)
+                FROM ledger WHERE job_id IS NOT NULL OR kind = 'transfer' GROUP BY user_id, day
                 """
             )
         }
@@ -76,6 +78,16 @@ def assert_ledger_exact(db_path: Path) -> dict[str, int]:
             )
         }
         group_usage = {(g, d): used for g, d, used in q("SELECT * FROM group_usage")}
+        # Transfers only move credits between accounts: their rows sum to zero, each amount.
+        daily_moved, balance_moved = q(
+            "SELECT TOTAL(daily_amount), TOTAL(balance_amount) FROM ledger WHERE kind = 'transfer'"
+        ).fetchone()
+        assert (daily_moved, balance_moved) == (0, 0), "transfers create or destroy credits"
+        # An account holds the money: a linked identity's own row holds none.
+        held = q(
+            "SELECT COUNT(*) FROM users WHERE account_id IS NOT NULL AND granted <> 0"
+        ).fetchone()[0]
+        assert held == 0, "a linked identity's row holds credits"
         for key in groups.keys() | group_usage.keys():
             assert group_usage.get(key, 0) == groups.get(key, 0), f"group usage {key}"
         # Each reservation: exactly one reserve row with its amounts, and the settle rows its
@@ -194,19 +206,90 @@ async def test_older_database_is_upgraded_in_place(
 ) -> None:
     keybox = KeyBox.load(tmp_path)
     monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:1])
-    old = await Store.open(db_path, keybox=keybox)
-    alice = await old.user("qq", "1", "Alice")
-    await old.grant(alice.id, 3)
-    await old.close()
+    await (await Store.open(db_path, keybox=keybox)).close()
+    # The first release's rows, written as that release wrote them (today's code reads
+    # columns later migrations add).
+    con = sqlite3.connect(db_path)
+    with con:
+        con.execute(
+            "INSERT INTO users (id, platform, platform_user_id, name, granted, created_at)"
+            " VALUES (1, 'qq', '1', 'Alice', 3, 0)"
+        )
+        con.execute(
+            "INSERT INTO ledger (user_id, kind, balance_amount, created_at)"
+            " VALUES (1, 'grant', 3, 0)"
+        )
+    con.close()
     monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS)
 
     new = await Store.open(db_path, keybox=keybox)
-    assert (await new.user("qq", "1")).granted == 3
+    alice = await new.user("qq", "1")
+    assert (alice.id, alice.granted, alice.name) == (1, 3, "Alice")
     await new.remember_message("qq", "g", "m", await new_job(new, alice.id))
     await new.close()
     con = sqlite3.connect(db_path)
     assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) > 1
     con.close()
+    assert_ledger_exact(db_path)
+
+
+async def test_the_link_migration_rebuilds_the_ledger_keeping_rows_indexes_and_triggers(
+    tmp_path: Path, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keybox = KeyBox.load(tmp_path)
+    before = next(i for i, script in enumerate(MIGRATIONS) if "link_codes" in script)
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:before])
+    await (await Store.open(db_path, keybox=keybox)).close()
+    con = sqlite3.connect(db_path)
+    with con:
+        con.execute(
+            "INSERT INTO users (id, platform, platform_user_id, granted, created_at)"
+            " VALUES (1, 'qq', '1', 1, 0)"
+        )
+        con.execute(
+            "INSERT INTO jobs (id, user_id, platform, chat_id, kind, prompt, status, created_at)"
+            " VALUES (7, 1, 'qq', 'c', 'draw', 'p', 'succeeded', 0)"
+        )
+        con.execute("INSERT INTO reservations VALUES (7, 1, 2, 1, '2025-03-01', NULL, 'committed')")
+        for kind, note in (("grant", "gift"), ("reserve", ""), ("commit", "")):
+            con.execute(
+                "INSERT INTO ledger (job_id, user_id, kind, daily_amount, balance_amount, day,"
+                " created_at, note) VALUES (?, 1, ?, ?, ?, ?, 1.5, ?)",
+                (
+                    None if kind == "grant" else 7,
+                    kind,
+                    0 if kind == "grant" else 2,
+                    2 if kind == "grant" else 1,
+                    None if kind == "grant" else "2025-03-01",
+                    note,
+                ),
+            )
+        con.execute("INSERT INTO daily_usage VALUES (1, '2025-03-01', 2)")
+    old_rows = con.execute("SELECT * FROM ledger ORDER BY id").fetchall()
+    con.close()
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS)
+
+    await (await Store.open(db_path, keybox=keybox)).close()
+
+    con = sqlite3.connect(db_path)
+    assert con.execute("SELECT * FROM ledger ORDER BY id").fetchall() == old_rows
+    names = {row[0] for row in con.execute("SELECT name FROM sqlite_master")}
+    assert {"ledger_one_per_job_and_kind", "ledger_user", "ledger_day"} <= names
+    assert {"ledger_no_update", "ledger_no_delete", "users_account", "link_codes"} <= names
+    assert "ledger_new" not in names
+    for statement in ("UPDATE ledger SET note = 'x'", "DELETE FROM ledger"):
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            con.execute(statement)
+    with pytest.raises(sqlite3.IntegrityError):  # one reserve per job, still
+        con.execute(
+            "INSERT INTO ledger (job_id, user_id, kind, created_at) VALUES (7, 1, 'reserve', 0)"
+        )
+    with pytest.raises(sqlite3.IntegrityError):  # a transfer belongs to no job
+        con.execute(
+            "INSERT INTO ledger (job_id, user_id, kind, created_at) VALUES (7, 1, 'transfer', 0)"
+        )
+    con.close()
+    assert_ledger_exact(db_path)
 
 
 async def test_failing_migration_changes_nothing(

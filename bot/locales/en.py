@@ -353,4 +353,33 @@ MESSAGES: dict[str, str] = {
     "not {value}.",
     "group.bad_cap": "The cap is a whole number of credits a day (off: none), not {value}.",
     "group.bad_cooldown": "The cooldown is whole seconds from 0 to {max}, not {value}.",
+    # --- /link, /unlink (issue 14) ---
+    "help.link": "One wallet on every platform: /link gives a code, /link CODE on another "
+    "platform joins the two",
+    "help.unlink": "Detach this platform's identity from your linked account",
+    "arg.code": "[code]",
+    "opt.code": "The code /link gave you on another platform",
+    "link.code": "Your link code: {code}\nWithin {minutes} minutes, send /link {code} to the "
+    "bot from your account on another platform (in a private chat there). Both then share one "
+    "balance, one daily allowance, one key and one language.",
+    "link.private_only": "Send /link to me in a private chat: the code must not be seen by others.",
+    "link.code_exposed": "That code was posted where others can read it, so it no longer works. "
+    "Get a new one with /link in a private chat and send /link CODE privately.",
+    "link.done": "Linked. These identities now share one account: {identities}",
+    "link.moved": "{credits} credits from this account were added to the joint balance.",
+    "link.key_kept": "Both accounts had a key; the newer one ({masked}) is kept.",
+    "link.refused.bad_code": "That code is not valid. Get a new one with /link.",
+    "link.refused.expired": "That code has expired (codes last 10 minutes). Get a new one with "
+    "/link.",
+    "link.refused.own_code": "That is your own code: send it from your account on another "
+    "platform.",
+    "link.refused.already": "These identities already share one account.",
+    "link.refused.banned": "A banned identity cannot be linked.",
+    "link.refused.same_platform": "An account can hold one identity per platform, and this one "
+    "already has an identity on this platform.",
+    "link.refused.busy": "Wait until your running jobs have finished, then try again.",
+    "unlink.done": "Detached. The credits stay with the account on your other platforms; here "
+    "you start afresh.",
+    "unlink.not_linked": "This identity is not linked to any other.",
+    "quota.linked": "Linked identities: {identities}",
 }

@@ -315,4 +315,27 @@ MESSAGES: dict[str, str] = {
     "group.bad_quality": "画质为 low、medium、high 或 auto(off:用机器人默认),而不是 {value}。",
     "group.bad_cap": "上限是每天的额度整数(off:不设),而不是 {value}。",
     "group.bad_cooldown": "冷却是 0 到 {max} 之间的整数秒,而不是 {value}。",
+    # --- /link、/unlink(issue 14)---
+    "help.link": "各平台共用一个钱包:/绑定 给出绑定码,在另一平台发送 /绑定 绑定码 即合并",
+    "help.unlink": "把本平台的身份从已绑定的账户中解除",
+    "arg.code": "[绑定码]",
+    "opt.code": "在另一平台用 /绑定 得到的绑定码",
+    "link.code": "你的绑定码:{code}\n请在 {minutes} 分钟内,用你在另一平台的账号向机器人发送 "
+    "/绑定 {code}(在那边的私聊里)。之后两边共用一个余额、一份每日额度、一个密钥和一种语言。",
+    "link.private_only": "请在私聊里向我发送 /绑定:绑定码不能让别人看到。",
+    "link.code_exposed": "这个绑定码发在了别人能看到的地方,已经作废。请在私聊里用 /绑定 重新获取,"
+    "并在私聊里发送 /绑定 绑定码。",
+    "link.done": "绑定成功。以下身份现在共用一个账户:{identities}",
+    "link.moved": "本账户的 {credits} 额度已并入共同余额。",
+    "link.key_kept": "两个账户都绑定了密钥;保留了较新的那个({masked})。",
+    "link.refused.bad_code": "绑定码无效。请用 /绑定 重新获取。",
+    "link.refused.expired": "绑定码已过期(有效期 10 分钟)。请用 /绑定 重新获取。",
+    "link.refused.own_code": "这是你自己的绑定码:请用你在另一平台的账号发送。",
+    "link.refused.already": "这些身份已经共用一个账户。",
+    "link.refused.banned": "被封禁的身份不能绑定。",
+    "link.refused.same_platform": "一个账户在每个平台只能有一个身份,而该账户在这个平台已有身份。",
+    "link.refused.busy": "请等你正在进行的任务结束后再试。",
+    "unlink.done": "已解除。额度留在你其他平台的账户里;这里重新开始。",
+    "unlink.not_linked": "这个身份没有和其他身份绑定。",
+    "quota.linked": "已绑定的身份:{identities}",
 }
