@@ -760,6 +760,11 @@ class Store:
             if not rows:
                 raise NotFoundError(f"no job #{job_id} or no user #{user_id}")
             owner, status, state, daily_used, balance, group_used = rows[0]
+            linked = con.execute("SELECT account_id FROM users WHERE id = ?", (user_id,)).fetchall()
+            if linked and linked[0][0] is not None:
+                # /link moved this row's account elsewhere after the caller read the user:
+                # charging it would hand out a second daily allowance.
+                raise ReservationError(f"user #{user_id} was linked into another account")
             if owner != user_id:
                 raise ReservationError(f"job #{job_id} belongs to user #{owner}")
             if state is not None:

@@ -287,6 +287,31 @@ async def test_link_waits_for_the_joining_accounts_running_jobs(services: Servic
     assert len(await store.identities(b.id)) == 1
 
 
+async def test_a_job_of_an_identity_linked_away_meanwhile_is_not_charged_to_its_old_row(
+    services: Services,
+) -> None:
+    """The caller read the user before /link moved the account: no second allowance."""
+    store = services.store
+    stale = await store.user("qq", "200")
+    code = await store.create_link_code((await store.user("telegram", "100")).identity_id)
+    await store.link(code, stale.identity_id, DAY)
+    job = await store.create_job(
+        user_id=stale.id,
+        platform="qq",
+        chat_id="private:200",
+        group_key=None,
+        kind="draw",
+        prompt="p",
+        options={},
+        ref_count=0,
+        own_key=False,
+    )
+    with pytest.raises(ReservationError):
+        await store.reserve(job, user_id=stale.id, cost=1, day=DAY, daily_allowance=5)
+    assert (await store.credits(stale.id, DAY, 5)).daily_used == 0
+    assert_ledger_exact(db_path(services))
+
+
 # --- through the fakes: a Telegram and a QQ identity --------------------------------------
 
 
@@ -359,6 +384,11 @@ async def test_a_telegram_and_a_qq_identity_linked_through_the_fakes_share_one_w
     await services.jobs.wait_idle()
 
     assert len(linked_text.seen) == 1 and len(expired_text.seen) == 1
+    # Telegram's menu carries the new commands, in both languages' menus.
+    menus = fake.calls_of("setMyCommands")
+    assert menus
+    for call in menus:
+        assert {"link", "unlink", "group"} <= {c["command"] for c in call.json("commands")}
     assert len(mock_upstream.requests) == 2
     # Three images, charged to one account: its one allowance (5) first, then the balance.
     assert await left(services, "telegram", "9001") == (2, 2)
