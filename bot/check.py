@@ -12,7 +12,6 @@ The chat platforms are asked over plain HTTPS with httpx: `bot/` imports no chat
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import sys
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from bot import probe
-from bot.config import ProviderConfig, Settings, env_name
+from bot.config import ProviderConfig, Settings, env_name, is_loopback_host
 from bot.proxies import proxy_from_setting
 from bot.secrets import mask_key
 from bot.upstream import USER_AGENT
@@ -174,16 +173,6 @@ async def _get(url: str, headers: dict[str, str], proxy: str, deadline: float) -
         return response.status_code, None
 
 
-def _is_loopback(host: str) -> bool:
-    host = host.strip().strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_onebot_bind(settings: Settings) -> Row:
     """Whether the OneBot endpoint's `HOST:PORT` can be bound right now (bound, then closed).
 
@@ -193,7 +182,7 @@ def check_onebot_bind(settings: Settings) -> Row:
     """
     host, port = settings.host, settings.port
     target = f"{host}:{port}"
-    exposed = not (settings.onebot_access_token or _is_loopback(host))
+    exposed = not (settings.onebot_access_token or is_loopback_host(host))
     if exposed and not settings.qq_allow_no_token:
         return Row(
             "qq (OneBot)",

@@ -6,6 +6,7 @@ operators and outside checks: add new ones, never rename.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from pathlib import Path
@@ -54,9 +55,11 @@ CONSOLE_MIN_PASSWORD: Final = 12
 
 
 def is_loopback_host(host: str) -> bool:
-    """Whether `host` (a name or an address) only listens on this machine."""
-    import ipaddress  # only the console's checks need it
+    """Whether `host` (a name or an address) only listens on this machine.
 
+    127.0.0.0/8, ::1 (bracketed or not) and `localhost`; any other name counts as exposed.
+    The one rule for the OneBot endpoint, the console and `drawbridge check`.
+    """
     host = host.strip().strip("[]").lower()
     if host == "localhost":
         return True

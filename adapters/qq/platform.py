@@ -30,7 +30,7 @@ from nonebot.matcher import Matcher
 from adapters.qq import redaction
 from adapters.qq.chat import SendPacer
 from adapters.qq.handler import QQHandler, build_matcher
-from bot.config import Settings
+from bot.config import Settings, is_loopback_host
 from bot.services import Services
 from bot.startup import listen_error
 
@@ -298,7 +298,7 @@ def refuse_if_exposed(settings: Settings) -> None:
     A `SystemExit` rather than an exception: this is the operator's setting to fix, and a
     traceback would only hide the one line that says how.
     """
-    if settings.onebot_access_token or _is_loopback(settings.host):
+    if settings.onebot_access_token or is_loopback_host(settings.host):
         return
     if not settings.qq_allow_no_token:
         print(exposure_message(settings), file=sys.stderr, flush=True)
@@ -330,15 +330,6 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _is_loopback(host: str) -> bool:
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _url_host(host: str) -> str:
