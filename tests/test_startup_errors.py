@@ -57,6 +57,23 @@ def upstream(mock: MockUpstream) -> dict[str, str]:
     return {"DRAWBRIDGE_API_BASE": mock.base_url, "DRAWBRIDGE_API_KEY": "sk-test-start-000000"}
 
 
+async def test_console_port_in_use_is_one_line_naming_its_port_and_exit_1(
+    tmp_path: Path, mock_upstream: MockUpstream
+) -> None:
+    with taken_port() as port:
+        code, output = await drawbridge(
+            tmp_path,
+            "run",
+            DRAWBRIDGE_CONSOLE_PASSWORD="console-start-test-pass",
+            DRAWBRIDGE_CONSOLE_PORT=str(port),
+            **upstream(mock_upstream),
+        )
+    assert code == 1, output
+    assert "Traceback" not in output
+    [line] = error_lines(output)
+    assert f"127.0.0.1:{port}" in line and "DRAWBRIDGE_CONSOLE_PORT" in line
+
+
 async def test_qq_port_in_use_is_one_line_naming_port_and_exit_1(
     tmp_path: Path, mock_upstream: MockUpstream
 ) -> None:

@@ -10,17 +10,13 @@ is an ordinary `OSError` from `start` and uvicorn never calls `sys.exit` or touc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import ipaddress
 import logging
 import os
-import socket
 import sys
-from collections.abc import Iterator
 
 import nonebot
-import uvicorn
 from nonebot.adapters.onebot.utils import get_auth_bearer
 from nonebot.adapters.onebot.v11 import Adapter as OneBotAdapter
 from nonebot.adapters.onebot.v11 import Message, MessageSegment
@@ -32,6 +28,7 @@ from adapters.qq.chat import SendPacer
 from adapters.qq.handler import QQHandler, build_matcher
 from bot.config import Settings, is_loopback_host
 from bot.services import Services
+from bot.serving import AppServer, bind
 from bot.startup import listen_error
 
 log = logging.getLogger("drawbridge.qq")
@@ -49,14 +46,6 @@ SERVER_GRACE = 8.0
 _NO_ENV_FILES = (os.devnull,)
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its signal handlers: `drawbridge run` owns SIGINT and SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 class QQPlatform:
     """Serves the OneBot v11 reverse WebSocket at `ws://HOST:PORT/onebot/v11/ws`."""
 
@@ -70,14 +59,13 @@ class QQPlatform:
         self.handler = QQHandler(services, SendPacer(pace_seconds))
         self.address: tuple[str, int] | None = None
         self._matcher: type[Matcher] | None = None
-        self._server: _Server | None = None
-        self._serving: asyncio.Task[None] | None = None
+        self._server: AppServer | None = None
         # Before nonebot exists: its first log lines may already carry values from `.env`.
         redaction.install(redaction.secrets_of(settings))
 
     async def start(self) -> None:
         """Listen for OneBot implementations; returns once the endpoint accepts connections."""
-        if self._serving is not None:
+        if self._server is not None:
             return
         # Before anything listens: an open endpoint lets anyone speak as any QQ user.
         refuse_if_exposed(self.settings)
@@ -87,7 +75,7 @@ class QQPlatform:
         ensure_adapter(driver, self.settings.onebot_access_token)
         redaction.quiet_frame_dumps()
         try:
-            sock = _bind(self.settings.host, self.settings.port)
+            sock = bind(self.settings.host, self.settings.port)
         except OSError as exc:
             raise listen_error(
                 "QQ (OneBot endpoint)",
@@ -98,22 +86,16 @@ class QQPlatform:
                 port_name="PORT",
             ) from None
         self.address = sock.getsockname()[:2]
-        config = uvicorn.Config(
-            driver.server_app,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=5,
+        # nonebot's startup and shutdown hooks run from the app's lifespan.
+        self._server = AppServer(
+            driver.server_app, name="the OneBot endpoint", lifespan="on", grace=SERVER_GRACE
         )
-        self._server = _Server(config)
         self._matcher = build_matcher(self.handler)
-        self._serving = asyncio.create_task(self._serve(self._server, sock), name="qq-onebot")
-        while not self._server.started:
-            if self._serving.done():
-                failure = None if self._serving.cancelled() else self._serving.exception()
-                await self.stop()
-                raise RuntimeError("the OneBot endpoint did not start") from failure
-            await asyncio.sleep(0.02)
+        try:
+            await self._server.start(sock)
+        except BaseException:
+            await self.stop()
+            raise
         host, port = self.address
         log.info("qq: OneBot v11 endpoint at ws://%s:%d%s", _url_host(host), port, WS_PATH)
 
@@ -135,8 +117,8 @@ class QQPlatform:
 
     async def wait_ended(self) -> None:
         """Return if the OneBot endpoint stops serving by itself."""
-        if self._serving is not None:
-            await asyncio.wait({self._serving})
+        if self._server is not None:
+            await self._server.wait_ended()
 
     async def stop(self) -> None:
         """Stop taking commands, let those being handled finish, close the endpoint."""
@@ -144,30 +126,9 @@ class QQPlatform:
             self._matcher.destroy()
             self._matcher = None
         await self.handler.drain(HANDLER_GRACE)
-        serving, server = self._serving, self._server
-        self._serving = self._server = None
-        if serving is None or server is None:
-            return
-        server.should_exit = True
-        try:
-            await asyncio.wait_for(asyncio.shield(serving), timeout=SERVER_GRACE)
-        except TimeoutError:
-            server.force_exit = True
-            serving.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await serving
-        except Exception:
-            log.warning("qq: the OneBot endpoint stopped with an error", exc_info=True)
-
-    @staticmethod
-    async def _serve(server: _Server, sock: socket.socket) -> None:
-        try:
-            await server.serve(sockets=[sock])
-        except SystemExit as exc:
-            # uvicorn exits the process when the app's startup fails; a task must not.
-            raise RuntimeError("uvicorn gave up serving the OneBot endpoint") from exc
-        finally:
-            sock.close()
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop()
 
 
 def ensure_driver(settings: Settings) -> Driver:
@@ -310,18 +271,6 @@ def refuse_if_exposed(settings: Settings) -> None:
         settings.host,
         settings.port,
     )
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host.strip("[]"), port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def _is_ip(host: str) -> bool:
