@@ -581,7 +581,7 @@ async def test_logs_page_shows_lines_redacted_with_a_level_filter(
     app, _ = console
     noisy = logging.getLogger("drawbridge.test-console")
     noisy.setLevel(logging.DEBUG)
-    secret = "sk-abcdefghijklmnop1234"
+    secret = "sk-test-console-0123456789"
     noisy.warning("relay refused key %s", secret)
     noisy.info("an info line for the console")
     async with logged_in(app) as (http, _):
