@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from bot.chat import ChatLimits, Invocation, MessageRef, OutFile, ResultMeta
 from bot.errors import DeliveryError
+from bot.jobs import today
 from bot.services import Services
 from plugins.dispatch import dispatch
 
@@ -113,3 +115,18 @@ async def run_command(
     await dispatch(inv, chat, services)
     await services.jobs.wait_idle()
     return chat
+
+
+async def left(services: Services, user_id: str = "u1") -> int:
+    """Credits the test user has left today."""
+    user = await services.store.user("test", user_id)
+    credits = await services.store.credits(
+        user.id, today(services.settings), services.settings.daily_credits
+    )
+    return credits.total_left
+
+
+def job_count(services: Services) -> int:
+    """Job rows in the store's file, read with plain sqlite3."""
+    with sqlite3.connect(services.settings.data_dir / "drawbridge.sqlite3") as db:
+        return int(db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from tests import test_discord
 from tests.bot_process import BotProcess, bot_env
 from tests.fake_onebot import FakeOneBot, ImageHost, text
 from tests.fake_telegram import ApiCall, FakeTelegram
-from tests.recording_chat import RecordingChat, Sent, invocation, run_command
+from tests.recording_chat import RecordingChat, Sent, invocation, job_count, left, run_command
 from tests.test_discord import Bot as DiscordBot
 from tests.test_qq_e2e import (
     SELF_ID,
@@ -68,19 +67,6 @@ async def costly(settings_factory: Callable[..., Settings]) -> AsyncIterator[Ser
         yield services
     finally:
         await services.close()
-
-
-async def left(services: Services, user_id: str = "u1") -> int:
-    user = await services.store.user("test", user_id)
-    credits = await services.store.credits(
-        user.id, today(services.settings), services.settings.daily_credits
-    )
-    return credits.total_left
-
-
-def job_count(services: Services) -> int:
-    with sqlite3.connect(services.settings.data_dir / "drawbridge.sqlite3") as db:
-        return int(db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
 
 
 COSTLY = "a castle --quality high --n 2"  # 16 credits, over 10

@@ -4,20 +4,19 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from adapters.telegram import FloodPolicy, TelegramPlatform
 from bot.config import Settings
-from bot.jobs import Quote, today
+from bot.jobs import Quote
 from bot.mock_upstream import MockUpstream
 from bot.services import Services
 from plugins.options import parse_image_args
 from tests.fake_onebot import text
 from tests.fake_telegram import FakeTelegram
-from tests.recording_chat import RecordingChat, invocation, run_command
+from tests.recording_chat import RecordingChat, invocation, job_count, left, run_command
 from tests.test_confirm import qq_bot
 from tests.test_qq_e2e import Running, _results_for, _say, _texts_for, _until, _users
 
@@ -35,19 +34,6 @@ async def priced(settings_factory: Callable[..., Settings]) -> AsyncIterator[Ser
         yield services
     finally:
         await services.close()
-
-
-async def left(services: Services, user_id: str = "u1") -> int:
-    user = await services.store.user("test", user_id)
-    credits = await services.store.credits(
-        user.id, today(services.settings), services.settings.daily_credits
-    )
-    return credits.total_left
-
-
-def job_count(services: Services) -> int:
-    with sqlite3.connect(services.settings.data_dir / "drawbridge.sqlite3") as db:
-        return int(db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
 
 
 async def test_acknowledgement_says_the_price_and_what_is_left_after_it(
