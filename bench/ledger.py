@@ -100,7 +100,7 @@ def raw_pairs(db_path: Path, pairs: int) -> float:
             (uid, "bench", "c", None, "draw", "p", '{"n":1}', 0, 0, time.time()),
         ).lastrowid
         con.execute("BEGIN IMMEDIATE")
-        _, _, _, used, _, _ = con.execute(
+        _, _, _, used, _, _, _ = con.execute(
             store_sql.SQL_RESERVE_READ, (uid, day, None, day, uid, job_id)
         ).fetchone()
         daily = min(COST, max(0, ALLOWANCE - used))

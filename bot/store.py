@@ -126,6 +126,10 @@ class User:
     # The row of this platform identity; `id` is its account's (the same unless /link
     # joined it to another). Money, key, language and jobs go by `id`; roles by identity.
     identity_id: int = 0
+    # The account's own daily allowance (set in the console); None: the configured default.
+    daily_allowance: int | None = None
+    # The last probe of the account's key ({"ok", "kind", "balance", "at"}), None: never.
+    key_probe: dict[str, Any] | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -410,6 +414,13 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT RAISE(ABORT, 'ledger is append-only');
     END;
     """,
+    # 9: the operator console's per-user settings: a daily allowance of the user's own (NULL:
+    # DRAWBRIDGE_DAILY_CREDITS) and the last probe of the user's key (JSON: ok, kind, balance,
+    # at), shown masked beside the key.
+    """
+    ALTER TABLE users ADD COLUMN daily_allowance INTEGER CHECK (daily_allowance >= 0);
+    ALTER TABLE users ADD COLUMN key_probe TEXT;
+    """,
 )
 
 _GROUP_RULES = frozenset({"enabled", "size", "quality", "cap", "cooldown"})
@@ -439,7 +450,8 @@ SQL_RESERVE_READ = """
     SELECT j.user_id, j.status, r.state,
            COALESCE((SELECT used FROM daily_usage WHERE user_id = ? AND day = ?), 0),
            u.granted,
-           COALESCE((SELECT used FROM group_usage WHERE group_key = ? AND day = ?), 0)
+           COALESCE((SELECT used FROM group_usage WHERE group_key = ? AND day = ?), 0),
+           u.daily_allowance
     FROM jobs AS j
     JOIN users AS u ON u.id = ?
     LEFT JOIN reservations AS r ON r.job_id = j.id
@@ -478,7 +490,7 @@ SQL_SETTLE = """
 # users through this, so every identity of one account charges the same row.
 _USER_SELECT = """
     SELECT i.id AS identity_id, i.platform, i.platform_user_id, i.name, i.role,
-           a.id AS id, a.lang, a.granted, a.api_key_enc
+           a.id AS id, a.lang, a.granted, a.api_key_enc, a.daily_allowance, a.key_probe
     FROM users AS i JOIN users AS a ON a.id = COALESCE(i.account_id, i.id)
 """
 
@@ -604,6 +616,24 @@ class Store:
             raise ValueError(f"unknown role {role!r}")
         await self._update_user(user_id, "UPDATE users SET role = ? WHERE id = ?", (role, user_id))
 
+    async def set_daily_allowance(self, user_id: int, allowance: int | None) -> None:
+        """Give the account a daily allowance of its own; None goes back to the configured
+        one (`credits` and `reserve` use it in place of the `daily_allowance` they are given).
+        """
+        if allowance is not None and allowance < 0:
+            raise ValueError("daily allowance must not be negative")
+        await self._update_user(
+            user_id, "UPDATE users SET daily_allowance = ? WHERE id = ?", (allowance, user_id)
+        )
+
+    async def set_key_probe(self, user_id: int, result: dict[str, Any] | None) -> None:
+        """Remember the last probe of the account's key (None forgets it)."""
+        await self._update_user(
+            user_id,
+            "UPDATE users SET key_probe = ? WHERE id = ?",
+            (None if result is None else _dumps(result), user_id),
+        )
+
     async def set_lang(self, user_id: int, lang: str | None) -> None:
         """Remember the user's language; None goes back to the default."""
         await self._update_user(user_id, "UPDATE users SET lang = ? WHERE id = ?", (lang, user_id))
@@ -650,15 +680,19 @@ class Store:
         rows = await self._read(
             """
             SELECT u.granted,
-                   COALESCE((SELECT used FROM daily_usage WHERE user_id = u.id AND day = ?), 0)
+                   COALESCE((SELECT used FROM daily_usage WHERE user_id = u.id AND day = ?), 0),
+                   u.daily_allowance
             FROM users AS u WHERE u.id = ?
             """,
             (day.isoformat(), user_id),
         )
         if not rows:
             raise NotFoundError(f"no user #{user_id}")
+        own = rows[0][2]
         return Credits(
-            daily_allowance=max(0, daily_allowance), daily_used=rows[0][1], balance=rows[0][0]
+            daily_allowance=max(0, daily_allowance if own is None else own),
+            daily_used=rows[0][1],
+            balance=rows[0][0],
         )
 
     async def group_used(self, group_key: str, day: date) -> int:
@@ -751,7 +785,6 @@ class Store:
         if cost < 0:
             raise ValueError("cost must not be negative")
         iso_day = day.isoformat()
-        allowance = max(0, daily_allowance)
 
         def take(con: sqlite3.Connection) -> None:
             rows = con.execute(
@@ -759,7 +792,9 @@ class Store:
             ).fetchall()
             if not rows:
                 raise NotFoundError(f"no job #{job_id} or no user #{user_id}")
-            owner, status, state, daily_used, balance, group_used = rows[0]
+            owner, status, state, daily_used, balance, group_used, own_allowance = rows[0]
+            # The account's own allowance (set in the console) replaces the configured one.
+            allowance = max(0, daily_allowance if own_allowance is None else own_allowance)
             linked = con.execute("SELECT account_id FROM users WHERE id = ?", (user_id,)).fetchall()
             if linked and linked[0][0] is not None:
                 # /link moved this row's account elsewhere after the caller read the user:
@@ -1322,6 +1357,8 @@ class Store:
             has_key=row["api_key_enc"] is not None,
             # A plain users row (no _USER_SELECT) is its own identity.
             identity_id=row["identity_id"] if "identity_id" in keys else row["id"],
+            daily_allowance=row["daily_allowance"],
+            key_probe=None if row["key_probe"] is None else json.loads(row["key_probe"]),
         )
 
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:

@@ -469,6 +469,38 @@ async def test_reserve_spends_daily_allowance_before_balance(store: Store) -> No
     assert await store.ledger_sum(user.id) == 7
 
 
+async def test_a_users_own_daily_allowance_replaces_the_configured_one(
+    store: Store, db_path: Path
+) -> None:
+    user = await store.user("qq", "1")
+    await store.set_daily_allowance(user.id, 2)
+    assert (await store.user("qq", "1")).daily_allowance == 2
+    assert await store.credits(user.id, DAY, 5) == Credits(2, 0, 0)
+    await reserve(store, user.id, 2, allowance=5)
+    with pytest.raises(InsufficientCreditsError):
+        await reserve(store, user.id, 1, allowance=5)  # the configured 5 no longer counts
+    await store.set_daily_allowance(user.id, None)
+    assert await store.credits(user.id, DAY, 5) == Credits(5, 2, 0)
+    await reserve(store, user.id, 3, allowance=5)
+    with pytest.raises(ValueError):
+        await store.set_daily_allowance(user.id, -1)
+    assert_ledger_exact(db_path)
+
+
+async def test_the_last_key_probe_is_kept_with_the_account(store: Store) -> None:
+    user = await store.user("qq", "1")
+    assert user.key_probe is None
+    await store.set_key_probe(user.id, {"ok": True, "kind": "", "balance": 12.5, "at": 1.0})
+    assert (await store.user("qq", "1")).key_probe == {
+        "ok": True,
+        "kind": "",
+        "balance": 12.5,
+        "at": 1.0,
+    }
+    await store.set_key_probe(user.id, None)
+    assert (await store.user("qq", "1")).key_probe is None
+
+
 async def test_new_day_resets_the_allowance_but_not_the_balance(store: Store) -> None:
     user = await store.user("qq", "1")
     await store.grant(user.id, 2)
