@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """Whether a platform is connected to its chat service now, as `/healthz` reports it.
+
+    `detail` is a few words for an operator ("OneBot 10001 connected", "getUpdates failing:
+    TelegramNetworkError"), never a secret.
+    """
+
+    connected: bool
+    detail: str = ""
 
 
 class Platform(Protocol):
@@ -28,4 +41,12 @@ class Platform(Protocol):
     async def wait_ended(self) -> None:
         """Return if the platform's connection ends by itself after `start` (never while it
         is healthy), so `drawbridge run` can stop and let a supervisor restart it."""
+        ...
+
+    def connection(self) -> Connection:
+        """Whether commands can reach the bot through this platform right now.
+
+        Cheap and synchronous: `/healthz` asks every platform on each probe. A platform that
+        reconnects by itself (a OneBot client gone, polling failing) reports False meanwhile.
+        """
         ...

@@ -80,6 +80,7 @@ async def run(settings: Settings) -> int:
             platform = factory(settings, services)
             await platform.start()
             started.append(platform)
+            services.platforms[name] = platform
             log.info("%s ready", name)
         else:
             log.info("drawbridge ready: %s", ", ".join(names))
@@ -101,6 +102,7 @@ async def run(settings: Settings) -> int:
         services.jobs.stop_intake()
         await services.jobs.shutdown(settings.shutdown_grace)
         for platform in reversed(started):
+            services.platforms.pop(platform.name, None)
             try:
                 await asyncio.wait_for(platform.stop(), timeout=15)
             except Exception:

@@ -13,6 +13,7 @@ from bot.config import Settings
 from bot.datadir import secure_data_dir
 from bot.i18n import normalize_lang, t
 from bot.jobs import JobRunner
+from bot.platform import Platform
 from bot.proxies import proxy_from_setting
 from bot.secrets import KeyBox
 from bot.store import Store
@@ -63,6 +64,9 @@ class Services:
         self.recovered: list[int] = []
         # One-time console login links: issued by /console, redeemed by the console.
         self.console_links = LoginLinks()
+        # The platforms `drawbridge run` started, by name, while they run: the console's
+        # /healthz asks each for its connection.
+        self.platforms: dict[str, Platform] = {}
         self._closed = False
 
     @classmethod

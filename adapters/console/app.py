@@ -38,6 +38,7 @@ from adapters.console.logbuffer import LogBuffer
 from bot.config import Settings, is_loopback_host
 from bot.i18n import LANGUAGES, t
 from bot.jobs import today
+from bot.platform import Connection
 from bot.services import Services
 from bot.store import NotFoundError, StoreError
 
@@ -200,10 +201,19 @@ class Console:
     # --- open endpoints ---
 
     async def healthz(self, request: Request) -> Response:
-        # The console can only vouch for itself: a chat platform that disconnects stops
-        # `drawbridge run` (exit 1), so while this answers, the process's platforms are up.
-        platforms = {name: "up" for name in self.settings.enabled_platforms()}
-        return JSONResponse({"status": "ok", "platforms": platforms})
+        # Each configured chat platform says whether it is connected now (a OneBot client
+        # gone, Telegram polling failing, Discord's gateway reconnecting): 503 while any is
+        # not, so Docker or Kubernetes see it. With none configured the console alone is up.
+        platforms: dict[str, dict[str, Any]] = {}
+        for name in self.settings.chat_platforms():
+            platform = self.services.platforms.get(name)
+            state = platform.connection() if platform else Connection(False, "not started")
+            platforms[name] = {"connected": state.connected, "detail": state.detail}
+        up = all(state["connected"] for state in platforms.values())
+        return JSONResponse(
+            {"status": "ok" if up else "disconnected", "platforms": platforms},
+            status_code=200 if up else 503,
+        )
 
     async def metrics(self, request: Request) -> Response:
         token = self.settings.metrics_token

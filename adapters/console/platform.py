@@ -13,6 +13,7 @@ from adapters.console.app import Console
 from adapters.console.logbuffer import LogBuffer
 from bot.config import Settings
 from bot.logs import add_secrets
+from bot.platform import Connection
 from bot.services import Services
 from bot.serving import AppServer, bind
 from bot.startup import listen_error
@@ -70,6 +71,10 @@ class ConsolePlatform:
     async def notify(self, chat_id: str, text: str) -> None:
         """The console has no chats: nothing is ever announced here."""
         raise LookupError("the console has no chats")
+
+    def connection(self) -> Connection:
+        """The console is up while it serves (it is what answers /healthz)."""
+        return Connection(self._server is not None, "serving" if self._server else "stopped")
 
     async def wait_ended(self) -> None:
         """Return if the server stops by itself."""

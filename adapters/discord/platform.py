@@ -13,6 +13,7 @@ import discord
 from discord import app_commands
 
 from bot.config import Settings
+from bot.platform import Connection
 from bot.proxies import aiohttp_connector, proxy_from_setting
 from bot.services import Services
 from bot.startup import SETTINGS, StartupError
@@ -213,6 +214,22 @@ class DiscordPlatform:
         if not isinstance(channel, discord.abc.Messageable):
             raise RuntimeError(f"channel {chat_id} cannot take messages")
         await channel.send(text, allowed_mentions=discord.AllowedMentions.none())
+
+    def connection(self) -> Connection:
+        """Connected while the client is ready, not closed, and its gateway WebSocket open.
+
+        discord.py keeps `is_ready()` true while it reconnects by itself: the socket says
+        whether events can arrive now.
+        """
+        client = self.client
+        if client is None or client.is_closed():
+            return Connection(False, "client closed")
+        if not client.is_ready():
+            return Connection(False, "gateway not ready")
+        gateway = client.ws
+        if gateway is None or not gateway.open:
+            return Connection(False, "gateway reconnecting")
+        return Connection(True, f"gateway ready, {len(client.guilds)} guilds")
 
     async def wait_ended(self) -> None:
         """Return if the gateway connection gives up (discord.py reconnects by itself)."""

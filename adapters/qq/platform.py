@@ -27,6 +27,7 @@ from adapters.qq import redaction
 from adapters.qq.chat import SendPacer
 from adapters.qq.handler import QQHandler, build_matcher
 from bot.config import Settings, is_loopback_host
+from bot.platform import Connection
 from bot.services import Services
 from bot.serving import AppServer, bind
 from bot.startup import listen_error
@@ -114,6 +115,18 @@ class QQPlatform:
             await bot.call_api("send_group_msg", group_id=int(number), message=message)
         else:
             await bot.call_api("send_private_msg", user_id=int(number), message=message)
+
+    def connection(self) -> Connection:
+        """Connected while a OneBot implementation (NapCat, LLOneBot) holds its WebSocket.
+
+        The endpoint may be up with nobody connected: QQ users then reach nothing.
+        """
+        if self._server is None:
+            return Connection(False, "OneBot endpoint not serving")
+        bots = sorted(nonebot.get_bots())
+        if not bots:
+            return Connection(False, "no OneBot client connected")
+        return Connection(True, "OneBot " + ", ".join(bots) + " connected")
 
     async def wait_ended(self) -> None:
         """Return if the OneBot endpoint stops serving by itself."""

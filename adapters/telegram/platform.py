@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiogram import Bot, Dispatcher, F, Router
+from aiogram.client.session.middlewares.base import (
+    BaseRequestMiddleware,
+    NextRequestMiddlewareType,
+)
 from aiogram.client.telegram import PRODUCTION, TelegramAPIServer
 from aiogram.exceptions import (
     AiogramError,
@@ -25,10 +30,14 @@ from aiogram.methods import (
     DeleteWebhook,
     GetChatMember,
     GetMe,
+    GetUpdates,
+    Response,
     SendMessage,
     SetMyCommands,
     SetWebhook,
+    TelegramMethod,
 )
+from aiogram.methods.base import TelegramType
 from aiogram.types import BotCommand, CallbackQuery, Message, TelegramObject
 from aiogram.webhook.aiohttp_server import SimpleRequestHandler
 from aiohttp import web
@@ -46,6 +55,7 @@ from adapters.telegram.proxy import bot_session
 from bot.chat import Invocation
 from bot.config import Settings
 from bot.i18n import LANGUAGES
+from bot.platform import Connection
 from bot.services import Services
 from bot.startup import SETTINGS, StartupError, listen_error
 from plugins.dispatch import dispatch
@@ -63,8 +73,36 @@ BUTTON_COMMANDS = {
 }
 COMMAND_DESCRIPTION_LIMIT = 256
 STOP_TIMEOUT = 5.0
+# Seconds past the polling timeout a getUpdates may take before /healthz calls it stalled.
+POLL_SLACK = 30.0
 # Albums remembered so that a reply to any one photo of an album brings the whole album.
 ALBUMS_REMEMBERED = 512
+
+
+class PollWatch(BaseRequestMiddleware):
+    """Notes how each `getUpdates` ended, so /healthz can tell polling that works from
+    polling that aiogram keeps retrying (it never gives up, so the task alone says little)."""
+
+    def __init__(self) -> None:
+        self.last_ok = time.monotonic()
+        self.failing = ""
+
+    async def __call__(
+        self,
+        make_request: NextRequestMiddlewareType[TelegramType],
+        bot: Bot,
+        method: TelegramMethod[TelegramType],
+    ) -> Response[TelegramType]:
+        if not isinstance(method, GetUpdates):
+            return await make_request(bot, method)
+        try:
+            response = await make_request(bot, method)
+        except Exception as exc:
+            self.failing = type(exc).__name__
+            raise
+        self.last_ok = time.monotonic()
+        self.failing = ""
+        return response
 
 
 @dataclass(slots=True)
@@ -102,6 +140,8 @@ class TelegramPlatform:
         self._polling: asyncio.Task[None] | None = None
         self._web: web.AppRunner | None = None
         self._ready = asyncio.Event()
+        self._polls = PollWatch()
+        self._webhook_set = False
         self._started = False
         self._stopped = False
         self.bot: Bot | None = None
@@ -124,6 +164,7 @@ class TelegramPlatform:
         # TELEGRAM_PROXY, when set, carries every Bot API call and file download.
         session = bot_session(server, settings.telegram_proxy)
         self.bot = Bot(settings.telegram_bot_token, session=session)
+        session.middleware(self._polls)
         self.sender = TelegramSender(self.bot, self._flood)
         self.link = TelegramLink(self.sender, self.services, self._prompts, server.is_local)
         self.dispatcher = Dispatcher(name="drawbridge")
@@ -205,6 +246,26 @@ class TelegramPlatform:
         chat = int(chat_id)
         await self.sender.call(SendMessage(chat_id=chat, text=text), chat_id=chat)
 
+    def connection(self) -> Connection:
+        """Polling: the task runs and its last `getUpdates` answered, recently. Webhook: set
+        with Telegram and the server that takes its updates is up."""
+        if self._stopped or not self._started:
+            return Connection(False, "not started" if not self._started else "stopped")
+        if self.settings.telegram_webhook_url:
+            if self._web is not None and self._webhook_set:
+                return Connection(True, "webhook set")
+            return Connection(False, "webhook not set")
+        if self._polling is None or self._polling.done():
+            return Connection(False, "polling stopped")
+        if self._polls.failing:
+            return Connection(False, f"getUpdates failing: {self._polls.failing}")
+        # A long poll answers within its timeout; past it plus aiogram's request slack, the
+        # request hangs on a dead connection.
+        silent = time.monotonic() - self._polls.last_ok
+        if silent > self._polling_timeout + POLL_SLACK:
+            return Connection(False, f"no getUpdates answer for {silent:.0f}s")
+        return Connection(True, f"polling, last answer {silent:.0f}s ago")
+
     async def wait_ended(self) -> None:
         """Return if polling stops by itself (a webhook server runs until `stop`)."""
         if self._polling is not None:
@@ -269,6 +330,7 @@ class TelegramPlatform:
                 allowed_updates=self.dispatcher.resolve_used_update_types(),
             )
         )
+        self._webhook_set = True
 
     async def _on_startup(self, **_: Any) -> None:
         self._ready.set()
