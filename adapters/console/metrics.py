@@ -1,4 +1,5 @@
-"""/metrics in Prometheus text format, read from the store at each scrape."""
+"""/metrics in Prometheus text format: totals read from the store at each scrape, and what
+the process counts as it happens (upstream HTTP requests, `bot.upstream.client.METRICS`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from bot.services import Services
+from bot.upstream.client import METRICS
 
 BUCKETS = (5.0, 10.0, 20.0, 30.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
 
@@ -70,10 +72,18 @@ class _Snapshot(Collector):
         yield reserved
 
 
+class _Counted(Collector):
+    """The process's own counters, served next to the store's snapshot."""
+
+    def collect(self) -> Iterator[Any]:
+        yield from METRICS.collect()
+
+
 async def render(services: Services) -> tuple[bytes, str]:
     """The metrics page body and its content type."""
     data = await services.store.console_metrics()
     now = await services.store.console_now()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot(data, now["queued"], now["running"]))
+    registry.register(_Counted())
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import httpx
+from prometheus_client import CollectorRegistry, Counter
 
 from bot.config import ProviderConfig
 from bot.errors import (
@@ -78,6 +79,17 @@ BACKOFF_BASE: Final = 0.5
 # A relay found unable to stream is tried with a stream again after this long (it may have
 # been upgraded); each probe can cost one more billed image on a relay that still fails.
 STREAM_RECHECK_SECONDS: Final = 24 * 3600.0
+
+METRICS: Final = CollectorRegistry()
+"""What this process counts as it happens (the console's /metrics serves it with the totals
+it reads from the store)."""
+UPSTREAM_REQUESTS: Final = Counter(
+    "drawbridge_upstream_requests",
+    "HTTP requests made to each provider's image API, by HTTP status, or error (no answer: "
+    "connection refused or lost) or timeout",
+    ["provider", "status"],
+    registry=METRICS,
+)
 
 
 class _Retry(Exception):
@@ -416,11 +428,16 @@ class UpstreamClient:
     ) -> Answer:
         stream = stream and not self._refused & {"stream", "partial_images"}
         http_request = self._build(endpoint, request, size, on_progress, stream)
+        # Each request sent is counted once: by its status when one came back, else by why
+        # none did. Retries, fail-overs and stream re-asks are requests of their own.
+        answered = False
         try:
             async with asyncio.timeout(self.provider.timeout):
                 if endpoint == "edits":
                     await notify(on_progress, Progress("uploading", index=len(request.references)))
                 response = await self.http.send(http_request, stream=True)
+                answered = True
+                self._count(str(response.status_code))
                 try:
                     if not response.is_success:
                         body = await _read_limited(response, ERROR_BODY_LIMIT)
@@ -429,20 +446,29 @@ class UpstreamClient:
                 finally:
                     await response.aclose()
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            if not answered:
+                self._count("timeout" if isinstance(exc, httpx.ConnectTimeout) else "error")
             error = UpstreamUnavailableError(
                 f"cannot connect: {type(exc).__name__}", code=CODE_CONNECT_FAILED, unbilled=True
             )
             raise _Retry(error) from exc
         except (TimeoutError, httpx.TimeoutException) as exc:
+            if not answered:
+                self._count("timeout")
             # The request may be running upstream, and may be billed: never retried.
             raise UpstreamTimeoutError(
                 f"no answer within {self.provider.timeout:g}s ({type(exc).__name__})",
                 code=CODE_TIMEOUT,
             ) from exc
         except httpx.TransportError as exc:
+            if not answered:
+                self._count("error")
             raise UpstreamUnavailableError(
                 f"connection lost: {type(exc).__name__}", code=CODE_CONNECTION_LOST
             ) from exc
+
+    def _count(self, status: str) -> None:
+        UPSTREAM_REQUESTS.labels(self.provider.name, status).inc()
 
     def _build(
         self,
