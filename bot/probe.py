@@ -300,3 +300,34 @@ async def probe_key(
         except (httpx.HTTPError, TimeoutError) as exc:
             log.info("%s: balance lookup failed: %s", provider.name, type(exc).__name__)
     return KeyProbe(models, balance, trip)
+
+
+# What `record` says a probe found (`kind`), besides ModelsProbe outcomes.
+NO_MODEL: Final = "no_model"  # key accepted, but the model is not in its list
+BALANCE: Final = "balance"  # /quota read the balance (the key works)
+NO_BALANCE: Final = "no_balance"  # /quota found no balance (the relay reports none, or failed)
+
+
+def record(
+    models: ModelsProbe | None, balance: Balance | None, *, at: float | None = None
+) -> dict[str, Any]:
+    """What the store keeps of a key's last probe (`Store.set_key_probe`), as JSON values.
+
+    `{"ok", "kind", "balance", "unlimited", "at"}`: `kind` is a `ModelsProbe.outcome` (or
+    NO_MODEL) after /token's model check, BALANCE or NO_BALANCE after /quota's balance
+    lookup alone; `balance` is in the relay's display unit (None: not reported or
+    unlimited); `at` is unix seconds. Never the key.
+    """
+    if models is not None:
+        kind = NO_MODEL if models.ok and models.has_model is False else models.outcome
+        ok = models.ok
+    else:
+        kind = BALANCE if balance is not None else NO_BALANCE
+        ok = balance is not None
+    return {
+        "ok": ok,
+        "kind": kind,
+        "balance": balance.amount if balance is not None else None,
+        "unlimited": bool(balance is not None and balance.unlimited),
+        "at": time.time() if at is None else at,
+    }

@@ -6,7 +6,7 @@ import hashlib
 import logging
 import re
 import time
-from typing import Final
+from typing import Any, Final
 from weakref import WeakKeyDictionary
 
 from bot import probe
@@ -64,6 +64,8 @@ async def _key_balance(services: Services, user_id: int, key: str) -> Balance | 
         log.info("balance lookup failed", exc_info=True)
         balance = None
     _remember_balance(services, user_id, provider, balance)
+    # The console's users page shows the key's last probe.
+    await services.store.set_key_probe(user_id, probe.record(None, balance))
     return balance
 
 
@@ -80,16 +82,17 @@ def _balance_line(ctx: Context, balance: Balance | None, prefix: str) -> str | N
     return ctx.t(f"{prefix}.balance", balance=_amount(balance))
 
 
-async def _probe_key(ctx: Context, key: str) -> tuple[bool, list[str]]:
-    """Probe a key for free before binding it: (bind it?, lines to add to the answer)."""
+async def _probe_key(ctx: Context, key: str) -> tuple[bool, list[str], dict[str, Any] | None]:
+    """Probe a key for free before binding it: (bind it?, lines to add to the answer, what
+    the store keeps of the probe once the key is bound)."""
     providers = ctx.services.settings.providers()
     if not providers:
-        return True, []  # nowhere to ask; the key will meet its relay at the first /draw
+        return True, [], None  # nowhere to ask; the key will meet its relay at the first /draw
     provider = providers[0].with_key(key)
     found = await probe.probe_key(ctx.services.http, provider, deadline=PROBE_SECONDS)
     models = found.models
     if models.outcome == probe.INVALID_KEY:
-        return False, [ctx.t("token.refused", reason=models.detail or str(models.status))]
+        return False, [ctx.t("token.refused", reason=models.detail or str(models.status))], None
     lines = []
     if models.outcome in (probe.UNREACHABLE, probe.ERROR):
         # Never lock a user out because the relay hiccuped: bind, and say it is unchecked.
@@ -100,7 +103,7 @@ async def _probe_key(ctx: Context, key: str) -> tuple[bool, list[str]]:
     if balance_line:
         lines.append(balance_line)
     _remember_balance(ctx.services, ctx.user.id, provider, found.balance)
-    return True, lines
+    return True, lines, probe.record(models, found.balance)
 
 
 def _token_argument(ctx: Context) -> str:
@@ -117,6 +120,7 @@ async def token(ctx: Context) -> None:
     store = ctx.services.store
     if arg.lower() in ("clear", "delete", "remove", "清除", "删除"):
         removed = await store.clear_api_key(ctx.user.id)
+        await store.set_key_probe(ctx.user.id, None)
         await ctx.reply("token.cleared" if removed else "token.not_set", ephemeral=True)
         return
     if not arg:
@@ -136,13 +140,15 @@ async def token(ctx: Context) -> None:
     if not _KEY_SHAPE.match(arg):
         await ctx.reply("token.bad_format", ephemeral=True)
         return
-    bind, notes = await _probe_key(ctx, arg)
+    bind, notes, probed = await _probe_key(ctx, arg)
     # Private chats: still try to remove the key from the chat history, bound or not.
     await ctx.chat.delete_invocation()
     if not bind:
         await ctx.chat.send_text("\n".join(notes), ephemeral=True)
         return
     await store.set_api_key(ctx.user.id, arg)
+    # Kept with the key it describes: a refused key is not bound, so its probe is not kept.
+    await store.set_key_probe(ctx.user.id, probed)
     lines = [ctx.t("token.bound", masked=mask_key(arg)), *notes]
     await ctx.chat.send_text("\n".join(lines), ephemeral=True)
 
