@@ -43,6 +43,12 @@ PRICES_FORM: Final = (
     '{"1k": {"low": 1, "high": 2}, "4k": {"default": 4}}; tiers 1k, 2k, 4k or default, '
     "qualities low, medium, high, auto or default"
 )
+UPSTREAM_PRICES_FORM: Final = (
+    "a JSON object of provider name -> size tier -> quality -> what one image costs you "
+    '(a number, 0 or more), such as {"default": {"1k": {"low": 0.006, "high": 0.211}, '
+    '"default": {"default": 0.1}}}; tiers 1k, 2k, 4k or default, qualities low, medium, '
+    "high, auto or default"
+)
 ADMINS_FORM: Final = (
     "comma-separated platform:user_id pairs such as telegram:123456789,qq:12345678 "
     "(platforms: telegram, qq, discord)"
@@ -250,6 +256,15 @@ class Settings(BaseSettings):
     # JSON object: {"1k": {"low": 1, "medium": 1, "high": 2, "auto": 1}, "2k": ..., "4k": ...}
     prices: Annotated[dict[str, dict[str, Annotated[int, Field(ge=0)]]], NoDecode] = Field(
         default_factory=dict, validation_alias=AliasChoices("DRAWBRIDGE_PRICES", "prices")
+    )
+    # What each provider charges per image, for the console's estimated upstream cost:
+    # {"provider": {"1k": {"low": 0.006, "high": 0.211}, "default": {"default": 0.1}}}
+    upstream_prices: Annotated[
+        dict[str, dict[str, dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]]]],
+        NoDecode,
+    ] = Field(
+        default_factory=dict,
+        validation_alias=AliasChoices("DRAWBRIDGE_UPSTREAM_PRICES", "upstream_prices"),
     )
     group_daily_cap: int = Field(
         default=0, validation_alias=AliasChoices("DRAWBRIDGE_GROUP_DAILY_CAP", "group_daily_cap")
@@ -463,10 +478,41 @@ class Settings(BaseSettings):
                 raise ValueError("must be an http:// or https:// URL, or empty for the default")
         return value
 
-    @field_validator("providers_json", "prices", mode="before")
+    @field_validator("providers_json", "prices", "upstream_prices", mode="before")
     @classmethod
     def _json(cls, value: Any, info: ValidationInfo) -> Any:
-        return _json_setting(value, PRICES_FORM if info.field_name == "prices" else PROVIDERS_FORM)
+        return _json_setting(value, _FORMS[info.field_name or "providers_json"])
+
+    @field_validator("upstream_prices")
+    @classmethod
+    def _upstream_prices(
+        cls, value: dict[str, dict[str, dict[str, float]]]
+    ) -> dict[str, dict[str, dict[str, float]]]:
+        # A misspelt tier or quality would silently leave those images unpriced.
+        for tiers in value.values():
+            for tier, table in tiers.items():
+                if tier.strip().lower() not in PRICE_TIERS or any(
+                    q.strip().lower() not in PRICE_QUALITIES for q in table
+                ):
+                    raise ValueError(f"must be {UPSTREAM_PRICES_FORM}")
+        return {
+            provider.strip(): {
+                tier.strip().lower(): {q.strip().lower(): price for q, price in table.items()}
+                for tier, table in tiers.items()
+            }
+            for provider, tiers in value.items()
+        }
+
+    def upstream_price(self, provider: str, tier: str, quality: str) -> float | None:
+        """What one image of `provider` at size `tier` (1k, 2k, 4k) and `quality` costs, from
+        DRAWBRIDGE_UPSTREAM_PRICES (a tier's or quality's `default` fills in), or None."""
+        tiers = self.upstream_prices.get(provider)
+        if tiers is None:
+            return None
+        table = tiers.get(tier, tiers.get("default"))
+        if table is None:
+            return None
+        return table.get(quality, table.get("default"))
 
     @field_validator("prices")
     @classmethod
@@ -660,6 +706,7 @@ _FORMS: Final = {
     "keep_hours": "a number of hours such as 72 (no unit)",
     "providers_json": PROVIDERS_FORM,
     "prices": PRICES_FORM,
+    "upstream_prices": UPSTREAM_PRICES_FORM,
 }
 _KINDS: Final = {
     "int_parsing": "a whole number",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import logging
 import re
 import signal
@@ -21,7 +22,9 @@ from adapters.console.auth import FAILED_LOGINS
 from adapters.console.logbuffer import LogBuffer
 from bot.config import Settings
 from bot.jobs import today
+from bot.mock_upstream import MockUpstream
 from bot.services import Services
+from plugins import account
 from plugins.registry import find_command, split_command
 from tests.bot_process import BotProcess, bot_env
 from tests.recording_chat import invocation, run_command
@@ -559,6 +562,91 @@ async def test_users_show_their_key_masked(console: tuple[Console, Services]) ->
         page = (await http.get("/users")).text
     assert "sk-...WXYZ" in page
     assert key not in page and "0123456789" not in page
+
+
+async def test_a_daily_allowance_set_in_the_console_is_what_credits_use_and_is_audited(
+    console: tuple[Console, Services],
+) -> None:
+    app, services = console
+    store = services.store
+    user = await store.user("telegram", "42")
+    day, default = today(services.settings), services.settings.daily_credits
+
+    async def allowance() -> int:
+        return (await store.credits(user.id, day, default)).daily_allowance
+
+    assert await allowance() == default == 5
+    async with logged_in(app) as (http, csrf):
+        form = {"csrf": csrf, "allowance": "12", "next": "/users"}
+        response = await http.post(f"/users/{user.id}/allowance", data=form)
+        assert response.status_code == 303
+        assert await allowance() == 12
+        page = (await http.get("/users")).text
+        assert re.search(rf'id="user-{user.id}".*?class="allowance">12<', page, re.S)
+        assert 'name="allowance" type="number" min="0" size="4" value="12"' in page
+
+        # Blank: back to DRAWBRIDGE_DAILY_CREDITS.
+        form["allowance"] = ""
+        assert (await http.post(f"/users/{user.id}/allowance", data=form)).status_code == 303
+        assert await allowance() == default
+        assert (await store.user("telegram", "42")).daily_allowance is None
+
+        for bad in ("-1", "lots"):
+            form["allowance"] = bad
+            refused = await http.post(f"/users/{user.id}/allowance", data=form)
+            assert refused.status_code == 400
+        form["allowance"] = "3"
+        assert (await http.post("/users/999999/allowance", data=form)).status_code == 404
+        no_csrf = await http.post(f"/users/{user.id}/allowance", data={"allowance": "99"})
+        assert no_csrf.status_code == 403
+    assert await allowance() == default
+    audit = [a for a in await store.audit_entries() if a["action"] == "allowance"]
+    assert [(a["actor"], a["target"]) for a in audit] == [("password@127.0.0.1", f"#{user.id}")] * 2
+    assert [json.loads(a["detail"])["allowance"] for a in audit] == [None, 12]
+
+
+async def test_token_and_quota_record_the_key_probe_and_the_users_page_shows_it_masked(
+    console: tuple[Console, Services],
+    mock_upstream: MockUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app, services = console
+    # /quota would otherwise reuse the balance /token read a moment ago.
+    monkeypatch.setattr(account, "BALANCE_CACHE_SECONDS", 0.0)
+    key = "sk-test-own-0123456789abcdefQRST"
+    bound = await run_command(services, invocation("token", key))
+    assert "sk-...QRST" in bound.last_text()
+    user = await services.store.user("test", "u1")
+    assert user.key_probe is not None
+    # The mock is a new-api relay: the key is accepted and its balance read.
+    assert user.key_probe["ok"] is True and user.key_probe["kind"] == "ok"
+    assert user.key_probe["balance"] == pytest.approx(mock_upstream.options.balance)
+    async with logged_in(app) as (http, _):
+        page = (await http.get("/users", params={"q": "u1"})).text
+    row = re.search(rf'<tr id="user-{user.id}">.*?</tr>', page, re.S)
+    assert row, page
+    assert "<code>sk-...QRST</code>" in row.group(0)
+    assert "key accepted · balance 25.00" in row.group(0)
+    assert key not in page and "0123456789abcdef" not in page
+
+    # /quota's balance lookup is a probe too: the relay now reports another balance.
+    mock_upstream.options.balance = 0.5
+    await run_command(services, invocation("quota"))
+    probed = (await services.store.user("test", "u1")).key_probe
+    assert probed is not None and probed["kind"] == "balance" and probed["balance"] == 0.5
+    async with logged_in(app) as (http, _):
+        page = (await http.get("/users", params={"q": "u1"})).text
+    assert "balance read · balance 0.5000" in page
+
+    # A key the relay refuses is not bound, and its probe not kept.
+    mock_upstream.options.api_key = "sk-test-the-only-good-key-000"
+    refused = await run_command(services, invocation("token", "sk-test-refused-key-0000wxyz"))
+    assert "refused" in refused.last_text().lower()
+    assert (await services.store.user("test", "u1")).key_probe == probed
+    mock_upstream.options.api_key = None
+
+    await run_command(services, invocation("token", "clear"))
+    assert (await services.store.user("test", "u1")).key_probe is None
 
 
 async def test_settings_are_shown_with_secrets_masked(

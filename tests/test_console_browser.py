@@ -1,6 +1,7 @@
 """The console in a real browser: Debian's Chromium driven by Playwright (never a downloaded
 browser). Log in, load every page, see the charts drawn with no console errors, filter jobs,
-grant credits through the form, and see the overview count a job that ran through the bot.
+grant credits through the form, and see the open overview count a /draw that came through
+the Telegram adapter (the fake Bot API) without a reload.
 
 Screenshots of each page go to $DRAWBRIDGE_CONSOLE_SCREENSHOTS when set (docs/console/ was
 made that way), else to the test's temp dir.
@@ -21,10 +22,13 @@ from typing import Any
 import pytest
 
 from adapters.console.platform import ConsolePlatform
+from adapters.telegram import TelegramPlatform
 from bot.config import Settings
 from bot.services import Services
+from tests.fake_telegram import FakeTelegram
 from tests.recording_chat import invocation, run_command
 from tests.test_console import PASSWORD, finished_job
+from tests.test_telegram import FAST
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [
@@ -42,7 +46,13 @@ PAGES = ("/", "/jobs", "/users", "/groups", "/ledger", "/providers", "/settings"
 async def served(
     settings_factory: Callable[..., Settings],
 ) -> AsyncIterator[tuple[str, Services]]:
-    settings = settings_factory(console_password=PASSWORD, console_port=0)
+    # gpt-image-2's list prices per image for the seeded providers (tests/test_console_cost.py).
+    prices = {"1k": {"low": 0.00588, "medium": 0.05268, "high": 0.21072}}
+    settings = settings_factory(
+        console_password=PASSWORD,
+        console_port=0,
+        upstream_prices={"main": prices, "backup": {"default": {"default": 0.1}}},
+    )
     services = await Services.create(settings)
     platform = ConsolePlatform(settings, services)
     await platform.start()
@@ -111,6 +121,13 @@ async def seed(services: Services) -> None:
     ]
     for user in users:
         await store.grant(user.id, 200)
+    # One user with a key of their own (probed by /token) and an allowance of their own.
+    await store.set_api_key(users[0].id, "sk-demo-key-for-screenshots-8f3a")
+    await store.set_key_probe(
+        users[0].id,
+        {"ok": True, "kind": "ok", "balance": 18.5, "unlimited": False, "at": time.time() - 600},
+    )
+    await store.set_daily_allowance(users[1].id, 20)
     jobs = []
     for n in range(60):
         user = users[n % len(users)]
@@ -224,23 +241,57 @@ async def test_credits_are_granted_through_the_form(
     assert page.errors == []
 
 
-async def test_the_overview_counts_a_job_that_ran_through_the_bot(
-    served: tuple[str, Services], browser: Any
+async def test_the_open_overview_counts_a_draw_through_telegram_without_a_reload(
+    settings_factory: Callable[..., Settings], browser: Any
 ) -> None:
-    base, services = served
-    page = await open_page(browser, base)
-    await page.login()
-    assert await page.page.text_content("#total-jobs") == "0"
-    # A /draw through the plugins and the job runner against the mock image API.
-    chat = await run_command(services, invocation("draw", "a small boat"))
-    assert chat.log, "the draw answered nothing"
-    await page.goto("/")
-    assert await page.page.text_content("#total-jobs") == "1"
-    rows = await page.page.eval_on_selector_all(
-        "#platforms tr td:first-child", "cells => cells.map(c => c.textContent)"
-    )
-    assert rows == ["test"]
-    assert page.errors == []
+    # The console and the Telegram adapter in one process, as `drawbridge run` serves them;
+    # a user's /draw comes through the fake Bot API to the real aiogram polling.
+    async with FakeTelegram() as fake:
+        settings = settings_factory(
+            console_password=PASSWORD,
+            console_port=0,
+            telegram_bot_token=fake.token,
+            telegram_api_server=fake.base_url,
+        )
+        services = await Services.create(settings)
+        console = ConsolePlatform(settings, services)
+        telegram = TelegramPlatform(settings, services, flood=FAST, polling_timeout=1)
+        await console.start()
+        await telegram.start()
+        assert console.address is not None
+        try:
+            page = await open_page(browser, f"http://127.0.0.1:{console.address[1]}")
+            await page.login()
+            assert await page.page.text_content("#total-jobs") == "0"
+            # Gone if the page were loaded again.
+            await page.page.evaluate("() => { window.stillThisPage = true; }")
+
+            alice = fake.user(1001)
+            fake.send_message(fake.private_chat(alice), alice, "/draw a small boat")
+            await fake.wait_call("sendPhoto", where=lambda c: "reply_markup" in c.fields)
+            await services.jobs.wait_idle()
+
+            # htmx's 5 s polls swap the cards and the now block in place.
+            await page.page.wait_for_function(
+                "() => document.querySelector('#total-jobs').textContent === '1'"
+                " && document.querySelector('#total-spent').textContent === '1'",
+                timeout=15_000,
+            )
+            await page.page.wait_for_function(
+                "() => document.querySelector('#now-running').textContent === '0'",
+                timeout=15_000,
+            )
+            assert await page.page.evaluate("() => window.stillThisPage === true")
+            assert page.page.url.endswith("/")
+            assert page.errors == []
+            with sqlite3.connect(settings.data_dir / "drawbridge.sqlite3") as db:
+                assert db.execute("SELECT platform, status FROM jobs").fetchall() == [
+                    ("telegram", "succeeded")
+                ]
+        finally:
+            await telegram.stop()
+            await console.stop()
+            await services.close()
 
 
 async def test_the_now_block_updates_live_while_a_job_runs(

@@ -39,6 +39,7 @@ from bot.config import Settings, is_loopback_host
 from bot.i18n import LANGUAGES, t
 from bot.jobs import today
 from bot.platform import Connection
+from bot.secrets import mask_key
 from bot.services import Services
 from bot.store import NotFoundError, StoreError
 
@@ -91,6 +92,7 @@ class Console:
         pages: dict[str, Handler] = {
             "/": self.overview,
             "/partials/now": self.now_partial,
+            "/partials/totals": self.totals_partial,
             "/jobs": self.jobs,
             "/jobs/{job_id}": self.job,
             "/users": self.users,
@@ -111,6 +113,7 @@ class Console:
             "/jobs/{job_id}/refund": self.refund,
             "/providers/doctor": self.doctor,
             "/users/{user_id}/grant": self.grant,
+            "/users/{user_id}/allowance": self.allowance,
             "/users/{user_id}/ban": self.ban,
             "/users/{user_id}/unban": self.unban,
         }
@@ -392,6 +395,37 @@ class Console:
         log.info("console: %s granted %d credits to user #%d", session.who, amount, user_id)
         return RedirectResponse(_back(request, "/users"), status_code=303)
 
+    async def allowance(self, request: Request, session: Session) -> Response:
+        # A whole number gives the account its own daily allowance; blank goes back to
+        # DRAWBRIDGE_DAILY_CREDITS.
+        user_id = int(request.path_params["user_id"])
+        raw = request.state.form.get("allowance", "").strip()
+        value: int | None = None
+        if raw:
+            try:
+                value = int(raw)
+            except ValueError:
+                return PlainTextResponse("allowance must be a whole number", status_code=400)
+            if not 0 <= value <= MAX_GRANT:
+                return PlainTextResponse("allowance out of range", status_code=400)
+        try:
+            await self.services.store.set_daily_allowance(user_id, value)
+        except NotFoundError:
+            return PlainTextResponse("no such user", status_code=404)
+        await self.services.store.audit(
+            session.who,
+            "allowance",
+            f"#{user_id}",
+            {"allowance": value, "default": self.settings.daily_credits},
+        )
+        log.info(
+            "console: %s set user #%d's daily allowance to %s",
+            session.who,
+            user_id,
+            "the default" if value is None else value,
+        )
+        return RedirectResponse(_back(request, "/users"), status_code=303)
+
     async def ban(self, request: Request, session: Session) -> Response:
         return await self._role(request, session, "banned", "ban")
 
@@ -410,16 +444,19 @@ class Console:
 
     # --- pages ---
 
-    async def overview(self, request: Request, session: Session) -> Response:
+    async def _overview(self, request: Request) -> tuple[str, dict[str, Any]]:
         span = request.query_params.get("range", "24h")
         if span not in RANGES:
             span = "24h"
         cached = self._overviews.get(span)
         if cached is not None and time.monotonic() - cached[0] < self.overview_cache[span]:
-            data = cached[1]
-        else:
-            data = await views.overview(self.services, RANGES[span])
-            self._overviews[span] = (time.monotonic(), data)
+            return span, cached[1]
+        data = await views.overview(self.services, RANGES[span])
+        self._overviews[span] = (time.monotonic(), data)
+        return span, data
+
+    async def overview(self, request: Request, session: Session) -> Response:
+        span, data = await self._overview(request)
         return self.render(
             request,
             session,
@@ -428,8 +465,16 @@ class Console:
             ranges=list(RANGES),
             now=await self.services.store.console_now(),
             data=data,
+            amount=views.amount,
             # Inside a <script> element: no "</script>" can close it early.
             chart=json.dumps(data["chart"]).replace("<", "\\u003c"),
+        )
+
+    async def totals_partial(self, request: Request, session: Session) -> Response:
+        # The overview's cards, polled like "now": a job that finishes shows without a reload.
+        span, data = await self._overview(request)
+        return self.render(
+            request, session, "_totals.html", span=span, data=data, amount=views.amount
         )
 
     async def now_partial(self, request: Request, session: Session) -> Response:
@@ -540,7 +585,14 @@ class Console:
                     "user": user,
                     "used_today": used_today,
                     "jobs": job_count,
-                    "key": views.mask_key(key) if user.has_key else "",
+                    # A key this secret cannot decrypt is still bound: shown as unreadable.
+                    "key": (mask_key(key) if key else "?") if user.has_key else "",
+                    "probe": views.key_probe(user.key_probe) if user.has_key else None,
+                    "allowance": (
+                        self.settings.daily_credits
+                        if user.daily_allowance is None
+                        else user.daily_allowance
+                    ),
                 }
             )
         return self.render(
@@ -550,6 +602,7 @@ class Console:
             users=users,
             q=search,
             daily=self.settings.daily_credits,
+            amount=views.amount,
         )
 
     async def ledger(self, request: Request, session: Session) -> Response:

@@ -95,6 +95,7 @@ async def overview(services: Services, seconds: int) -> dict[str, Any]:
     ]
     return {
         "chart": chart,
+        "costs": await upstream_costs(services, since),
         "platforms": by_platform,
         "durations": durations,
         "failures": data["failures"],
@@ -102,6 +103,70 @@ async def overview(services: Services, seconds: int) -> dict[str, Any]:
         "top_groups": data["top_groups"],
         "spent": sum(row["spent"] for row in by_platform),
         "jobs": sum(row["jobs"] for row in by_platform),
+    }
+
+
+# ---- estimated upstream cost ------------------------------------------------------------
+# Read through `Store.console_jobs` (every succeeded job of the range) because the store is
+# being reshaped into a package meanwhile; a store query summing (platform, provider, size,
+# quality, images) in SQL would replace `_succeeded_jobs` when it lands.
+
+
+async def _succeeded_jobs(services: Services, since: float) -> list[Job]:
+    filters = {"status": "succeeded", "since": str(since)}
+    _, total = await services.store.console_jobs(filters, limit=0)
+    if not total:
+        return []
+    jobs, _ = await services.store.console_jobs(filters, limit=total)
+    return jobs
+
+
+def _images(job: Job) -> list[str]:
+    """The size tier of each image a job delivered, as drawn (a 4K job redrawn at 2K is 2K)."""
+    tiers = []
+    for output in job.outputs:
+        width, height = output.get("width"), output.get("height")
+        drawn = f"{width}x{height}" if width and height else ""
+        tiers.append(size_tier(drawn or (job.options or {}).get("size") or "auto"))
+    return tiers
+
+
+async def upstream_costs(services: Services, since: float) -> dict[str, Any]:
+    """What providers likely charged for the jobs since `since`, from
+    DRAWBRIDGE_UPSTREAM_PRICES, by platform and by provider.
+
+    Counts the images succeeded jobs delivered, each at its drawn size tier and the job's
+    quality. Jobs on a user's own key are left out: the operator does not pay for those.
+    `priced` is False (and nothing is read) without a price table.
+    """
+    settings = services.settings
+    if not settings.upstream_prices:
+        return {"priced": False, "platforms": [], "providers": [], "total": 0.0, "unpriced": 0}
+    rows: dict[str, dict[str, dict[str, Any]]] = {"platform": {}, "provider": {}}
+    for job in await _succeeded_jobs(services, since):
+        if job.own_key:
+            continue
+        quality = str((job.options or {}).get("quality") or "auto").lower()
+        provider = job.provider or ""
+        for tier in _images(job):
+            price = settings.upstream_price(provider, tier, quality)
+            for axis, name in (("platform", job.platform), ("provider", provider)):
+                row = rows[axis].setdefault(
+                    name, {"name": name, "images": 0, "cost": 0.0, "unpriced": 0}
+                )
+                row["images"] += 1
+                if price is None:
+                    row["unpriced"] += 1
+                else:
+                    row["cost"] += price
+    platforms = sorted(rows["platform"].values(), key=lambda r: r["name"])
+    providers = sorted(rows["provider"].values(), key=lambda r: r["name"])
+    return {
+        "priced": True,
+        "platforms": platforms,
+        "providers": providers,
+        "total": sum(r["cost"] for r in platforms),
+        "unpriced": sum(r["unpriced"] for r in platforms),
     }
 
 
@@ -163,12 +228,33 @@ def job_row(job: Job, upstream_done: float | None = None) -> dict[str, Any]:
     }
 
 
-def mask_key(key: str | None) -> str:
-    """A user's key as the console shows it: `sk-...abcd` (never more than its last 4)."""
-    if not key:
-        return "?"
-    head = "sk-" if key.startswith("sk-") else ""
-    return f"{head}...{key[-4:]}" if len(key) >= 12 else f"{head}..."
+PROBE_KINDS = ("ok", "no_model", "invalid_key", "unreachable", "error", "balance", "no_balance")
+"""What a key's last probe can have found (`bot.probe.record`); each has a console message."""
+
+
+def key_probe(result: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A user's last key probe as the users page shows it (None: never probed).
+
+    The stored JSON is read defensively: an unknown kind shows as an error, a balance that
+    is not a number is left out.
+    """
+    if not result:
+        return None
+    kind = result.get("kind")
+    balance = result.get("balance")
+    at = result.get("at")
+    return {
+        "ok": bool(result.get("ok")),
+        "kind": kind if kind in PROBE_KINDS else "error",
+        "balance": float(balance) if isinstance(balance, int | float) else None,
+        "unlimited": bool(result.get("unlimited")),
+        "at": float(at) if isinstance(at, int | float) else None,
+    }
+
+
+def amount(value: float) -> str:
+    """A relay balance as /quota shows it: 2 decimals, 4 below 1."""
+    return f"{value:.2f}" if value >= 1 else f"{value:.4f}"
 
 
 async def providers(services: Services) -> list[dict[str, Any]]:
