@@ -10,6 +10,7 @@ import pytest
 
 from bot.config import Settings
 from bot.mock_upstream import MockOptions, MockUpstream
+from tests.databases import ENGINES, database_url, postgres_schema
 
 SHARED_KEY = "sk-test-shared-0000"
 
@@ -74,3 +75,17 @@ async def services(settings_factory: Callable[..., Settings]) -> AsyncIterator[A
         yield svc
     finally:
         await svc.close()
+
+
+@pytest.fixture(params=ENGINES)
+async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """An empty database on each engine in turn: a SQLite file, then a PostgreSQL schema."""
+    async with database_url(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """An empty PostgreSQL schema (skips where no server answers, unless required)."""
+    async with postgres_schema() as url:
+        yield url

@@ -23,7 +23,7 @@ from aiohttp import web
 from PIL import Image
 
 from bot import errors
-from bot import store as store_module
+from bot.store import sqlite as store_module
 from bot.chat import MessageRef, OutFile, ResultMeta
 from bot.config import Settings
 from bot.jobs import today

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from cryptography.fernet import Fernet
 
-from bot import store as store_module
+from bot.store import sqlite as store_module
 from bot.errors import GroupCapReachedError, InsufficientCreditsError
 from bot.secrets import SECRET_FILE, KeyBox, mask_key
 from bot.store import MIGRATIONS, Credits, NotFoundError, ReservationError, Store
@@ -205,7 +205,7 @@ async def test_older_database_is_upgraded_in_place(
     tmp_path: Path, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     keybox = KeyBox.load(tmp_path)
-    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:1])
+    monkeypatch.setattr(store_module, "SQLITE_MIGRATIONS", MIGRATIONS[:1])
     await (await Store.open(db_path, keybox=keybox)).close()
     # The first release's rows, written as that release wrote them (today's code reads
     # columns later migrations add).
@@ -220,7 +220,7 @@ async def test_older_database_is_upgraded_in_place(
             " VALUES (1, 'grant', 3, 0)"
         )
     con.close()
-    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS)
+    monkeypatch.setattr(store_module, "SQLITE_MIGRATIONS", MIGRATIONS)
 
     new = await Store.open(db_path, keybox=keybox)
     alice = await new.user("qq", "1")
@@ -238,7 +238,7 @@ async def test_the_link_migration_rebuilds_the_ledger_keeping_rows_indexes_and_t
 ) -> None:
     keybox = KeyBox.load(tmp_path)
     before = next(i for i, script in enumerate(MIGRATIONS) if "link_codes" in script)
-    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:before])
+    monkeypatch.setattr(store_module, "SQLITE_MIGRATIONS", MIGRATIONS[:before])
     await (await Store.open(db_path, keybox=keybox)).close()
     con = sqlite3.connect(db_path)
     with con:
@@ -267,7 +267,7 @@ async def test_the_link_migration_rebuilds_the_ledger_keeping_rows_indexes_and_t
         con.execute("INSERT INTO daily_usage VALUES (1, '2025-03-01', 2)")
     old_rows = con.execute("SELECT * FROM ledger ORDER BY id").fetchall()
     con.close()
-    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS)
+    monkeypatch.setattr(store_module, "SQLITE_MIGRATIONS", MIGRATIONS)
 
     await (await Store.open(db_path, keybox=keybox)).close()
 
@@ -298,7 +298,7 @@ async def test_failing_migration_changes_nothing(
     keybox = KeyBox.load(tmp_path)
     await (await Store.open(db_path, keybox=keybox)).close()
     broken = (*MIGRATIONS, "CREATE TABLE extra (a INTEGER);\nTHIS IS NOT SQL;\n")
-    monkeypatch.setattr(store_module, "MIGRATIONS", broken)
+    monkeypatch.setattr(store_module, "SQLITE_MIGRATIONS", broken)
 
     with pytest.raises(sqlite3.OperationalError):
         await Store.open(db_path, keybox=keybox)

@@ -1,0 +1,128 @@
+"""What the store needs of a database engine, and how one set of rules runs on two engines.
+
+The store's rules (reserve, commit, refund, link, recovery...) are written once, as
+`async def rule(tx, ...)` functions that talk to the database only through `Tx.fetch` and
+`Tx.execute`, with `?` placeholders. Each engine runs them its own way:
+
+- PostgreSQL (asyncpg) awaits each statement on one pooled connection inside one transaction;
+- SQLite runs the whole rule synchronously, BEGIN to COMMIT, in one trip to the connection's
+  thread (`run_now`): its `Tx` hands back statements' results as already-finished awaitables,
+  so the rule's coroutine never suspends and completes within one `send(None)`. A trip costs
+  far more than the SQL, and nothing else can run on that thread in the middle of one, so
+  statements of two tasks never interleave inside a transaction.
+
+So both engines share every read-then-write decision; they differ only in connections,
+transactions, the schema's DDL and the few SQL functions named in `Dialect`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+
+Row = Any
+"""A result row: `sqlite3.Row` or `asyncpg.Record`. Both index by position and by column
+name, have `keys()`, and turn into a dict with `dict(row)`."""
+
+
+class Tx(Protocol):
+    """One open transaction (or, for `Engine.session`, one connection in autocommit)."""
+
+    def fetch(self, sql: str, *params: Any) -> Awaitable[list[Row]]:
+        """Run a statement and return all its rows (RETURNING rows for a write)."""
+        ...
+
+    def execute(self, sql: str, *params: Any) -> Awaitable[int]:
+        """Run a write statement; returns how many rows it changed."""
+        ...
+
+
+Rule = Callable[[Tx], Coroutine[Any, Any, T]]
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """The SQL that differs between the engines, as fragments the shared statements use."""
+
+    name: str
+    # A JSON text column's top-level string member: `json_member("options", "size")`.
+    json_member: Callable[[str, str], str]
+    # The length of a JSON array held in a text column.
+    json_length: Callable[[str], str]
+    # The unix-seconds column's hour, as unix seconds of the hour's start.
+    hour_of: Callable[[str], str]
+    # Merge a JSON object parameter into a JSON text column, dropping members set to null.
+    json_merge: Callable[[str, str], str]
+    # Appended to a SELECT that reads rows it will change (no-op where BEGIN IMMEDIATE
+    # already holds the one write lock).
+    for_update: str
+
+
+class Engine(Protocol):
+    """One database: SQLite in a file, or a PostgreSQL server."""
+
+    dialect: Dialect
+    url: str
+
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """One read statement, outside any transaction."""
+        ...
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """One write statement on its own (atomic by itself); returns the rows changed."""
+        ...
+
+    async def fetch_write(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """One write statement with RETURNING; its rows."""
+        ...
+
+    async def transaction(self, rule: Rule[T]) -> T:
+        """Run `rule` in one transaction that holds what it reads until it commits."""
+        ...
+
+    async def session(self, rule: Rule[T]) -> T:
+        """Run `rule` on one connection without a transaction (each statement commits)."""
+        ...
+
+    async def schema_version(self) -> int:
+        """The migration the database is at."""
+        ...
+
+    async def migrate(self) -> list[int]:
+        """Apply the pending migrations; returns their numbers."""
+        ...
+
+    def is_transient(self, error: BaseException) -> bool:
+        """Whether the call that raised `error` may succeed if tried again."""
+        ...
+
+    async def close(self) -> None:
+        """Close the connection(s); calls in flight finish first."""
+        ...
+
+
+class Ready:
+    """An awaitable that is already done: `await Ready(x)` is `x`, without suspending."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self.value
+        yield  # a generator that returns at once
+
+
+def run_now(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a rule's coroutine to its end in this call (SQLite's `Tx` never suspends it)."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    coroutine.close()
+    raise RuntimeError("a store rule awaited something other than its transaction")

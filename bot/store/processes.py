@@ -1,0 +1,196 @@
+"""Several drawbridge processes on one database: heartbeats, recovery, shared provider slots.
+
+Each `drawbridge run` registers itself (`start_process`) and beats (`heartbeat`) while it
+runs; its jobs carry its id. Recovery settles only the jobs of processes that are gone: ones
+that stopped cleanly, ones whose last heartbeat is older than DRAWBRIDGE_PROCESS_TIMEOUT, and
+ones on this very machine whose pid no longer runs (a restart recovers at once instead of
+waiting out the timeout). It never touches a live process's jobs.
+
+A provider's `concurrency` counts the requests of all processes together: a request holds a
+row of `provider_slots` (provider, slot < concurrency) while it runs. A dead process's rows
+stop counting once its heartbeat is stale, and are taken over then.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bot.store import ledger
+from bot.store.base import StoreBase
+from bot.store.engine import Row, Tx
+
+log = logging.getLogger("bot.store")
+
+DEFAULT_PROCESS_TIMEOUT = 60.0
+
+
+def this_host() -> str:
+    """This machine, as processes on it name it: the host name and this boot's id (a name
+    alone may repeat across machines; a boot id does not)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}" if boot else socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return True
+    return True
+
+
+class ProcessesMixin(StoreBase):
+    process_timeout: float = DEFAULT_PROCESS_TIMEOUT
+
+    async def start_process(
+        self,
+        platforms: str = "",
+        *,
+        timeout: float = DEFAULT_PROCESS_TIMEOUT,  # noqa: ASYNC109 (seconds of silence, not a deadline)
+    ) -> str:
+        """Register this process (its jobs will carry the returned id) and beat once."""
+        self.process_timeout = timeout
+        process_id = uuid.uuid4().hex
+        now = time.time()
+        await self._execute(
+            "INSERT INTO processes (id, host, pid, platforms, started_at, heartbeat_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (process_id, this_host(), os.getpid(), platforms, now, now),
+        )
+        self.process_id = process_id
+        return process_id
+
+    async def heartbeat(self) -> None:
+        """Say this process is alive."""
+        if self.process_id is not None:
+            await self._execute(
+                "UPDATE processes SET heartbeat_at = ? WHERE id = ?",
+                (time.time(), self.process_id),
+            )
+
+    async def stop_process(self) -> None:
+        """Say this process stopped cleanly: its leftover jobs may be recovered at once."""
+        if self.process_id is not None:
+            await self._execute(
+                "UPDATE processes SET stopped_at = ? WHERE id = ?", (time.time(), self.process_id)
+            )
+            await self._execute(
+                "DELETE FROM provider_slots WHERE process_id = ?", (self.process_id,)
+            )
+
+    async def processes(self) -> list[dict[str, Any]]:
+        """Every registered process, newest first, with `alive` as recovery judges it."""
+        rows = await self._read("SELECT * FROM processes ORDER BY started_at DESC")
+        dead = set(self._dead(rows, time.time()))
+        return [{**dict(row), "alive": row["id"] not in dead} for row in rows]
+
+    async def recover(self, *, timeout: float | None = None) -> list[int]:  # noqa: ASYNC109
+        """Settle what dead processes left behind; returns the ids of the interrupted jobs.
+
+        Jobs of no process (the CLI, tests, a database from before migration 10) count as
+        left behind too. A queued or running job whose results were handed to the chat
+        (`mark_delivering`) becomes succeeded and is charged what it recorded; every other
+        queued or running job becomes failed ("interrupted") and its reservation is
+        refunded. A finished job whose reservation was never settled is settled by its
+        outcome: committed if it succeeded (its recorded charge, if any), refunded otherwise.
+        """
+        limit = self.process_timeout if timeout is None else timeout
+        me = self.process_id
+
+        async def settle(tx: Tx) -> list[int]:
+            rows = await tx.fetch("SELECT * FROM processes WHERE id <> ?", me or "")
+            dead = self._dead(rows, time.time(), limit)
+            interrupted = await ledger.settle_orphans(tx, dead, include_unowned=True)
+            if dead:
+                # Their slots are free now, and the rows of stale processes go (the jobs keep
+                # the id, for the record).
+                marks = ", ".join("?" * len(dead))
+                await tx.execute(f"DELETE FROM provider_slots WHERE process_id IN ({marks})", *dead)
+                await tx.execute(f"DELETE FROM processes WHERE id IN ({marks})", *dead)
+            return interrupted
+
+        interrupted = await self._write(settle)
+        if interrupted:
+            log.info("recovered %d interrupted job(s)", len(interrupted))
+        return interrupted
+
+    def _dead(self, rows: list[Row], now: float, timeout: float | None = None) -> list[str]:
+        limit = self.process_timeout if timeout is None else timeout
+        host = this_host()
+        dead = []
+        for row in rows:
+            if row["id"] == self.process_id:
+                continue
+            if (
+                row["stopped_at"] is not None
+                or row["heartbeat_at"] < now - limit
+                or (
+                    row["host"] == host and row["pid"] != os.getpid() and not _pid_alive(row["pid"])
+                )
+            ):
+                dead.append(row["id"])
+        return dead
+
+    # --- provider slots: `concurrency` across every process ---
+
+    async def acquire_slot(self, provider: str, capacity: int, job_id: int | None) -> int | None:
+        """Take a free slot of `provider` (0 <= slot < capacity) for this process; None when
+        all are taken by live processes. Slots of dead processes are taken over."""
+        if self.process_id is None:
+            raise RuntimeError("acquire_slot needs start_process first")
+        me = self.process_id
+        stale_before = time.time() - self.process_timeout
+
+        async def take(tx: Tx) -> int | None:
+            await tx.execute(
+                """
+                DELETE FROM provider_slots WHERE provider = ? AND process_id NOT IN (
+                    SELECT id FROM processes WHERE stopped_at IS NULL AND heartbeat_at >= ?)
+                """,
+                provider,
+                stale_before,
+            )
+            taken = {
+                int(row[0])
+                for row in await tx.fetch(
+                    "SELECT slot FROM provider_slots WHERE provider = ?", provider
+                )
+            }
+            for slot in range(capacity):
+                if slot in taken:
+                    continue
+                added = await tx.fetch(
+                    "INSERT INTO provider_slots (provider, slot, process_id, job_id, taken_at)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (provider, slot) DO NOTHING"
+                    " RETURNING slot",
+                    provider,
+                    slot,
+                    me,
+                    job_id,
+                    time.time(),
+                )
+                if added:
+                    return slot
+            return None
+
+        return await self._write(take)
+
+    async def release_slot(self, provider: str, slot: int) -> None:
+        """Give back a slot `acquire_slot` took."""
+        await self._execute(
+            "DELETE FROM provider_slots WHERE provider = ? AND slot = ? AND process_id = ?",
+            (provider, slot, self.process_id),
+        )

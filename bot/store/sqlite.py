@@ -1,0 +1,286 @@
+"""The SQLite engine: drawbridge's embedded default, one file in DRAWBRIDGE_DATA_DIR.
+
+- One aiosqlite connection does all the work, on its one thread, which runs the trips queued
+  to it one at a time and in order.
+- Every read-then-write runs in `BEGIN IMMEDIATE ... COMMIT`: a DEFERRED transaction that
+  reads and then writes fails with SQLITE_BUSY at once, ignoring `busy_timeout`, when another
+  process holds the write lock.
+- Each such transaction, BEGIN to COMMIT or ROLLBACK, runs as one synchronous call on the
+  connection's thread (`engine.run_now`), in a single trip. Writes queued while a trip runs go
+  together in the next one (group commit): each in a SAVEPOINT of its own inside one
+  transaction, so one that fails rolls back alone, and a burst of 500 commands costs a handful
+  of trips and commits instead of 500 of each. Never start a transaction any other way (such as
+  `BEGIN` through aiosqlite's own `execute`).
+- WAL, so readers in other processes (backups, `sqlite3` at a shell) never block the bot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from bot.store.engine import Dialect, Ready, Row, Rule, run_now
+from bot.store.migrations import SQLITE_MIGRATIONS
+from bot.store.model import StoreError
+
+log = logging.getLogger("bot.store")
+
+T = TypeVar("T")
+
+PRAGMAS = (
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA busy_timeout = 5000",
+    "PRAGMA foreign_keys = ON",
+    "PRAGMA synchronous = NORMAL",
+)
+
+DIALECT = Dialect(
+    name="sqlite",
+    json_member=lambda column, key: f"json_extract({column}, '$.{key}')",
+    json_length=lambda column: f"json_array_length({column})",
+    hour_of=lambda column: f"CAST({column} / 3600 AS INTEGER) * 3600",
+    json_merge=lambda column, param: f"json_patch({column}, {param})",
+    for_update="",
+)
+
+MAX_BATCH = 256
+"""Writes run together in one trip at most (a trip holds the write lock while it runs)."""
+
+
+class SqliteTx:
+    """`Tx` over the sqlite3 connection, on its thread: every result is ready at once."""
+
+    __slots__ = ("con",)
+
+    def __init__(self, con: sqlite3.Connection) -> None:
+        self.con = con
+
+    def fetch(self, sql: str, *params: Any) -> Ready:
+        # fetchall, never fetchone: a RETURNING statement has done all its writes only once it
+        # has run to its end, and COMMIT refuses while a write statement is still in progress.
+        return Ready(self.con.execute(sql, params).fetchall())
+
+    def execute(self, sql: str, *params: Any) -> Ready:
+        return Ready(self.con.execute(sql, params).rowcount)
+
+
+class _Pending:
+    __slots__ = ("future", "rule")
+
+    def __init__(self, rule: Rule[Any], future: asyncio.Future[Any]) -> None:
+        self.rule = rule
+        self.future = future
+
+
+class SqliteEngine:
+    """Drawbridge's SQLite file (see the module docstring for the rules)."""
+
+    dialect = DIALECT
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+        self.url = f"sqlite:///{path}"
+        self._queue: list[_Pending] = []
+        self._flushing: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, path: Path, *, migrate: bool = True) -> SqliteEngine:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: the sqlite3 module must not open transactions behind our back;
+        # every transaction here is an explicit BEGIN IMMEDIATE.
+        db = await aiosqlite.connect(path, isolation_level=None)
+        engine = cls(db, path)
+        try:
+            db.row_factory = aiosqlite.Row
+            await engine.call(_pragmas)
+            if migrate:
+                await engine.migrate()
+            else:
+                await engine.check_version()
+        except BaseException:
+            await db.close()
+            raise
+        return engine
+
+    # --- the Engine port ---
+
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        # One statement, in autocommit mode: consistent by itself. It cannot run inside
+        # another task's transaction: each of those is one trip of its own.
+        return list(await self._db.execute_fetchall(sql, tuple(params)))
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        # A single statement is atomic on its own, and SQLite takes the write lock for it at
+        # once (waiting up to busy_timeout).
+        cursor = await self._db.execute(sql, tuple(params))
+        return int(cursor.rowcount)
+
+    async def fetch_write(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return await self.call(lambda con: con.execute(sql, tuple(params)).fetchall())
+
+    async def transaction(self, rule: Rule[T]) -> T:
+        """Queue `rule`; the next trip runs it with every other write queued by then."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(rule, future))
+        if self._flushing is None:
+            self._flushing = asyncio.ensure_future(self._flush())
+        return await future
+
+    async def session(self, rule: Rule[T]) -> T:
+        return await self.call(lambda con: run_now(rule(SqliteTx(con))))
+
+    async def schema_version(self) -> int:
+        rows = await self.read("PRAGMA user_version")
+        return int(rows[0][0])
+
+    async def check_version(self) -> int:
+        version = await self.schema_version()
+        if version > len(SQLITE_MIGRATIONS):
+            raise StoreError(
+                f"database schema version {version} is newer than this drawbridge "
+                f"({len(SQLITE_MIGRATIONS)}); upgrade drawbridge"
+            )
+        return version
+
+    async def migrate(self) -> list[int]:
+        return await self.call(lambda con: _in_transaction(con, _migrate))
+
+    def is_transient(self, error: BaseException) -> bool:
+        return is_transient(error)
+
+    async def close(self) -> None:
+        while self._flushing is not None:
+            await asyncio.shield(self._flushing)
+        # Reads and single writes already queued run first: the thread takes trips in order.
+        await self._db.close()
+
+    # --- internals ---
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                try:
+                    outcomes = await self.call(partial(_run_batch, batch=batch))
+                except BaseException as error:  # the trip itself failed (closed, I/O)
+                    outcomes = [(False, error)] * len(batch)
+                for pending, (ok, value) in zip(batch, outcomes, strict=True):
+                    if pending.future.done():
+                        continue
+                    if ok:
+                        pending.future.set_result(value)
+                    else:
+                        pending.future.set_exception(value)
+        finally:
+            self._flushing = None
+
+    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(connection)` on the connection's thread, in one hand-off whatever it does.
+
+        aiosqlite makes every statement its own trip to that thread, and each trip (a thread
+        wake-up and a loop wake-up) costs far more than the SQL. `Connection._execute` is
+        aiosqlite's private, long-stable way to queue a callable onto its thread (its own
+        `execute`, `commit` and `close` are built on it) and `_conn` is the sqlite3 connection
+        that thread owns; this is the one place that touches either. Every store test comes
+        through here (open() does), so an aiosqlite release that changes them fails at once.
+        """
+        result: T = await self._db._execute(fn, self._db._conn)  # type: ignore[no-untyped-call]
+        return result
+
+
+def _run_batch(con: sqlite3.Connection, *, batch: list[_Pending]) -> list[tuple[bool, Any]]:
+    """Run queued rules in one transaction, each in its own savepoint (on the thread)."""
+    if len(batch) == 1:
+        try:
+            return [(True, _in_transaction(con, lambda c: run_now(batch[0].rule(SqliteTx(c)))))]
+        except Exception as error:
+            return [(False, error)]
+    outcomes: list[tuple[bool, Any]] = []
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        for pending in batch:
+            con.execute("SAVEPOINT rule")
+            try:
+                value = run_now(pending.rule(SqliteTx(con)))
+            except Exception as error:
+                con.execute("ROLLBACK TO rule")
+                con.execute("RELEASE rule")
+                outcomes.append((False, error))
+            else:
+                con.execute("RELEASE rule")
+                outcomes.append((True, value))
+        con.execute("COMMIT")
+    except BaseException as error:
+        # COMMIT itself failed (disk full, I/O): nothing of the batch was written.
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        return [(False, error)] * len(batch)
+    return outcomes
+
+
+def _in_transaction(con: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
+    # Runs on the connection's thread: BEGIN, body and COMMIT or ROLLBACK in the same call,
+    # so no other statement can run inside the transaction and none is ever left open.
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        result = body(con)
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
+    return result
+
+
+def is_transient(error: BaseException) -> bool:
+    """The file locked by another writer past busy_timeout, a full disk, an I/O error."""
+    return isinstance(error, sqlite3.OperationalError)
+
+
+def _pragmas(con: sqlite3.Connection) -> None:
+    # journal_mode cannot change inside a transaction.
+    for pragma in PRAGMAS:
+        con.execute(pragma).fetchall()
+
+
+def statements(script: str) -> list[str]:
+    """Split a migration script into statements (trigger bodies keep their inner `;`)."""
+    found: list[str] = []
+    current = ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            found.append(current.strip())
+            current = ""
+    if current.strip():
+        raise ValueError(f"incomplete SQL statement in migration: {current.strip()[:60]!r}")
+    return found
+
+
+def _migrate(con: sqlite3.Connection) -> list[int]:
+    # One transaction for all pending migrations, version check included: two processes
+    # starting at once cannot both apply the same script, and a failing script leaves the
+    # file exactly as it was (DDL and user_version are transactional in SQLite).
+    version: int = con.execute("PRAGMA user_version").fetchall()[0][0]
+    if version > len(SQLITE_MIGRATIONS):
+        raise StoreError(
+            f"database schema version {version} is newer than this drawbridge "
+            f"({len(SQLITE_MIGRATIONS)}); upgrade drawbridge"
+        )
+    applied = []
+    for number, script in enumerate(SQLITE_MIGRATIONS[version:], start=version + 1):
+        for statement in statements(script):
+            con.execute(statement)
+        con.execute(f"PRAGMA user_version = {number:d}")
+        log.info("applied database migration %d", number)
+        applied.append(number)
+    return applied
