@@ -24,7 +24,7 @@ SETTINGS_SOURCES = (
     "Exit codes: 0 done, 1 failed (may succeed later), 2 fix the settings or arguments."
 )
 # Subcommands that read the settings (mock-upstream reads none).
-_WITH_SETTINGS = ("run", "draw", "edit", "check", "doctor")
+_WITH_SETTINGS = ("run", "draw", "edit", "check", "doctor", "db")
 
 
 def _version() -> str:
@@ -81,6 +81,37 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also make the cheapest real requests (4 low-quality images per provider)",
     )
+    db = sub.add_parser(
+        "db",
+        help="upgrade the database's schema, or copy an install to another database",
+        description="Manage the store: DRAWBRIDGE_DATABASE_URL (PostgreSQL), else the SQLite "
+        "file in DRAWBRIDGE_DATA_DIR. Exit 0 done, 1 failed, 2 refused (bad URL, target not "
+        "empty, the source in use).",
+    )
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    upgrade = db_sub.add_parser(
+        "upgrade",
+        help="apply the pending schema migrations",
+        description="Apply the pending schema migrations (drawbridge run also applies them at "
+        "start) and print the schema version before and after.",
+    )
+    upgrade.add_argument(
+        "--database-url",
+        default=None,
+        metavar="URL",
+        help="postgresql://user:password@host/db or sqlite:///path (default: the settings')",
+    )
+    copy = db_sub.add_parser(
+        "copy",
+        help="copy every row into an empty database and check the totals",
+        description="Copy users, keys (still encrypted: keep the same DRAWBRIDGE_SECRET_KEY or "
+        "secret.key), credits, the ledger, jobs and everything else into an empty database, "
+        "then compare row counts and ledger totals. Stop drawbridge on the source first. "
+        "Example: drawbridge db copy --from sqlite:///data/drawbridge.sqlite3 "
+        "--to postgresql://drawbridge:secret@db/drawbridge",
+    )
+    copy.add_argument("--from", dest="source", required=True, metavar="URL", help="copy from")
+    copy.add_argument("--to", dest="target", required=True, metavar="URL", help="copy into")
     for name in _WITH_SETTINGS:
         command = sub.choices[name]
         command.epilog = SETTINGS_SOURCES
@@ -150,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         from bot.check import run_check
 
         return asyncio.run(run_check(settings))
+    if args.command == "db":
+        from bot.store.dbcli import run_db
+
+        return asyncio.run(run_db(args, settings))
     if args.command == "doctor":
         from bot.doctor import run_doctor
 
