@@ -58,6 +58,7 @@ PRICE_TIERS: Final = ("1k", "2k", "4k", "default")
 PRICE_QUALITIES: Final = ("low", "medium", "high", "auto", "default")
 LOG_LEVELS: Final = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 CONSOLE_MIN_PASSWORD: Final = 12
+DATABASE_URL_SCHEMES: Final = ("postgresql://", "postgres://", "sqlite:///")
 
 
 def is_loopback_host(host: str) -> bool:
@@ -243,6 +244,17 @@ class Settings(BaseSettings):
     )
     secret_key: str = Field(
         default="", validation_alias=AliasChoices("DRAWBRIDGE_SECRET_KEY", "secret_key")
+    )
+    # postgresql://user:pass@host/db: one database for several processes (asyncpg). Empty:
+    # SQLite in DRAWBRIDGE_DATA_DIR. sqlite:///path names a SQLite file elsewhere.
+    database_url: str = Field(
+        default="", validation_alias=AliasChoices("DRAWBRIDGE_DATABASE_URL", "database_url")
+    )
+    # Seconds without a heartbeat after which another process recovers this one's jobs.
+    process_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        validation_alias=AliasChoices("DRAWBRIDGE_PROCESS_TIMEOUT", "process_timeout"),
     )
 
     # --- credits and limits ---
@@ -449,6 +461,17 @@ class Settings(BaseSettings):
                 )
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(DATABASE_URL_SCHEMES):
+            raise ValueError(
+                "must be postgresql://user:password@host:port/database, sqlite:///path, "
+                "or empty for SQLite in DRAWBRIDGE_DATA_DIR"
+            )
+        return value
+
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, value: str) -> str:
@@ -609,6 +632,10 @@ class Settings(BaseSettings):
             # Not a chat platform, but started the same way: it serves with no chat configured.
             names.append("console")
         return names
+
+    def database(self) -> str:
+        """The store's URL: DRAWBRIDGE_DATABASE_URL, else SQLite in the data directory."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'drawbridge.sqlite3'}"
 
     def chat_platforms(self) -> list[str]:
         """The enabled platforms where users chat (the console is not one: nobody binds a key
