@@ -46,7 +46,7 @@ _SECRETS: Final = frozenset(
 )
 _PROXIES: Final = frozenset({"upstream_proxy", "telegram_proxy", "discord_proxy"})
 _URLS: Final = frozenset(
-    {"api_base", "telegram_api_server", "telegram_webhook_url", "discord_api_base"}
+    {"api_base", "telegram_api_server", "telegram_webhook_url", "discord_api_base", "database_url"}
 )
 
 OK: Final = "ok"

@@ -174,6 +174,64 @@ def price(settings: Settings, size: Size | None, quality: str | None) -> int:
     return max(0, int(value))
 
 
+class _ProviderSlot:
+    """One of a provider's `concurrency` slots, counted across every process on the store.
+
+    This process's own semaphore first (no database trips while its own jobs queue), then a
+    row of `provider_slots`, polled for while other processes hold them all. A store with no
+    registered process (tests, the CLI) has only the semaphore. Should the store fail, the job
+    goes on with this process's slot alone: bookkeeping must not cost a user their image.
+    """
+
+    POLL_FIRST = 0.05
+    POLL_MAX = 0.5
+
+    def __init__(
+        self, store: Store, provider: ProviderConfig, local: asyncio.Semaphore, job_id: int
+    ) -> None:
+        self._store = store
+        self._provider = provider
+        self._local = local
+        self._job_id = job_id
+        self._held: int | None = None
+
+    async def __aenter__(self) -> None:
+        await self._local.acquire()
+        try:
+            if self._store.process_id is not None:
+                self._held = await self._take_shared()
+        except BaseException:
+            self._local.release()
+            raise
+
+    async def _take_shared(self) -> int | None:
+        delay = self.POLL_FIRST
+        name, capacity = self._provider.name, self._provider.concurrency
+        while True:
+            try:
+                slot = await self._store.acquire_slot(name, capacity, self._job_id)
+            except Exception as exc:
+                log.warning("provider %s: shared slot unavailable (%r); going on alone", name, exc)
+                return None
+            if slot is not None:
+                return slot
+            await asyncio.sleep(delay)
+            delay = min(self.POLL_MAX, delay * 2)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            if self._held is not None:
+                slot, self._held = self._held, None
+                name = self._provider.name
+                try:
+                    # Shielded: a cancelled job still frees its slot for the other processes.
+                    await asyncio.shield(self._store.release_slot(name, slot))
+                except Exception as exc:
+                    log.warning("provider %s: could not free slot %d: %r", name, slot, exc)
+        finally:
+            self._local.release()
+
+
 class JobRunner:
     """Runs image jobs with per-provider concurrency, per-user limits and a bounded queue."""
 
@@ -392,8 +450,7 @@ class JobRunner:
         queue = self._waiting.setdefault(ticket.provider, deque())
         queue.append(ticket)
         self._tickets[job_id] = ticket
-        slot = self._slot(cred.primary)
-        position = len(queue) if slot.locked() else 0
+        position = len(queue) if self._local_slots(cred.primary).locked() else 0
         request = ImageRequest(
             prompt=spec.prompt,
             size=str(spec.size) if spec.size else None,
@@ -485,11 +542,14 @@ class JobRunner:
             max_total_pixels=self.settings.max_job_pixels,
         )
 
-    def _slot(self, provider: ProviderConfig) -> asyncio.Semaphore:
-        slot = self._slots.get(provider.name)
-        if slot is None:
-            slot = self._slots[provider.name] = asyncio.Semaphore(provider.concurrency)
-        return slot
+    def _local_slots(self, provider: ProviderConfig) -> asyncio.Semaphore:
+        local = self._slots.get(provider.name)
+        if local is None:
+            local = self._slots[provider.name] = asyncio.Semaphore(provider.concurrency)
+        return local
+
+    def _slot(self, provider: ProviderConfig, job_id: int) -> _ProviderSlot:
+        return _ProviderSlot(self.store, provider, self._local_slots(provider), job_id)
 
     # --- running ---
 
@@ -529,7 +589,7 @@ class JobRunner:
                 ticker = asyncio.create_task(
                     self._watch_queue(ticket, chat, status, lang, estimate)
                 )
-            async with self._slot(cred.primary):
+            async with self._slot(cred.primary, job_id):
                 slot_started = time.monotonic()
                 if ticker is not None:
                     ticker.cancel()

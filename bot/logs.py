@@ -209,7 +209,13 @@ def settings_secrets(settings: Settings) -> set[str]:
     }
     values.update(provider.api_key for provider in settings.providers())
     # A proxy's password may surface in a library's error message with the URL.
-    for proxy in (settings.telegram_proxy, settings.discord_proxy, settings.upstream_proxy):
+    # So may the database's, in asyncpg's.
+    for proxy in (
+        settings.telegram_proxy,
+        settings.discord_proxy,
+        settings.upstream_proxy,
+        settings.database_url,
+    ):
         password = urlsplit(proxy).password if proxy else None
         if password and len(password) >= 4:
             values.add(password)

@@ -84,11 +84,15 @@ async def run(settings: Settings) -> int:
             log.info("%s ready", name)
         else:
             log.info("drawbridge ready: %s", ", ".join(names))
-            announcing = asyncio.create_task(announce_recovered(services, started))
+            announcing = asyncio.create_task(
+                announce_recovered(services, started, services.recovered)
+            )
+            beating = asyncio.create_task(keep_alive(services, started))
             try:
                 code = await _serve_until_stopped(stop, started)
             finally:
                 announcing.cancel()
+                beating.cancel()
             log.info("stopping: no new jobs; running jobs get %.0fs", settings.shutdown_grace)
     except StartupError as exc:
         # The operator's to act on: the line says what to check; a traceback would bury it.
@@ -138,14 +142,40 @@ async def _serve_until_stopped(stop: asyncio.Event, platforms: list[Platform]) -
     return 0
 
 
-async def announce_recovered(services: Services, platforms: list[Platform]) -> int:
-    """Tell each chat whose job the last stop interrupted that it was refunded.
+async def keep_alive(services: Services, platforms: list[Platform]) -> None:
+    """Beat this process's heartbeat, and recover the jobs of processes that stopped beating.
+
+    Every third of DRAWBRIDGE_PROCESS_TIMEOUT (at most 20 s), so a live process is never
+    taken for dead; the chats of recovered jobs this process serves are told.
+    """
+    interval = min(20.0, services.settings.process_timeout / 3)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await services.store.heartbeat()
+            recovered = await services.store.recover()
+        except Exception as exc:
+            log.warning("heartbeat failed (retrying in %.0fs): %r", interval, exc)
+            continue
+        if recovered:
+            log.warning(
+                "refunded %d job(s) of a process that stopped beating: %s",
+                len(recovered),
+                ", ".join(map(str, recovered)),
+            )
+            await announce_recovered(services, platforms, recovered)
+
+
+async def announce_recovered(
+    services: Services, platforms: list[Platform], job_ids: list[int]
+) -> int:
+    """Tell each chat whose job a stop interrupted that it was refunded.
 
     Best effort and one message per job; returns how many were sent.
     """
     by_name = {p.name: p for p in platforms}
     sent = 0
-    for job_id in services.recovered:
+    for job_id in job_ids:
         job = await services.store.job(job_id)
         platform = by_name.get(job.platform) if job is not None else None
         if job is None or platform is None:

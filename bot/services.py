@@ -74,8 +74,12 @@ class Services:
         """Open the store (refunding jobs a crash left behind) and connect the upstream."""
         secure_data_dir(settings.data_dir)
         keybox = KeyBox.load(settings.data_dir, settings.secret_key)
-        store = await Store.open(
-            settings.data_dir / "drawbridge.sqlite3", keybox=keybox, admins=settings.admin_ids()
+        store = await Store.connect(settings.database(), keybox=keybox, admins=settings.admin_ids())
+        # This process's heartbeat first: recovery then settles only the jobs of processes
+        # that are gone (this host's earlier run at once, others after
+        # DRAWBRIDGE_PROCESS_TIMEOUT without a heartbeat), never a live one's.
+        await store.start_process(
+            ",".join(settings.chat_platforms()), timeout=settings.process_timeout
         )
         recovered = await store.recover()
         if recovered:
@@ -108,6 +112,10 @@ class Services:
         self._closed = True
         await self.jobs.shutdown(self.settings.shutdown_grace if grace is None else grace)
         await self.http.aclose()
+        try:
+            await self.store.stop_process()
+        except Exception:
+            log.warning("could not record this process's stop", exc_info=True)
         await self.store.close()
 
     async def user_lang(self, platform: str, user_id: str, locale: str | None) -> str:

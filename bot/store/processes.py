@@ -29,6 +29,11 @@ log = logging.getLogger("bot.store")
 
 DEFAULT_PROCESS_TIMEOUT = 60.0
 
+# Processes (`start_process` ids) whose Store is open in this very OS process. A row of this
+# host and pid that is not here belongs to a Store closed without a clean stop (its last
+# writes failed): as dead as a process whose pid is gone.
+_OPEN_HERE: set[str] = set()
+
 
 def this_host() -> str:
     """This machine, as processes on it name it: the host name and this boot's id (a name
@@ -71,7 +76,13 @@ class ProcessesMixin(StoreBase):
             (process_id, this_host(), os.getpid(), platforms, now, now),
         )
         self.process_id = process_id
+        _OPEN_HERE.add(process_id)
         return process_id
+
+    async def close(self) -> None:
+        if self.process_id is not None:
+            _OPEN_HERE.discard(self.process_id)
+        await super().close()
 
     async def heartbeat(self) -> None:
         """Say this process is alive."""
@@ -137,12 +148,17 @@ class ProcessesMixin(StoreBase):
             if (
                 row["stopped_at"] is not None
                 or row["heartbeat_at"] < now - limit
-                or (
-                    row["host"] == host and row["pid"] != os.getpid() and not _pid_alive(row["pid"])
-                )
+                or (row["host"] == host and not self._runs_here(row["pid"], row["id"]))
             ):
                 dead.append(row["id"])
         return dead
+
+    @staticmethod
+    def _runs_here(pid: int, process_id: str) -> bool:
+        """Whether a process of this machine still runs: its pid, or (this very pid) its Store."""
+        if pid == os.getpid():
+            return process_id in _OPEN_HERE
+        return _pid_alive(pid)
 
     # --- provider slots: `concurrency` across every process ---
 
