@@ -1,4 +1,8 @@
-"""bot/store.py and bot/secrets.py over real SQLite files in tmp_path."""
+"""The store (bot/store/) and bot/secrets.py, on both engines: every test that is about the
+store's behaviour runs on a SQLite file in tmp_path and on a fresh PostgreSQL schema
+(`store_url`); the few about SQLite files themselves (PRAGMA user_version, the link
+migration's rebuild, bytes at rest, another connection's write lock) stay SQLite-only, with a
+PostgreSQL counterpart where one makes sense."""
 
 from __future__ import annotations
 
@@ -7,140 +11,170 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import asyncpg
 import pytest
 from cryptography.fernet import Fernet
 
-from bot.store import sqlite as store_module
 from bot.errors import GroupCapReachedError, InsufficientCreditsError
 from bot.secrets import SECRET_FILE, KeyBox, mask_key
-from bot.store import MIGRATIONS, Credits, NotFoundError, ReservationError, Store
+from bot.store import (
+    MIGRATIONS,
+    POSTGRES_MIGRATIONS,
+    Credits,
+    NotFoundError,
+    ReservationError,
+    Store,
+    StoreError,
+)
+from bot.store import postgres as postgres_module
+from bot.store import sqlite as sqlite_module
+from tests.databases import Raw
 
 DAY = date(2025, 3, 1)
 KEY = "sk-live-0123456789abcdefSECRETtail"
 
+# What a trigger's refusal raises through each engine's own driver.
+REFUSED = (sqlite3.IntegrityError, asyncpg.RaiseError)
 
-def assert_ledger_exact(db_path: Path) -> dict[str, int]:
-    """Check every ledger invariant straight from the file, with plain sqlite3.
 
-    Independent of Store's own queries, so a bug there cannot hide itself. Returns counts.
+def assert_ledger_exact(db: Raw | Path | str) -> dict[str, int]:
+    """Check every ledger invariant straight from the database, with plain SQL.
+
+    `db` is a `Raw` on either engine (or a SQLite file's path). Independent of Store's own
+    queries, so a bug there cannot hide itself. Returns counts.
     """
-    con = sqlite3.connect(db_path)
+    raw = db if isinstance(db, Raw) else Raw(f"sqlite:///{db}")
     try:
-        q = con.execute
-        # Balance: granted == grants - reserved balance + refunded balance + transfers (/link).
-        for user_id, granted, expected in q(
-            """
-            SELECT u.id, u.granted, COALESCE((
-                SELECT SUM(CASE kind WHEN 'grant' THEN balance_amount
-                                     WHEN 'reserve' THEN -balance_amount
-                                     WHEN 'refund' THEN balance_amount
-                                     WHEN 'transfer' THEN balance_amount ELSE 0 END)
-                FROM ledger WHERE user_id = u.id), 0)
-            FROM users AS u
-            """
-        ):
-            assert granted == expected, f"user #{user_id}: granted {granted} != ledger {expected}"
-            assert granted >= 0
-        # Daily allowance: used(day) == reserved daily - refunded daily, for every day either
-        # side knows about.
-        ledger_daily = {
-            (user_id, day): amount
-            for user_id, day, amount in q(
-                """
-                SELECT user_id, day, SUM(CASE kind WHEN 'reserve' THEN daily_amount
-                                                   WHEN 'refund' THEN -daily_amount
-                                                   WHEN 'transfer' THEN daily_amount ELSE 0 END)
-                FROM ledger WHERE job_id IS NOT NULL OR kind = 'transfer' GROUP BY user_id, day
-                """
-            )
-        }
-        usage = {(u, d): used for u, d, used in q("SELECT user_id, day, used FROM daily_usage")}
-        for key in ledger_daily.keys() | usage.keys():
-            assert usage.get(key, 0) == ledger_daily.get(key, 0), f"daily usage {key}"
-        # Group usage == what the group's reservations hold: reserved minus refunded (a partial
-        # commit gives part back).
-        groups = {
-            (g, d): total
-            for g, d, total in q(
-                """
-                SELECT r.group_key, r.day,
-                       SUM(r.daily_amount + r.balance_amount - COALESCE((
-                           SELECT l.daily_amount + l.balance_amount FROM ledger AS l
-                           WHERE l.job_id = r.job_id AND l.kind = 'refund'), 0))
-                FROM reservations AS r WHERE r.group_key IS NOT NULL GROUP BY r.group_key, r.day
-                """
-            )
-        }
-        group_usage = {(g, d): used for g, d, used in q("SELECT * FROM group_usage")}
-        # Transfers only move credits between accounts: their rows sum to zero, each amount.
-        daily_moved, balance_moved = q(
-            "SELECT TOTAL(daily_amount), TOTAL(balance_amount) FROM ledger WHERE kind = 'transfer'"
-        ).fetchone()
-        assert (daily_moved, balance_moved) == (0, 0), "transfers create or destroy credits"
-        # An account holds the money: a linked identity's own row holds none.
-        held = q(
-            "SELECT COUNT(*) FROM users WHERE account_id IS NOT NULL AND granted <> 0"
-        ).fetchone()[0]
-        assert held == 0, "a linked identity's row holds credits"
-        for key in groups.keys() | group_usage.keys():
-            assert group_usage.get(key, 0) == groups.get(key, 0), f"group usage {key}"
-        # Each reservation: exactly one reserve row with its amounts, and the settle rows its
-        # state says: none while reserved, a refund of everything, or a commit (with a refund
-        # row for the part given back when the commit was partial), so that for each amount
-        # reserve == commit + refund.
-        rows = q(
-            """
-            SELECT r.job_id, r.state, r.daily_amount, r.balance_amount,
-                   SUM(l.kind = 'reserve'), SUM(l.kind = 'commit'), SUM(l.kind = 'refund'),
-                   SUM(CASE WHEN l.kind = 'reserve' THEN l.daily_amount END),
-                   SUM(CASE WHEN l.kind = 'reserve' THEN l.balance_amount END),
-                   TOTAL(CASE WHEN l.kind <> 'reserve' THEN l.daily_amount END),
-                   TOTAL(CASE WHEN l.kind <> 'reserve' THEN l.balance_amount END)
-            FROM reservations AS r JOIN ledger AS l ON l.job_id = r.job_id
-            GROUP BY r.job_id
-            """
-        ).fetchall()
-        expected_settles = {
-            "reserved": {(0, 0)},
-            "committed": {(1, 0), (1, 1)},
-            "refunded": {(0, 1)},
-        }
-        for (
-            job_id,
-            state,
-            daily,
-            balance,
-            reserves,
-            commits,
-            refunds,
-            l_daily,
-            l_bal,
-            settled_daily,
-            settled_bal,
-        ) in rows:
-            assert reserves == 1, f"job #{job_id} has {reserves} reserve rows"
-            assert (commits, refunds) in expected_settles[state], f"job #{job_id} {state}"
-            assert (l_daily, l_bal) == (daily, balance), f"job #{job_id} amounts"
-            if state != "reserved":
-                assert (settled_daily, settled_bal) == (daily, balance), f"job #{job_id} settled"
-            assert min(daily, balance, settled_daily, settled_bal) >= 0, f"job #{job_id} sign"
-        n_reservations = q("SELECT COUNT(*) FROM reservations").fetchone()[0]
-        assert len(rows) == n_reservations
-        orphan = q(
-            "SELECT COUNT(*) FROM ledger WHERE job_id IS NOT NULL AND job_id NOT IN "
-            "(SELECT job_id FROM reservations)"
-        ).fetchone()[0]
-        assert orphan == 0, "ledger rows for jobs without a reservation"
-        states = dict(q("SELECT state, COUNT(*) FROM reservations GROUP BY state").fetchall())
-        return {"reservations": n_reservations, **states}
+        return _check_ledger(raw.query)
     finally:
-        con.close()
+        if raw is not db:
+            raw.close()
+
+
+def _check_ledger(q: Any) -> dict[str, int]:
+    # Portable SQL only (SUM over CASE, COALESCE; no SQLite TOTAL() or boolean sums).
+    # Balance: granted == grants - reserved balance + refunded balance + transfers (/link).
+    for user_id, granted, expected in q(
+        """
+        SELECT u.id, u.granted, COALESCE((
+            SELECT SUM(CASE kind WHEN 'grant' THEN balance_amount
+                                 WHEN 'reserve' THEN -balance_amount
+                                 WHEN 'refund' THEN balance_amount
+                                 WHEN 'transfer' THEN balance_amount ELSE 0 END)
+            FROM ledger WHERE user_id = u.id), 0)
+        FROM users AS u
+        """
+    ):
+        assert granted == expected, f"user #{user_id}: granted {granted} != ledger {expected}"
+        assert granted >= 0
+    # Daily allowance: used(day) == reserved daily - refunded daily, for every day either
+    # side knows about.
+    ledger_daily = {
+        (user_id, day): amount
+        for user_id, day, amount in q(
+            """
+            SELECT user_id, day, SUM(CASE kind WHEN 'reserve' THEN daily_amount
+                                               WHEN 'refund' THEN -daily_amount
+                                               WHEN 'transfer' THEN daily_amount ELSE 0 END)
+            FROM ledger WHERE job_id IS NOT NULL OR kind = 'transfer' GROUP BY user_id, day
+            """
+        )
+    }
+    usage = {(u, d): used for u, d, used in q("SELECT user_id, day, used FROM daily_usage")}
+    for key in ledger_daily.keys() | usage.keys():
+        assert usage.get(key, 0) == ledger_daily.get(key, 0), f"daily usage {key}"
+    # Group usage == what the group's reservations hold: reserved minus refunded (a partial
+    # commit gives part back).
+    groups = {
+        (g, d): total
+        for g, d, total in q(
+            """
+            SELECT r.group_key, r.day,
+                   SUM(r.daily_amount + r.balance_amount - COALESCE((
+                       SELECT l.daily_amount + l.balance_amount FROM ledger AS l
+                       WHERE l.job_id = r.job_id AND l.kind = 'refund'), 0))
+            FROM reservations AS r WHERE r.group_key IS NOT NULL GROUP BY r.group_key, r.day
+            """
+        )
+    }
+    group_usage = {(g, d): used for g, d, used in q("SELECT group_key, day, used FROM group_usage")}
+    for key in groups.keys() | group_usage.keys():
+        assert group_usage.get(key, 0) == groups.get(key, 0), f"group usage {key}"
+    # Transfers only move credits between accounts: their rows sum to zero, each amount.
+    [(daily_moved, balance_moved)] = q(
+        "SELECT COALESCE(SUM(daily_amount), 0), COALESCE(SUM(balance_amount), 0)"
+        " FROM ledger WHERE kind = 'transfer'"
+    )
+    assert (daily_moved, balance_moved) == (0, 0), "transfers create or destroy credits"
+    # An account holds the money: a linked identity's own row holds none.
+    [(held,)] = q("SELECT COUNT(*) FROM users WHERE account_id IS NOT NULL AND granted <> 0")
+    assert held == 0, "a linked identity's row holds credits"
+    # Each reservation: exactly one reserve row with its amounts, and the settle rows its
+    # state says: none while reserved, a refund of everything, or a commit (with a refund
+    # row for the part given back when the commit was partial), so that for each amount
+    # reserve == commit + refund.
+    rows = q(
+        """
+        SELECT r.job_id, r.state, r.daily_amount, r.balance_amount,
+               SUM(CASE WHEN l.kind = 'reserve' THEN 1 ELSE 0 END),
+               SUM(CASE WHEN l.kind = 'commit' THEN 1 ELSE 0 END),
+               SUM(CASE WHEN l.kind = 'refund' THEN 1 ELSE 0 END),
+               SUM(CASE WHEN l.kind = 'reserve' THEN l.daily_amount END),
+               SUM(CASE WHEN l.kind = 'reserve' THEN l.balance_amount END),
+               COALESCE(SUM(CASE WHEN l.kind <> 'reserve' THEN l.daily_amount END), 0),
+               COALESCE(SUM(CASE WHEN l.kind <> 'reserve' THEN l.balance_amount END), 0)
+        FROM reservations AS r JOIN ledger AS l ON l.job_id = r.job_id
+        GROUP BY r.job_id, r.state, r.daily_amount, r.balance_amount
+        """
+    )
+    expected_settles = {
+        "reserved": {(0, 0)},
+        "committed": {(1, 0), (1, 1)},
+        "refunded": {(0, 1)},
+    }
+    for (
+        job_id,
+        state,
+        daily,
+        balance,
+        reserves,
+        commits,
+        refunds,
+        l_daily,
+        l_bal,
+        settled_daily,
+        settled_bal,
+    ) in rows:
+        assert reserves == 1, f"job #{job_id} has {reserves} reserve rows"
+        assert (commits, refunds) in expected_settles[state], f"job #{job_id} {state}"
+        assert (l_daily, l_bal) == (daily, balance), f"job #{job_id} amounts"
+        if state != "reserved":
+            assert (settled_daily, settled_bal) == (daily, balance), f"job #{job_id} settled"
+        assert min(daily, balance, settled_daily, settled_bal) >= 0, f"job #{job_id} sign"
+    [(n_reservations,)] = q("SELECT COUNT(*) FROM reservations")
+    assert len(rows) == n_reservations
+    [(orphan,)] = q(
+        "SELECT COUNT(*) FROM ledger WHERE job_id IS NOT NULL AND job_id NOT IN "
+        "(SELECT job_id FROM reservations)"
+    )
+    assert orphan == 0, "ledger rows for jobs without a reservation"
+    states = {
+        state: int(n) for state, n in q("SELECT state, COUNT(*) FROM reservations GROUP BY state")
+    }
+    return {"reservations": int(n_reservations), **states}
+
+
+def schema_version(raw: Raw) -> int:
+    """The migration the database says it is at, read as each engine records it."""
+    if raw.engine == "sqlite":
+        return int(raw.value("PRAGMA user_version"))
+    return int(raw.value("SELECT MAX(version) FROM schema_version") or 0)
 
 
 @pytest.fixture
@@ -149,11 +183,23 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def store(tmp_path: Path, db_path: Path) -> AsyncIterator[Store]:
-    keybox = KeyBox.load(tmp_path / "data")
-    s = await Store.open(db_path, keybox=keybox, admins={("qq", "10001")})
+def keybox(tmp_path: Path) -> KeyBox:
+    return KeyBox.load(tmp_path / "data")
+
+
+@pytest.fixture
+async def store(store_url: str, keybox: KeyBox) -> AsyncIterator[Store]:
+    s = await Store.connect(store_url, keybox=keybox, admins={("qq", "10001")})
     yield s
     await s.close()
+
+
+@pytest.fixture
+def raw(store_url: str) -> Iterator[Raw]:
+    """The test's database with no drawbridge code in between."""
+    r = Raw(store_url)
+    yield r
+    r.close()
 
 
 async def new_job(store: Store, user_id: int, *, group_key: str | None = None, **kw: Any) -> int:
@@ -181,56 +227,59 @@ async def reserve(
     return job_id
 
 
+def migrations_of(url: str) -> tuple[Any, str, tuple[str, ...]]:
+    """The engine module whose migrations a test may shorten, its attribute, the full list."""
+    if url.startswith("postgresql"):
+        return postgres_module, "POSTGRES_MIGRATIONS", POSTGRES_MIGRATIONS
+    return sqlite_module, "SQLITE_MIGRATIONS", MIGRATIONS
+
+
 # --- migrations ---
 
 
-async def test_reopening_keeps_schema_version_and_data(tmp_path: Path, db_path: Path) -> None:
-    keybox = KeyBox.load(tmp_path)
-    first = await Store.open(db_path, keybox=keybox)
+async def test_reopening_keeps_schema_version_and_data(
+    store_url: str, keybox: KeyBox, raw: Raw
+) -> None:
+    first = await Store.connect(store_url, keybox=keybox)
     alice = await first.user("telegram", "42", "Alice")
     await first.close()
 
-    second = await Store.open(db_path, keybox=keybox)
+    second = await Store.connect(store_url, keybox=keybox)
     again = await second.user("telegram", "42")
     await second.close()
 
-    con = sqlite3.connect(db_path)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    con.close()
-    assert again.id == alice.id and again.name == "Alice"
+    assert schema_version(raw) == len(MIGRATIONS)
+    if raw.engine == "sqlite":
+        assert raw.value("PRAGMA journal_mode") == "wal"
+    assert again.id == alice.id == 1 and again.name == "Alice"
 
 
 async def test_older_database_is_upgraded_in_place(
-    tmp_path: Path, db_path: Path, monkeypatch: pytest.MonkeyPatch
+    store_url: str, keybox: KeyBox, raw: Raw, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    keybox = KeyBox.load(tmp_path)
-    monkeypatch.setattr(store_module, "SQLITE_MIGRATIONS", MIGRATIONS[:1])
-    await (await Store.open(db_path, keybox=keybox)).close()
+    module, name, full = migrations_of(store_url)
+    monkeypatch.setattr(module, name, full[:1])
+    await (await Store.connect(store_url, keybox=keybox)).close()
     # The first release's rows, written as that release wrote them (today's code reads
     # columns later migrations add).
-    con = sqlite3.connect(db_path)
-    with con:
-        con.execute(
-            "INSERT INTO users (id, platform, platform_user_id, name, granted, created_at)"
-            " VALUES (1, 'qq', '1', 'Alice', 3, 0)"
-        )
-        con.execute(
-            "INSERT INTO ledger (user_id, kind, balance_amount, created_at)"
-            " VALUES (1, 'grant', 3, 0)"
-        )
-    con.close()
-    monkeypatch.setattr(store_module, "SQLITE_MIGRATIONS", MIGRATIONS)
+    raw.execute(
+        "INSERT INTO users (platform, platform_user_id, name, granted, created_at)"
+        " VALUES ('qq', '1', 'Alice', 3, 0)"
+    )
+    raw.execute(
+        "INSERT INTO ledger (user_id, kind, balance_amount, created_at) VALUES (1, 'grant', 3, 0)"
+    )
+    monkeypatch.setattr(module, name, full)
 
-    new = await Store.open(db_path, keybox=keybox)
+    new = await Store.connect(store_url, keybox=keybox)
     alice = await new.user("qq", "1")
     assert (alice.id, alice.granted, alice.name) == (1, 3, "Alice")
     await new.remember_message("qq", "g", "m", await new_job(new, alice.id))
+    # A user created after the upgrade gets the next id.
+    assert (await new.user("qq", "2")).id == 2
     await new.close()
-    con = sqlite3.connect(db_path)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) > 1
-    con.close()
-    assert_ledger_exact(db_path)
+    assert schema_version(raw) == len(full) > 1
+    assert_ledger_exact(raw)
 
 
 async def test_the_link_migration_rebuilds_the_ledger_keeping_rows_indexes_and_triggers(
@@ -238,7 +287,7 @@ async def test_the_link_migration_rebuilds_the_ledger_keeping_rows_indexes_and_t
 ) -> None:
     keybox = KeyBox.load(tmp_path)
     before = next(i for i, script in enumerate(MIGRATIONS) if "link_codes" in script)
-    monkeypatch.setattr(store_module, "SQLITE_MIGRATIONS", MIGRATIONS[:before])
+    monkeypatch.setattr(sqlite_module, "SQLITE_MIGRATIONS", MIGRATIONS[:before])
     await (await Store.open(db_path, keybox=keybox)).close()
     con = sqlite3.connect(db_path)
     with con:
@@ -267,7 +316,7 @@ async def test_the_link_migration_rebuilds_the_ledger_keeping_rows_indexes_and_t
         con.execute("INSERT INTO daily_usage VALUES (1, '2025-03-01', 2)")
     old_rows = con.execute("SELECT * FROM ledger ORDER BY id").fetchall()
     con.close()
-    monkeypatch.setattr(store_module, "SQLITE_MIGRATIONS", MIGRATIONS)
+    monkeypatch.setattr(sqlite_module, "SQLITE_MIGRATIONS", MIGRATIONS)
 
     await (await Store.open(db_path, keybox=keybox)).close()
 
@@ -293,30 +342,54 @@ async def test_the_link_migration_rebuilds_the_ledger_keeping_rows_indexes_and_t
 
 
 async def test_failing_migration_changes_nothing(
-    tmp_path: Path, db_path: Path, monkeypatch: pytest.MonkeyPatch
+    store_url: str, keybox: KeyBox, raw: Raw, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    keybox = KeyBox.load(tmp_path)
-    await (await Store.open(db_path, keybox=keybox)).close()
-    broken = (*MIGRATIONS, "CREATE TABLE extra (a INTEGER);\nTHIS IS NOT SQL;\n")
-    monkeypatch.setattr(store_module, "SQLITE_MIGRATIONS", broken)
+    await (await Store.connect(store_url, keybox=keybox)).close()
+    module, name, full = migrations_of(store_url)
+    monkeypatch.setattr(
+        module, name, (*full, "CREATE TABLE extra (a INTEGER);\nTHIS IS NOT SQL;\n")
+    )
 
-    with pytest.raises(sqlite3.OperationalError):
-        await Store.open(db_path, keybox=keybox)
+    with pytest.raises((sqlite3.OperationalError, asyncpg.PostgresSyntaxError)):
+        await Store.connect(store_url, keybox=keybox)
 
-    con = sqlite3.connect(db_path)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-    tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master")}
-    con.close()
-    assert "extra" not in tables
+    assert schema_version(raw) == len(full)
+    if raw.engine == "sqlite":
+        assert raw.value("SELECT name FROM sqlite_master WHERE name = 'extra'") is None
+    else:
+        assert raw.value("SELECT to_regclass('extra')") is None
 
 
-async def test_database_from_newer_version_is_refused(tmp_path: Path, db_path: Path) -> None:
-    db_path.parent.mkdir(parents=True)
-    con = sqlite3.connect(db_path)
-    con.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
-    con.close()
-    with pytest.raises(store_module.StoreError, match="newer"):
-        await Store.open(db_path, keybox=KeyBox.load(tmp_path))
+async def test_database_from_newer_version_is_refused(
+    store_url: str, keybox: KeyBox, raw: Raw
+) -> None:
+    newer = len(MIGRATIONS) + 1
+    if raw.engine == "sqlite":
+        raw.execute(f"PRAGMA user_version = {newer}")
+    else:
+        raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        raw.execute("INSERT INTO schema_version VALUES (?)", newer)
+    for migrate in (True, False):
+        with pytest.raises(StoreError, match="newer"):
+            await Store.connect(store_url, keybox=keybox, migrate=migrate)
+    assert schema_version(raw) == newer
+
+
+async def test_two_stores_migrating_one_fresh_database_at_once_both_succeed(
+    store_url: str, keybox: KeyBox, raw: Raw
+) -> None:
+    # Two processes started together on an empty database: one applies the migrations, the
+    # other waits for it (BEGIN IMMEDIATE; PostgreSQL's advisory lock) and finds none left.
+    stores = await asyncio.gather(*(Store.connect(store_url, keybox=keybox) for _ in range(3)))
+    try:
+        assert schema_version(raw) == len(MIGRATIONS)
+        users = [await s.user("qq", str(n)) for n, s in enumerate(stores)]
+        assert [u.id for u in users] == [1, 2, 3]
+    finally:
+        for s in stores:
+            await s.close()
+    if raw.engine == "postgresql":
+        assert raw.value("SELECT COUNT(*) FROM schema_version") == 1
 
 
 # --- users ---
@@ -377,39 +450,40 @@ async def test_find_user_by_platform_id_other_platform_or_internal_id(store: Sto
 # --- keys ---
 
 
-async def test_api_key_is_encrypted_at_rest(store: Store, db_path: Path) -> None:
+async def test_api_key_is_encrypted_at_rest(store: Store, raw: Raw) -> None:
     user = await store.user("telegram", "42")
     await store.set_api_key(user.id, KEY)
 
     assert (await store.user("telegram", "42")).has_key
     assert await store.get_api_key(user.id) == KEY
-    raw = b"".join(p.read_bytes() for p in db_path.parent.glob(db_path.name + "*"))
-    assert b"SECRETtail" not in raw and KEY.encode() not in raw
-    con = sqlite3.connect(db_path)
-    column = con.execute("SELECT api_key_enc FROM users WHERE id = ?", (user.id,)).fetchone()[0]
-    con.close()
-    assert isinstance(column, bytes) and KEY.encode() not in column
+    # The column (BLOB, BYTEA) holds the encrypted token, never the key.
+    column = raw.value("SELECT api_key_enc FROM users WHERE id = ?", user.id)
+    assert isinstance(column, bytes) and KEY.encode() not in column and b"SECRETtail" not in column
+    assert raw.value("SELECT COUNT(*) FROM users WHERE api_key_enc IS NOT NULL") == 1
 
-    assert await store.clear_api_key(user.id) is True
-    assert await store.clear_api_key(user.id) is False
-    assert await store.get_api_key(user.id) is None
-    assert not (await store.user("telegram", "42")).has_key
+
+async def test_api_key_is_not_in_the_sqlite_files_bytes(keybox: KeyBox, db_path: Path) -> None:
+    async with await Store.open(db_path, keybox=keybox) as store:
+        user = await store.user("telegram", "42")
+        await store.set_api_key(user.id, KEY)
+        on_disk = b"".join(p.read_bytes() for p in db_path.parent.glob(db_path.name + "*"))
+    assert b"SECRETtail" not in on_disk and KEY.encode() not in on_disk
 
 
 async def test_api_key_survives_reopen_with_the_same_secret_file(
-    tmp_path: Path, db_path: Path
+    tmp_path: Path, store_url: str
 ) -> None:
     data = tmp_path / "data"
-    first = await Store.open(db_path, keybox=KeyBox.load(data))
+    first = await Store.connect(store_url, keybox=KeyBox.load(data))
     user = await first.user("qq", "1")
     await first.set_api_key(user.id, KEY)
     await first.close()
 
-    second = await Store.open(db_path, keybox=KeyBox.load(data))
+    second = await Store.connect(store_url, keybox=KeyBox.load(data))
     assert await second.get_api_key(user.id) == KEY
     await second.close()
 
-    stranger = await Store.open(db_path, keybox=KeyBox.load(data, "another passphrase"))
+    stranger = await Store.connect(store_url, keybox=KeyBox.load(data, "another passphrase"))
     assert await stranger.get_api_key(user.id) is None
     await stranger.close()
 
@@ -470,7 +544,7 @@ async def test_reserve_spends_daily_allowance_before_balance(store: Store) -> No
 
 
 async def test_a_users_own_daily_allowance_replaces_the_configured_one(
-    store: Store, db_path: Path
+    store: Store, raw: Raw
 ) -> None:
     user = await store.user("qq", "1")
     await store.set_daily_allowance(user.id, 2)
@@ -484,7 +558,7 @@ async def test_a_users_own_daily_allowance_replaces_the_configured_one(
     await reserve(store, user.id, 3, allowance=5)
     with pytest.raises(ValueError):
         await store.set_daily_allowance(user.id, -1)
-    assert_ledger_exact(db_path)
+    assert_ledger_exact(raw)
 
 
 async def test_the_last_key_probe_is_kept_with_the_account(store: Store) -> None:
@@ -513,7 +587,7 @@ async def test_new_day_resets_the_allowance_but_not_the_balance(store: Store) ->
     assert (await store.credits(user.id, DAY + timedelta(days=1), 5)).total_left == 0
 
 
-async def test_reserve_refuses_when_short_and_charges_nothing(store: Store, db_path: Path) -> None:
+async def test_reserve_refuses_when_short_and_charges_nothing(store: Store, raw: Raw) -> None:
     user = await store.user("qq", "1")
     await store.grant(user.id, 2)
     job_id = await new_job(store, user.id)
@@ -528,10 +602,10 @@ async def test_reserve_refuses_when_short_and_charges_nothing(store: Store, db_p
     # The job can still be reserved at a price the user can pay.
     await store.reserve(job_id, user_id=user.id, cost=7, day=DAY, daily_allowance=5)
     assert await store.credits(user.id, DAY, 5) == Credits(5, 5, 0)
-    assert assert_ledger_exact(db_path)["reserved"] == 1
+    assert assert_ledger_exact(raw)["reserved"] == 1
 
 
-async def test_refund_returns_exactly_what_was_taken(store: Store, db_path: Path) -> None:
+async def test_refund_returns_exactly_what_was_taken(store: Store, raw: Raw) -> None:
     user = await store.user("qq", "1")
     await store.grant(user.id, 10)
     await reserve(store, user.id, 2)
@@ -544,10 +618,10 @@ async def test_refund_returns_exactly_what_was_taken(store: Store, db_path: Path
     job = await store.job(job_id)
     assert job is not None and job.ledger_state == "refunded"
     assert await store.ledger_sum(user.id) == 2
-    assert_ledger_exact(db_path)
+    assert_ledger_exact(raw)
 
 
-async def test_commit_and_refund_each_happen_only_once(store: Store, db_path: Path) -> None:
+async def test_commit_and_refund_each_happen_only_once(store: Store, raw: Raw) -> None:
     user = await store.user("qq", "1")
     committed = await reserve(store, user.id, 1)
     refunded = await reserve(store, user.id, 1)
@@ -561,11 +635,11 @@ async def test_commit_and_refund_each_happen_only_once(store: Store, db_path: Pa
     assert await store.commit(await new_job(store, user.id)) is False  # never reserved
 
     assert await store.credits(user.id, DAY, 5) == Credits(5, 1, 0)
-    assert assert_ledger_exact(db_path) == {"reservations": 2, "committed": 1, "refunded": 1}
+    assert assert_ledger_exact(raw) == {"reservations": 2, "committed": 1, "refunded": 1}
 
 
 async def test_partial_commit_spends_the_amount_and_refunds_the_rest_at_once(
-    store: Store, db_path: Path
+    store: Store, raw: Raw
 ) -> None:
     user = await store.user("qq", "1")
     await store.grant(user.id, 10)
@@ -582,22 +656,20 @@ async def test_partial_commit_spends_the_amount_and_refunds_the_rest_at_once(
     job = await store.job(job_id)
     assert job is not None and (job.ledger_state, job.cost, job.spent) == ("committed", 8, 4)
     assert await store.ledger_sum(user.id) == 4
-    con = sqlite3.connect(db_path)
-    rows = con.execute(
+    rows = raw.query(
         "SELECT kind, daily_amount, balance_amount FROM ledger WHERE job_id = ? ORDER BY id",
-        (job_id,),
-    ).fetchall()
-    con.close()
+        job_id,
+    )
     assert rows == [("reserve", 5, 3), ("commit", 4, 0), ("refund", 1, 3)]
     # Settled once: neither a second commit nor a refund moves anything.
     assert await store.commit(job_id, amount=1) is False
     assert await store.refund(job_id, "late") is False
     assert await store.credits(user.id, DAY, 5) == Credits(5, 4, 10)
-    assert assert_ledger_exact(db_path) == {"reservations": 1, "committed": 1}
+    assert assert_ledger_exact(raw) == {"reservations": 1, "committed": 1}
 
 
 async def test_partial_commit_of_zero_or_all_and_refusal_of_more_than_reserved(
-    store: Store, db_path: Path
+    store: Store, raw: Raw
 ) -> None:
     user = await store.user("qq", "1")
     nothing = await reserve(store, user.id, 2, group_key="qq:g1")
@@ -617,10 +689,10 @@ async def test_partial_commit_of_zero_or_all_and_refusal_of_more_than_reserved(
     assert await store.credits(user.id, DAY, 5) == Credits(5, 3, 0)
     assert await store.group_used("qq:g1", DAY) == 0
     assert (await store.job(nothing)).spent == 0  # type: ignore[union-attr]
-    assert assert_ledger_exact(db_path) == {"reservations": 3, "committed": 2, "reserved": 1}
+    assert assert_ledger_exact(raw) == {"reservations": 3, "committed": 2, "reserved": 1}
 
 
-async def test_a_job_is_reserved_at_most_once(store: Store, db_path: Path) -> None:
+async def test_a_job_is_reserved_at_most_once(store: Store, raw: Raw) -> None:
     user = await store.user("qq", "1")
     job_id = await reserve(store, user.id, 2)
 
@@ -633,30 +705,28 @@ async def test_a_job_is_reserved_at_most_once(store: Store, db_path: Path) -> No
         await store.reserve(
             await new_job(store, user.id), user_id=other.id, cost=1, day=DAY, daily_allowance=5
         )
-    assert assert_ledger_exact(db_path)["reservations"] == 1
+    assert assert_ledger_exact(raw)["reservations"] == 1
 
 
-async def test_settled_reservations_and_ledger_rows_are_immutable(
-    store: Store, db_path: Path
-) -> None:
+async def test_settled_reservations_and_ledger_rows_are_immutable(store: Store, raw: Raw) -> None:
     user = await store.user("qq", "1")
     job_id = await reserve(store, user.id, 1)
     await store.commit(job_id)
-    con = sqlite3.connect(db_path)
-    try:
-        with pytest.raises(sqlite3.IntegrityError, match="settled"):
-            con.execute("UPDATE reservations SET state = 'refunded' WHERE job_id = ?", (job_id,))
-        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-            con.execute("UPDATE ledger SET balance_amount = 100")
-        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-            con.execute("DELETE FROM ledger")
-    finally:
-        con.close()
+    # Refused by the database itself (triggers on both engines), whoever writes.
+    with pytest.raises(REFUSED, match="settled"):
+        raw.execute("UPDATE reservations SET state = 'refunded' WHERE job_id = ?", job_id)
+    with pytest.raises(REFUSED, match="append-only"):
+        raw.execute("UPDATE ledger SET balance_amount = 100")
+    with pytest.raises(REFUSED, match="append-only"):
+        raw.execute("DELETE FROM ledger")
+    if raw.engine == "postgresql":
+        with pytest.raises(REFUSED, match="append-only"):
+            raw.execute("TRUNCATE ledger CASCADE")
+    assert raw.value("SELECT state FROM reservations WHERE job_id = ?", job_id) == "committed"
+    assert raw.value("SELECT COUNT(*) FROM ledger") == 2
 
 
-async def test_group_cap_refuses_beyond_cap_and_refund_frees_it(
-    store: Store, db_path: Path
-) -> None:
+async def test_group_cap_refuses_beyond_cap_and_refund_frees_it(store: Store, raw: Raw) -> None:
     alice = await store.user("qq", "1")
     bob = await store.user("qq", "2")
     group = {"group_key": "qq:g1", "group_cap": 5}
@@ -676,10 +746,10 @@ async def test_group_cap_refuses_beyond_cap_and_refund_frees_it(
 
     await store.refund(first, "failed")
     await reserve(store, bob.id, 2, **group)
-    assert_ledger_exact(db_path)
+    assert_ledger_exact(raw)
 
 
-async def test_own_key_job_records_a_zero_reservation(store: Store, db_path: Path) -> None:
+async def test_own_key_job_records_a_zero_reservation(store: Store, raw: Raw) -> None:
     user = await store.user("qq", "1")
     job_id = await new_job(store, user.id, own_key=True)
     await store.reserve(job_id, user_id=user.id, cost=0, day=DAY, daily_allowance=0)
@@ -688,11 +758,11 @@ async def test_own_key_job_records_a_zero_reservation(store: Store, db_path: Pat
     assert job is not None and job.own_key and job.cost == 0 and job.ledger_state == "reserved"
     assert await store.commit(job_id) is True
     assert (await store.job(job_id)).ledger_state == "committed"  # type: ignore[union-attr]
-    assert assert_ledger_exact(db_path)["committed"] == 1
+    assert assert_ledger_exact(raw)["committed"] == 1
 
 
 async def test_negative_grant_clamps_at_zero_and_ledger_records_the_actual_change(
-    store: Store, db_path: Path
+    store: Store, raw: Raw
 ) -> None:
     admin = await store.user("qq", "10001")
     user = await store.user("qq", "1")
@@ -700,13 +770,11 @@ async def test_negative_grant_clamps_at_zero_and_ledger_records_the_actual_chang
     assert await store.grant(user.id, -8, by_user_id=admin.id) == 0
     assert (await store.user("qq", "1")).granted == 0
 
-    con = sqlite3.connect(db_path)
-    rows = con.execute(
+    rows = raw.query(
         "SELECT balance_amount, by_user_id, note FROM ledger WHERE kind = 'grant' ORDER BY id"
-    ).fetchall()
-    con.close()
+    )
     assert rows == [(5, admin.id, "welcome"), (-5, admin.id, "")]
-    assert_ledger_exact(db_path)
+    assert_ledger_exact(raw)
     with pytest.raises(NotFoundError):
         await store.grant(9999, 1)
 
@@ -752,10 +820,9 @@ async def test_job_lifecycle_is_recorded(store: Store) -> None:
 
 
 async def test_recover_after_crash_refunds_and_fails_interrupted(
-    tmp_path: Path, db_path: Path
+    store_url: str, keybox: KeyBox, raw: Raw
 ) -> None:
-    keybox = KeyBox.load(tmp_path)
-    before = await Store.open(db_path, keybox=keybox)
+    before = await Store.connect(store_url, keybox=keybox)
     user = await before.user("qq", "1")
     await before.grant(user.id, 10)
     running = await reserve(before, user.id, 8)
@@ -769,7 +836,7 @@ async def test_recover_after_crash_refunds_and_fails_interrupted(
     assert (await before.credits(user.id, DAY, 5)).total_left == 4
     await before.close()
 
-    after = await Store.open(db_path, keybox=keybox)
+    after = await Store.connect(store_url, keybox=keybox)
     assert await after.recover() == [running, queued]
     assert await after.recover() == []
 
@@ -786,14 +853,13 @@ async def test_recover_after_crash_refunds_and_fails_interrupted(
     # 8 (5 daily + 3 balance) and 1 come back; the two succeeded jobs stay spent.
     assert await after.credits(user.id, DAY, 5) == Credits(5, 0, 8)
     await after.close()
-    assert assert_ledger_exact(db_path) == {"reservations": 4, "committed": 2, "refunded": 2}
+    assert assert_ledger_exact(raw) == {"reservations": 4, "committed": 2, "refunded": 2}
 
 
 async def test_recover_commits_what_a_delivered_job_recorded_instead_of_refunding(
-    tmp_path: Path, db_path: Path
+    store_url: str, keybox: KeyBox, raw: Raw
 ) -> None:
-    keybox = KeyBox.load(tmp_path)
-    before = await Store.open(db_path, keybox=keybox)
+    before = await Store.connect(store_url, keybox=keybox)
     user = await before.user("qq", "1")
     delivered = await reserve(before, user.id, 4, group_key="qq:g1")
     await before.mark_running(delivered, "main")
@@ -803,7 +869,7 @@ async def test_recover_commits_what_a_delivered_job_recorded_instead_of_refundin
     await before.mark_running(undelivered, "main")
     await before.close()
 
-    after = await Store.open(db_path, keybox=keybox)
+    after = await Store.connect(store_url, keybox=keybox)
     assert await after.recover() == [undelivered]
     job = await after.job(delivered)
     assert job is not None
@@ -812,10 +878,10 @@ async def test_recover_commits_what_a_delivered_job_recorded_instead_of_refundin
     assert await after.credits(user.id, DAY, 5) == Credits(5, 2, 0)
     assert await after.group_used("qq:g1", DAY) == 2
     await after.close()
-    assert assert_ledger_exact(db_path) == {"reservations": 2, "committed": 1, "refunded": 1}
+    assert assert_ledger_exact(raw) == {"reservations": 2, "committed": 1, "refunded": 1}
 
 
-async def test_stats_count_the_days_jobs_images_and_credits(store: Store, db_path: Path) -> None:
+async def test_stats_count_the_days_jobs_images_and_credits(store: Store, raw: Raw) -> None:
     today = datetime.now(UTC).date()
     user = await store.user("qq", "1")
     ok = await reserve(store, user.id, 2, day=today)
@@ -830,10 +896,7 @@ async def test_stats_count_the_days_jobs_images_and_credits(store: Store, db_pat
     refused = await new_job(store, user.id)  # bad input: never reserved, still a job today
     await store.finish_job(refused, status="failed", error_kind="bad_option")
     old = await reserve(store, user.id, 1, day=today - timedelta(days=1))
-    con = sqlite3.connect(db_path)
-    with con:
-        con.execute("UPDATE jobs SET created_at = created_at - 86400 WHERE id = ?", (old,))
-    con.close()
+    raw.execute("UPDATE jobs SET created_at = created_at - 86400 WHERE id = ?", old)
 
     stats = await store.stats(today)
     assert stats["users"] == 1
@@ -845,15 +908,12 @@ async def test_stats_count_the_days_jobs_images_and_credits(store: Store, db_pat
     assert stats["jobs_running"] == 1 and stats["jobs_queued"] == 1
 
 
-async def test_stats_day_follows_the_given_timezone(store: Store, db_path: Path) -> None:
+async def test_stats_day_follows_the_given_timezone(store: Store, raw: Raw) -> None:
     user = await store.user("qq", "1")
     job_id = await new_job(store, user.id)
     # 20:00 UTC on March 1st is already 04:00 on March 2nd in Shanghai.
     instant = datetime(2025, 3, 1, 20, 0, tzinfo=UTC).timestamp()
-    con = sqlite3.connect(db_path)
-    with con:
-        con.execute("UPDATE jobs SET created_at = ? WHERE id = ?", (instant, job_id))
-    con.close()
+    raw.execute("UPDATE jobs SET created_at = ? WHERE id = ?", instant, job_id)
 
     shanghai = ZoneInfo("Asia/Shanghai")
     assert (await store.stats(date(2025, 3, 2), tz=shanghai))["jobs_today"] == 1
@@ -874,15 +934,18 @@ async def test_result_messages_map_back_to_their_job(store: Store) -> None:
     assert await store.message_job("telegram", "-100", "79") is None
 
 
-# --- SQLite under pressure ---
+# --- under pressure ---
 
 
-async def test_reserve_waits_while_another_connection_holds_the_write_lock(
-    store: Store, db_path: Path
+async def test_reserve_waits_while_another_connection_holds_the_lock(
+    store: Store, store_url: str, db_path: Path
 ) -> None:
+    """SQLite: another connection holds the file's write lock; PostgreSQL: another
+    connection holds the account's row lock. The reservation waits, then goes through."""
     user = await store.user("qq", "1")
     job_id = await new_job(store, user.id)
     locked = threading.Event()
+    release: asyncio.Task[None] | None = None
 
     def hold_write_lock() -> None:
         con = sqlite3.connect(db_path, isolation_level=None)
@@ -893,18 +956,34 @@ async def test_reserve_waits_while_another_connection_holds_the_write_lock(
         con.close()
 
     holder = threading.Thread(target=hold_write_lock)
-    holder.start()
-    await asyncio.to_thread(locked.wait)
+    if store_url.startswith("sqlite"):
+        holder.start()
+        await asyncio.to_thread(locked.wait)
+    else:
+        con = await asyncpg.connect(store_url)
+        held = con.transaction()
+        await held.start()
+        await con.execute("SELECT id FROM users WHERE id = $1 FOR UPDATE", user.id)
+
+        async def let_go() -> None:
+            await asyncio.sleep(0.5)
+            await held.rollback()
+            await con.close()
+
+        release = asyncio.create_task(let_go())
     started = time.monotonic()
     await store.reserve(job_id, user_id=user.id, cost=1, day=DAY, daily_allowance=5)
     waited = time.monotonic() - started
-    await asyncio.to_thread(holder.join)
+    if release is not None:
+        await release
+    else:
+        await asyncio.to_thread(holder.join)
 
     assert waited >= 0.3
     assert (await store.job(job_id)).ledger_state == "reserved"  # type: ignore[union-attr]
 
 
-async def test_cancelled_caller_leaves_no_half_transaction(store: Store, db_path: Path) -> None:
+async def test_cancelled_caller_leaves_no_half_transaction(store: Store, raw: Raw) -> None:
     user = await store.user("qq", "1")
     await store.grant(user.id, 100)
     jobs = [await new_job(store, user.id) for _ in range(20)]
@@ -922,12 +1001,12 @@ async def test_cancelled_caller_leaves_no_half_transaction(store: Store, db_path
     # The store still works, and every reservation that happened is whole and in the ledger.
     extra = await reserve(store, user.id, 1)
     assert await store.commit(extra)
-    counts = assert_ledger_exact(db_path)
+    counts = assert_ledger_exact(raw)
     assert 11 <= counts["reservations"] <= 21
 
 
 async def test_provider_capabilities_merge_and_survive_reopen(
-    tmp_path: Path, db_path: Path, store: Store
+    store_url: str, keybox: KeyBox, store: Store
 ) -> None:
     assert await store.provider_capabilities("relay") == {}
     await store.update_provider_capabilities("relay", {"stream": False, "stream_checked": 1.5})
@@ -937,5 +1016,5 @@ async def test_provider_capabilities_merge_and_survive_reopen(
     assert merged == {"stream": False, "edits": True}
     assert await store.provider_capabilities("other") == {}
     await store.close()
-    async with await Store.open(db_path, keybox=KeyBox.load(tmp_path)) as again:
+    async with await Store.connect(store_url, keybox=keybox) as again:
         assert await again.provider_capabilities("relay") == {"stream": False, "edits": True}

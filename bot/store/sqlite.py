@@ -35,8 +35,10 @@ log = logging.getLogger("bot.store")
 T = TypeVar("T")
 
 PRAGMAS = (
-    "PRAGMA journal_mode = WAL",
+    # busy_timeout first: switching a new file to WAL needs its lock, which another process
+    # opening (and migrating) the same file at that moment may hold.
     "PRAGMA busy_timeout = 5000",
+    "PRAGMA journal_mode = WAL",
     "PRAGMA foreign_keys = ON",
     "PRAGMA synchronous = NORMAL",
 )
