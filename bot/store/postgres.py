@@ -34,7 +34,12 @@ DIALECT = Dialect(
     json_length=lambda column: f"json_array_length({column}::json)",
     hour_of=lambda column: f"(FLOOR({column} / 3600) * 3600)::BIGINT",
     json_merge=lambda column, param: f"jsonb_strip_nulls({column}::jsonb || {param}::jsonb)::text",
-    for_update=" FOR UPDATE",
+    # NO KEY UPDATE, not UPDATE: it serializes writers of the row just the same, but leaves
+    # alone the KEY SHARE locks that inserting a ledger or reservation row takes on the
+    # users row it refers to. With FOR UPDATE, a refund holding daily_usage and inserting its
+    # ledger row would wait for a reservation holding the account, which waits for that
+    # daily_usage row: a deadlock.
+    for_update=" FOR NO KEY UPDATE",
 )
 
 # Two processes starting at once take turns to migrate (pg_advisory_xact_lock's key).
