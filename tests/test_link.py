@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import date
@@ -38,6 +37,7 @@ from bot.secrets import KeyBox
 from bot.services import Services
 from bot.store import LinkRefused, ReservationError, Store
 from plugins.registry import find_command, split_command
+from tests.databases import Raw
 from tests.fake_telegram import FakeTelegram
 from tests.recording_chat import RecordingChat, invocation, run_command
 from tests.test_discord import Bot, fake_discord, start_bot  # noqa: F401 (fixtures)
@@ -77,8 +77,25 @@ def code_in(chat: RecordingChat) -> str:
     return found.group(0)
 
 
-def db_path(services: Services) -> Path:
-    return services.settings.data_dir / "drawbridge.sqlite3"
+@pytest.fixture
+async def services(
+    settings_factory: Callable[..., Settings], store_url: str
+) -> AsyncIterator[Services]:
+    """Live services on each engine in turn (the store's /link rules run on both)."""
+    svc = await Services.create(settings_factory(database_url=store_url))
+    try:
+        yield svc
+    finally:
+        await svc.close()
+
+
+def exact(services: Services) -> dict[str, int]:
+    """The ledger invariants, checked on whichever database the services use."""
+    raw = Raw(services.settings.database())
+    try:
+        return assert_ledger_exact(raw)
+    finally:
+        raw.close()
 
 
 async def left(services: Services, platform: str, uid: str) -> tuple[int, int]:
@@ -214,9 +231,10 @@ async def test_linking_adds_the_balances_as_a_transfer_keeps_the_newer_key_and_o
     assert await store.get_api_key(a.id) == KEY_B
     assert a.lang == b.lang == "zh"
     # One job history: both identities' jobs are the account's.
-    with sqlite3.connect(db_path(services)) as db:
-        owners = {row[0] for row in db.execute("SELECT user_id FROM jobs")}
-        kinds = [row[0] for row in db.execute("SELECT kind FROM ledger")]
+    raw = Raw(services.settings.database())
+    owners = {row[0] for row in raw.query("SELECT user_id FROM jobs")}
+    kinds = [row[0] for row in raw.query("SELECT kind FROM ledger")]
+    raw.close()
     assert owners == {a.id}
     assert kinds.count("transfer") == 2  # one pair: daily and balance moved together
 
@@ -224,13 +242,15 @@ async def test_linking_adds_the_balances_as_a_transfer_keeps_the_newer_key_and_o
     # In the account's one language (zh, chosen on QQ), on Telegram too.
     linked_line = services.t("zh", "quota.linked", identities="telegram:100, qq:200")
     assert linked_line in quota.last_text()
-    assert_ledger_exact(db_path(services))
+    exact(services)
 
 
 async def test_admin_rights_stay_with_the_identity_named_in_drawbridge_admins(
-    settings_factory: Callable[..., Settings],
+    settings_factory: Callable[..., Settings], store_url: str
 ) -> None:
-    services = await Services.create(settings_factory(admins="telegram:100"))
+    services = await Services.create(
+        settings_factory(admins="telegram:100", database_url=store_url)
+    )
     try:
         await linked(services)
         assert (await services.store.user("telegram", "100")).is_admin
@@ -264,7 +284,7 @@ async def test_unlink_detaches_the_identity_and_the_credits_stay_with_the_accoun
     await run_command(services, tg("unlink"))
     assert await left(services, "qq", "200") == (5, 6)
     assert await left(services, "telegram", "100") == (5, 0)
-    assert_ledger_exact(db_path(services))
+    exact(services)
 
 
 async def test_link_waits_for_the_joining_accounts_running_jobs(services: Services) -> None:
@@ -309,7 +329,7 @@ async def test_a_job_of_an_identity_linked_away_meanwhile_is_not_charged_to_its_
     with pytest.raises(ReservationError):
         await store.reserve(job, user_id=stale.id, cost=1, day=DAY, daily_allowance=5)
     assert (await store.credits(stale.id, DAY, 5)).daily_used == 0
-    assert_ledger_exact(db_path(services))
+    exact(services)
 
 
 # --- through the fakes: a Telegram and a QQ identity --------------------------------------
@@ -395,7 +415,7 @@ async def test_a_telegram_and_a_qq_identity_linked_through_the_fakes_share_one_w
     assert await left(services, "qq", str(qq_user)) == (2, 2)
     stranger = await store.user("qq", str(qq_user + 1))
     assert len(await store.identities(stranger.id)) == 1
-    assert_ledger_exact(db_path(services))
+    exact(services)
 
 
 async def test_discord_link_answers_the_code_ephemerally_in_a_server(
@@ -416,12 +436,17 @@ ALLOWANCE = 3
 RESERVATIONS = 1000
 
 
+@pytest.fixture
+async def store(store_url: str, tmp_path: Path) -> AsyncIterator[Store]:
+    s = await Store.connect(store_url, keybox=KeyBox.load(tmp_path))
+    yield s
+    await s.close()
+
+
 async def test_a_thousand_concurrent_reservations_across_two_linked_identities_stay_exact(
-    tmp_path: Path,
+    store: Store, store_url: str
 ) -> None:
     rng = random.Random(14)
-    path = tmp_path / "ledger.sqlite3"
-    store = await Store.open(path, keybox=KeyBox.load(tmp_path))
     tg_user = await store.user("telegram", "1")
     qq_user = await store.user("qq", "2")
     await store.grant(tg_user.id, 40)
@@ -485,7 +510,8 @@ async def test_a_thousand_concurrent_reservations_across_two_linked_identities_s
     # One allowance for the account, not one per platform.
     assert credits.total_left == granted + ALLOWANCE - spent
     assert credits.daily_allowance == ALLOWANCE
-    await store.close()
-    counts = assert_ledger_exact(path)
+    raw = Raw(store_url)
+    counts = assert_ledger_exact(raw)
+    raw.close()
     assert counts["reservations"] == RESERVATIONS - outcomes["refused"]
     assert counts.get("reserved", 0) == 0
