@@ -1018,3 +1018,55 @@ async def test_provider_capabilities_merge_and_survive_reopen(
     await store.close()
     async with await Store.connect(store_url, keybox=keybox) as again:
         assert await again.provider_capabilities("relay") == {"stream": False, "edits": True}
+
+
+async def test_upstream_usage_counts_each_delivered_image_as_drawn(store: Store, raw: Raw) -> None:
+    user = await store.user("qq", "1")
+    tg = await store.user("telegram", "2")
+    square = {"width": 1024, "height": 1024, "bytes": 1, "mime": "image/png"}
+
+    async def done(
+        who: int,
+        platform: str,
+        outputs: list[dict[str, Any]],
+        *,
+        status: str = "succeeded",
+        provider: str | None = "main",
+        own_key: bool = False,
+        **options: Any,
+    ) -> int:
+        job_id = await new_job(
+            store,
+            who,
+            platform=platform,
+            options={"n": len(outputs), **options},
+            own_key=own_key,
+        )
+        if provider:
+            await store.mark_running(job_id, provider)
+        await store.finish_job(job_id, status=status, outputs=outputs)
+        return job_id
+
+    await done(user.id, "qq", [square, square], size="1024x1024", quality="HIGH")
+    await done(user.id, "qq", [square], size="1024x1024", quality="high")
+    # Asked for 4K, redrawn at 2K: counted as drawn.
+    await done(tg.id, "telegram", [{"width": 2048, "height": 1152}], size="3840x2160")
+    # No dimensions recorded: what the job asked for, else "auto".
+    await done(tg.id, "telegram", [{"bytes": 5}], size="1536x1024", quality="low")
+    await done(tg.id, "telegram", [{"width": 0, "height": 0}], provider=None)
+    # Not counted: the user's own key, a failed job, nothing delivered, an older job.
+    await done(user.id, "qq", [square], own_key=True)
+    await done(user.id, "qq", [square], status="failed")
+    await done(user.id, "qq", [])
+    old = await done(user.id, "qq", [square, square, square], quality="medium")
+    raw.execute("UPDATE jobs SET created_at = created_at - 86400 WHERE id = ?", old)
+
+    since = time.time() - 3600
+    assert await store.console_upstream_usage(since) == [
+        ("qq", "main", "1024x1024", "high", 3),
+        ("telegram", "", "auto", "auto", 1),
+        ("telegram", "main", "1536x1024", "low", 1),
+        ("telegram", "main", "2048x1152", "auto", 1),
+    ]
+    assert ("qq", "main", "1024x1024", "medium", 3) in await store.console_upstream_usage(0)
+    assert await store.console_upstream_usage(time.time() + 60) == []

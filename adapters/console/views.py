@@ -107,28 +107,6 @@ async def overview(services: Services, seconds: int) -> dict[str, Any]:
 
 
 # ---- estimated upstream cost ------------------------------------------------------------
-# Read through `Store.console_jobs` (every succeeded job of the range) because the store is
-# being reshaped into a package meanwhile; a store query summing (platform, provider, size,
-# quality, images) in SQL would replace `_succeeded_jobs` when it lands.
-
-
-async def _succeeded_jobs(services: Services, since: float) -> list[Job]:
-    filters = {"status": "succeeded", "since": str(since)}
-    _, total = await services.store.console_jobs(filters, limit=0)
-    if not total:
-        return []
-    jobs, _ = await services.store.console_jobs(filters, limit=total)
-    return jobs
-
-
-def _images(job: Job) -> list[str]:
-    """The size tier of each image a job delivered, as drawn (a 4K job redrawn at 2K is 2K)."""
-    tiers = []
-    for output in job.outputs:
-        width, height = output.get("width"), output.get("height")
-        drawn = f"{width}x{height}" if width and height else ""
-        tiers.append(size_tier(drawn or (job.options or {}).get("size") or "auto"))
-    return tiers
 
 
 async def upstream_costs(services: Services, since: float) -> dict[str, Any]:
@@ -136,29 +114,27 @@ async def upstream_costs(services: Services, since: float) -> dict[str, Any]:
     DRAWBRIDGE_UPSTREAM_PRICES, by platform and by provider.
 
     Counts the images succeeded jobs delivered, each at its drawn size tier and the job's
-    quality. Jobs on a user's own key are left out: the operator does not pay for those.
-    `priced` is False (and nothing is read) without a price table.
+    quality (the store sums them: `Store.console_upstream_usage`). Jobs on a user's own key
+    are left out: the operator does not pay for those. `priced` is False (and nothing is
+    read) without a price table.
     """
     settings = services.settings
     if not settings.upstream_prices:
         return {"priced": False, "platforms": [], "providers": [], "total": 0.0, "unpriced": 0}
     rows: dict[str, dict[str, dict[str, Any]]] = {"platform": {}, "provider": {}}
-    for job in await _succeeded_jobs(services, since):
-        if job.own_key:
-            continue
-        quality = str((job.options or {}).get("quality") or "auto").lower()
-        provider = job.provider or ""
-        for tier in _images(job):
-            price = settings.upstream_price(provider, tier, quality)
-            for axis, name in (("platform", job.platform), ("provider", provider)):
-                row = rows[axis].setdefault(
-                    name, {"name": name, "images": 0, "cost": 0.0, "unpriced": 0}
-                )
-                row["images"] += 1
-                if price is None:
-                    row["unpriced"] += 1
-                else:
-                    row["cost"] += price
+    for platform, provider, size, quality, images in await services.store.console_upstream_usage(
+        since
+    ):
+        price = settings.upstream_price(provider, size_tier(size), quality)
+        for axis, name in (("platform", platform), ("provider", provider)):
+            row = rows[axis].setdefault(
+                name, {"name": name, "images": 0, "cost": 0.0, "unpriced": 0}
+            )
+            row["images"] += images
+            if price is None:
+                row["unpriced"] += images
+            else:
+                row["cost"] += price * images
     platforms = sorted(rows["platform"].values(), key=lambda r: r["name"])
     providers = sorted(rows["provider"].values(), key=lambda r: r["name"])
     return {

@@ -218,6 +218,36 @@ class ConsoleMixin(StoreBase):
         )
         return [{**dict(row), "jobs": int(row["jobs"]), "spent": int(row["spent"])} for row in rows]
 
+    async def console_upstream_usage(self, since: float) -> list[tuple[str, str, str, str, int]]:
+        """The images succeeded jobs created since `since` delivered, for what providers
+        likely charged: (platform, provider, size, quality, images) per kind of image.
+
+        `size` is as drawn ("WxH" of the output; a 4K job redrawn at 2K counts at 2K), else
+        what the job asked for, else "auto"; `quality` is the job's (lower case, "auto" when
+        unset); `provider` "" when unknown. Jobs on a user's own key are left out: the
+        operator does not pay for those.
+        """
+        dialect = self._engine.dialect
+        member = dialect.json_member
+        width = f"CAST({member('o.value', 'width')} AS TEXT)"
+        height = f"CAST({member('o.value', 'height')} AS TEXT)"
+        rows = await self._read(
+            f"""
+            SELECT j.platform, COALESCE(j.provider, ''),
+                   CASE WHEN COALESCE({width}, '0') NOT IN ('0', '')
+                             AND COALESCE({height}, '0') NOT IN ('0', '')
+                        THEN {width} || 'x' || {height}
+                        ELSE COALESCE(NULLIF({member("j.options", "size")}, ''), 'auto') END,
+                   LOWER(COALESCE(NULLIF({member("j.options", "quality")}, ''), 'auto')),
+                   COUNT(*)
+            FROM jobs AS j, {dialect.json_elements("j.outputs", "o")}
+            WHERE j.created_at >= ? AND j.status = 'succeeded' AND j.own_key = 0
+            GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+            """,
+            (since,),
+        )
+        return [(str(row[0]), str(row[1]), str(row[2]), str(row[3]), int(row[4])) for row in rows]
+
     async def console_upstream_done(self, job_ids: list[int]) -> dict[int, float]:
         """When the upstream answered each of these jobs (those it did), to tell the time
         spent running upstream from the time delivering."""

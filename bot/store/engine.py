@@ -56,6 +56,10 @@ class Dialect:
     hour_of: Callable[[str], str]
     # Merge a JSON object parameter into a JSON text column, dropping members set to null.
     json_merge: Callable[[str, str], str]
+    # The elements of a JSON array held in a text column, as a FROM item named `alias` whose
+    # column `value` is each element: `json_elements("j.outputs", "o")`, then
+    # `json_member("o.value", "width")`.
+    json_elements: Callable[[str, str], str]
     # Appended to a SELECT that reads rows it will change (no-op where BEGIN IMMEDIATE
     # already holds the one write lock).
     for_update: str

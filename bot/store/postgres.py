@@ -34,6 +34,7 @@ DIALECT = Dialect(
     json_length=lambda column: f"json_array_length({column}::json)",
     hour_of=lambda column: f"(FLOOR({column} / 3600) * 3600)::BIGINT",
     json_merge=lambda column, param: f"jsonb_strip_nulls({column}::jsonb || {param}::jsonb)::text",
+    json_elements=lambda column, alias: f"json_array_elements({column}::json) AS {alias}(value)",
     # NO KEY UPDATE, not UPDATE: it serializes writers of the row just the same, but leaves
     # alone the KEY SHARE locks that inserting a ledger or reservation row takes on the
     # users row it refers to. With FOR UPDATE, a refund holding daily_usage and inserting its

@@ -49,6 +49,7 @@ DIALECT = Dialect(
     json_length=lambda column: f"json_array_length({column})",
     hour_of=lambda column: f"CAST({column} / 3600 AS INTEGER) * 3600",
     json_merge=lambda column, param: f"json_patch({column}, {param})",
+    json_elements=lambda column, alias: f"json_each({column}) AS {alias}",
     for_update="",
 )
 
