@@ -191,6 +191,10 @@ class MockUpstream:
     def __init__(self, options: MockOptions | None = None) -> None:
         self.options: MockOptions = options or MockOptions()
         self.requests: list[RecordedRequest] = []
+        # Image requests being answered now, and the most there ever were at once (a
+        # provider's `concurrency` across every process is checked against this).
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.base_url: str = ""
         self._runner: web.AppRunner | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -288,7 +292,7 @@ class MockUpstream:
     # --- routes ---
 
     async def _generations(self, request: web.Request) -> web.StreamResponse:
-        return await self._image_request(request, edit=False)
+        return await self._counted(request, edit=False)
 
     async def _edits(self, request: web.Request) -> web.StreamResponse:
         if not self.options.edits:
@@ -299,7 +303,15 @@ class MockUpstream:
                 )
             )
             return _error_response(503, "当前分组 default 下对于模型  无可用渠道", "one_api_error")
-        return await self._image_request(request, edit=True)
+        return await self._counted(request, edit=True)
+
+    async def _counted(self, request: web.Request, *, edit: bool) -> web.StreamResponse:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._image_request(request, edit=edit)
+        finally:
+            self.in_flight -= 1
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         rejected = self._check_auth(request.headers.get("Authorization", ""))

@@ -143,19 +143,16 @@ async def _serve_until_stopped(stop: asyncio.Event, platforms: list[Platform]) -
 
 
 async def keep_alive(services: Services, platforms: list[Platform]) -> None:
-    """Beat this process's heartbeat, and recover the jobs of processes that stopped beating.
-
-    Every third of DRAWBRIDGE_PROCESS_TIMEOUT (at most 20 s), so a live process is never
-    taken for dead; the chats of recovered jobs this process serves are told.
-    """
-    interval = min(20.0, services.settings.process_timeout / 3)
+    """Recover the jobs of processes that stopped beating (their heartbeat older than
+    DRAWBRIDGE_PROCESS_TIMEOUT), as often as this process beats its own (`Services`), and
+    tell the chats this process serves."""
+    interval = services.beat_interval
     while True:
         await asyncio.sleep(interval)
         try:
-            await services.store.heartbeat()
             recovered = await services.store.recover()
         except Exception as exc:
-            log.warning("heartbeat failed (retrying in %.0fs): %r", interval, exc)
+            log.warning("recovery check failed (retrying in %.0fs): %r", interval, exc)
             continue
         if recovered:
             log.warning(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -68,6 +69,7 @@ class Services:
         # /healthz asks each for its connection.
         self.platforms: dict[str, Platform] = {}
         self._closed = False
+        self._beating: asyncio.Task[None] | None = None
 
     @classmethod
     async def create(cls, settings: Settings) -> Services:
@@ -103,6 +105,9 @@ class Services:
         jobs.start_housekeeping()
         services = cls(settings, store, jobs, http)
         services.recovered = recovered
+        # From now on, however long the platforms take to start: a process silent for
+        # DRAWBRIDGE_PROCESS_TIMEOUT is taken for dead by the others.
+        services._beating = asyncio.create_task(services._beat())
         return services
 
     async def close(self, grace: float | None = None) -> None:
@@ -110,6 +115,8 @@ class Services:
         if self._closed:
             return
         self._closed = True
+        if self._beating is not None:
+            self._beating.cancel()
         await self.jobs.shutdown(self.settings.shutdown_grace if grace is None else grace)
         await self.http.aclose()
         try:
@@ -117,6 +124,19 @@ class Services:
         except Exception:
             log.warning("could not record this process's stop", exc_info=True)
         await self.store.close()
+
+    @property
+    def beat_interval(self) -> float:
+        """Seconds between heartbeats: a third of DRAWBRIDGE_PROCESS_TIMEOUT, at most 20."""
+        return min(20.0, self.settings.process_timeout / 3)
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.beat_interval)
+            try:
+                await self.store.heartbeat()
+            except Exception as exc:
+                log.warning("heartbeat not written (retrying): %r", exc)
 
     async def user_lang(self, platform: str, user_id: str, locale: str | None) -> str:
         """The user's language: their `/lang` choice, else the platform locale, else default."""

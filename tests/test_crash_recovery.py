@@ -1,4 +1,5 @@
-"""A bot killed (SIGKILL) mid-job refunds the job on the next start."""
+"""A bot killed (SIGKILL) mid-job: the next start refunds the job once the dead process's
+heartbeat is older than DRAWBRIDGE_PROCESS_TIMEOUT."""
 
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ async def test_job_killed_mid_flight_is_refunded_on_restart(
     settings_factory: Callable[..., Settings], mock_upstream: MockUpstream, tmp_path: Path
 ) -> None:
     mock_upstream.options.latency = 60
-    settings = settings_factory()
+    settings = settings_factory(process_timeout=1.0)
     env = {
         **os.environ,
         "DRAWBRIDGE_API_BASE": mock_upstream.base_url,
         "DRAWBRIDGE_API_KEY": "sk-test-shared-0000",
         "DRAWBRIDGE_DATA_DIR": str(settings.data_dir),
         "DRAWBRIDGE_DAILY_CREDITS": "5",
+        "DRAWBRIDGE_PROCESS_TIMEOUT": "1",
         "PYTHONPATH": str(ROOT),
     }
     child = await asyncio.create_subprocess_exec(
@@ -57,6 +59,8 @@ async def test_job_killed_mid_flight_is_refunded_on_restart(
     finally:
         child.send_signal(signal.SIGKILL)
         await child.wait()
+    # Its last heartbeat was at its start: older than the timeout by now, or in a moment.
+    await asyncio.sleep(1.1)
 
     services = await Services.create(settings)
     try:

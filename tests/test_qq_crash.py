@@ -1,5 +1,6 @@
-"""QQ end to end: `drawbridge run` killed (SIGKILL) mid-job; after a restart the group is told
-the job was refunded, and the ledger shows the refund."""
+"""QQ end to end: `drawbridge run` killed (SIGKILL) mid-job; after a restart, once the dead
+process's heartbeat is older than DRAWBRIDGE_PROCESS_TIMEOUT, the group is told the job was
+refunded, and the ledger shows the refund."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ async def test_killed_mid_job_then_restarted_tells_the_group_and_refunds(tmp_pat
         DRAWBRIDGE_API_KEY="sk-crash-test-shared",
         DRAWBRIDGE_DEFAULT_LANG="en",
         DRAWBRIDGE_DAILY_CREDITS="5",
+        DRAWBRIDGE_PROCESS_TIMEOUT="3",
     )
     url = f"ws://127.0.0.1:{port}/onebot/v11/ws"
     first = BotProcess(env, tmp_path)

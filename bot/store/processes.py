@@ -2,9 +2,10 @@
 
 Each `drawbridge run` registers itself (`start_process`) and beats (`heartbeat`) while it
 runs; its jobs carry its id. Recovery settles only the jobs of processes that are gone: ones
-that stopped cleanly, ones whose last heartbeat is older than DRAWBRIDGE_PROCESS_TIMEOUT, and
-ones on this very machine whose pid no longer runs (a restart recovers at once instead of
-waiting out the timeout). It never touches a live process's jobs.
+that stopped cleanly (`stop_process`), and ones whose last heartbeat is older than
+DRAWBRIDGE_PROCESS_TIMEOUT. It never touches a live process's jobs. A pid is no proof of
+death: containers sharing a host name (host networking) each have their own pid 1; only a
+Store closed inside this very OS process without a clean stop is known dead at once.
 
 A provider's `concurrency` counts the requests of all processes together: a request holds a
 row of `provider_slots` (provider, slot < concurrency) while it runs. A dead process's rows
@@ -29,10 +30,11 @@ log = logging.getLogger("bot.store")
 
 DEFAULT_PROCESS_TIMEOUT = 60.0
 
-# Processes (`start_process` ids) whose Store is open in this very OS process. A row of this
-# host and pid that is not here belongs to a Store closed without a clean stop (its last
-# writes failed): as dead as a process whose pid is gone.
+# Processes (`start_process` ids) whose Store is open in this very OS process. A row written
+# by this OS process (`_INSTANCE`) that is not here belongs to a Store closed without a clean
+# stop (its last writes failed): dead, without waiting out the timeout.
 _OPEN_HERE: set[str] = set()
+_INSTANCE = uuid.uuid4().hex[:12]
 
 
 def this_host() -> str:
@@ -45,16 +47,9 @@ def this_host() -> str:
     return f"{socket.gethostname()}/{boot}" if boot else socket.gethostname()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return True
-    return True
+def this_instance() -> str:
+    """This OS process, as its rows in `processes` name it: the machine and a random token."""
+    return f"{this_host()}#{_INSTANCE}"
 
 
 class ProcessesMixin(StoreBase):
@@ -73,7 +68,7 @@ class ProcessesMixin(StoreBase):
         await self._execute(
             "INSERT INTO processes (id, host, pid, platforms, started_at, heartbeat_at)"
             " VALUES (?, ?, ?, ?, ?, ?)",
-            (process_id, this_host(), os.getpid(), platforms, now, now),
+            (process_id, this_instance(), os.getpid(), platforms, now, now),
         )
         self.process_id = process_id
         _OPEN_HERE.add(process_id)
@@ -140,7 +135,7 @@ class ProcessesMixin(StoreBase):
 
     def _dead(self, rows: list[Row], now: float, timeout: float | None = None) -> list[str]:
         limit = self.process_timeout if timeout is None else timeout
-        host = this_host()
+        here = this_instance()
         dead = []
         for row in rows:
             if row["id"] == self.process_id:
@@ -148,17 +143,10 @@ class ProcessesMixin(StoreBase):
             if (
                 row["stopped_at"] is not None
                 or row["heartbeat_at"] < now - limit
-                or (row["host"] == host and not self._runs_here(row["pid"], row["id"]))
+                or (row["host"] == here and row["id"] not in _OPEN_HERE)
             ):
                 dead.append(row["id"])
         return dead
-
-    @staticmethod
-    def _runs_here(pid: int, process_id: str) -> bool:
-        """Whether a process of this machine still runs: its pid, or (this very pid) its Store."""
-        if pid == os.getpid():
-            return process_id in _OPEN_HERE
-        return _pid_alive(pid)
 
     # --- provider slots: `concurrency` across every process ---
 
