@@ -122,3 +122,33 @@ def test_systemd_unit_restarts_on_exit_1_but_not_on_bad_settings() -> None:
     assert service["RestartPreventExitStatus"] == "2"
     assert service["UMask"] == "0077"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_compose_postgres_variant_points_every_process_at_the_postgres_service() -> None:
+    base: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    variant: dict[str, Any] = yaml.safe_load((ROOT / "compose.postgres.yaml").read_text())
+    postgres = variant["services"]["postgres"]
+    pg_env = postgres["environment"]
+    assert re.fullmatch(r"\$\{POSTGRES_PASSWORD:\?.+\}", pg_env["POSTGRES_PASSWORD"])
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    assert not postgres.get("ports")  # the database stays on the compose network
+    bots = {name: service for name, service in variant["services"].items() if name != "postgres"}
+    assert "drawbridge" in base["services"] and set(bots) == {"drawbridge", "drawbridge-telegram"}
+    for service in bots.values():
+        env = service["environment"]
+        assert set(env) <= _env_names(), set(env) - _env_names()
+        url = env["DRAWBRIDGE_DATABASE_URL"].replace("${POSTGRES_PASSWORD}", "pw")
+        assert url == (
+            f"postgresql://{pg_env['POSTGRES_USER']}:pw@postgres:5432/{pg_env['POSTGRES_DB']}"
+        )
+        Settings(database_url=url)  # a URL the bot accepts
+        # Every process reads users' keys with one secret: required, not per-volume files.
+        assert re.fullmatch(r"\$\{DRAWBRIDGE_SECRET_KEY:\?.+\}", env["DRAWBRIDGE_SECRET_KEY"])
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+    second = bots["drawbridge-telegram"]
+    assert second["profiles"] == ["telegram"] and second["env_file"] == ".env"
+    data_volume, _, mount = second["volumes"][0].partition(":")
+    assert (
+        data_volume in variant["volumes"] and mount == second["environment"]["DRAWBRIDGE_DATA_DIR"]
+    )
+    assert postgres["volumes"][0].partition(":")[0] in variant["volumes"]
