@@ -158,7 +158,10 @@ async def seed(services: Services) -> None:
 
 def shots() -> Path | None:
     where = os.environ.get("DRAWBRIDGE_CONSOLE_SCREENSHOTS")
-    return Path(where) if where else None
+    if not where:
+        return None
+    # Relative to the repository (the settings fixture changes into a temp directory).
+    return Path(where) if Path(where).is_absolute() else Path(__file__).parents[1] / where
 
 
 async def test_every_page_loads_with_charts_drawn_and_no_console_errors(
