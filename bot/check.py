@@ -225,6 +225,42 @@ async def check_provider(
     return Row(check, target, OK, f"key accepted, {provider.model} listed")
 
 
+async def check_database(settings: Settings, *, deadline: float = DEFAULT_DEADLINE) -> Row:
+    """DRAWBRIDGE_DATABASE_URL's PostgreSQL answers, and its schema is one this version runs
+    (read only: nothing is migrated or written)."""
+    from bot.store.migrations import POSTGRES_MIGRATIONS
+    from bot.store.postgres import PostgresEngine
+
+    url = settings.database_url
+    target = _without_userinfo(url)
+    try:
+        async with asyncio.timeout(deadline):
+            engine = await PostgresEngine.open(url, migrate=False, min_size=1, max_size=1)
+            try:
+                version = await engine.schema_version()
+            finally:
+                await engine.close()
+    except TimeoutError:
+        return Row(
+            "database", target, FAIL, f"no answer in {deadline:.0f}s: check DRAWBRIDGE_DATABASE_URL"
+        )
+    except Exception as exc:
+        return Row("database", target, FAIL, f"{type(exc).__name__}: check DRAWBRIDGE_DATABASE_URL")
+    latest = len(POSTGRES_MIGRATIONS)
+    if version > latest:
+        return Row(
+            "database", target, FAIL, f"schema {version} is newer than this drawbridge ({latest})"
+        )
+    if version < latest:
+        return Row(
+            "database",
+            target,
+            OK,
+            f"schema {version}: run (or db upgrade) applies {latest - version} migration(s)",
+        )
+    return Row("database", target, OK, f"schema {version}, up to date")
+
+
 async def reachability(settings: Settings, *, deadline: float = DEFAULT_DEADLINE) -> list[Row]:
     """Every check for what the settings configure, run at once; rows in a fixed order."""
     rows: list[Row] = []
@@ -246,6 +282,8 @@ async def reachability(settings: Settings, *, deadline: float = DEFAULT_DEADLINE
         if settings.discord_bot_token:
             waits.append(check_discord(settings, deadline=deadline))
         waits += [check_provider(http, p, deadline=deadline) for p in settings.providers()]
+        if settings.database_url.startswith(("postgresql://", "postgres://")):
+            waits.append(check_database(settings, deadline=deadline))
         rows += await asyncio.gather(*waits)
     return rows
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bot.mock_upstream import MockUpstream
+from tests.databases import Raw
 from tests.fake_discord import FakeDiscord
 from tests.fake_telegram import FakeTelegram
 from tests.test_startup_errors import closed_port, drawbridge, taken_port
@@ -202,3 +203,38 @@ async def test_the_console_alone_is_no_chat_platform(
     assert code == 1, output
     assert "none configured" in row(output, "platforms")
     assert "a-long-console-passphrase" not in output
+
+
+async def test_a_postgresql_store_is_checked_read_only_and_its_password_masked(
+    tmp_path: Path, mock_upstream: MockUpstream, pg_url: str
+) -> None:
+    """DRAWBRIDGE_DATABASE_URL: the server answers, the schema's version is reported, nothing
+    is created; a wrong password or no server is a FAIL row naming the setting."""
+    with_password = pg_url.replace("postgresql://postgres@", "postgresql://postgres:pw0rd-Zq8@")
+    common = {
+        "DRAWBRIDGE_API_BASE": mock_upstream.base_url,
+        "DRAWBRIDGE_API_KEY": API_KEY,
+        "QQ_ENABLED": "true",
+        "PORT": str(closed_port()),
+    }
+    code, output = await drawbridge(
+        tmp_path, "check", DRAWBRIDGE_DATABASE_URL=with_password, **common
+    )
+    assert code == 0, output
+    assert "schema 0: run (or db upgrade) applies 10 migration(s)" in row(output, "database")
+    assert "pw0rd-Zq8" not in output
+    raw = Raw(pg_url)
+    try:  # read only: the fresh schema is still empty
+        assert raw.value("SELECT COUNT(*) FROM pg_tables WHERE schemaname = current_schema()") == 0
+    finally:
+        raw.close()
+
+    code, output = await drawbridge(
+        tmp_path,
+        "check",
+        DRAWBRIDGE_DATABASE_URL="postgresql://postgres:s3cret-Zq8@127.0.0.1:1/nothing",
+        **common,
+    )
+    assert code == 1, output
+    assert "FAIL" in row(output, "database") and "DRAWBRIDGE_DATABASE_URL" in output
+    assert "s3cret-Zq8" not in output
