@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Callable, Coroutine, Sequence, Set
 from typing import Any, TypeVar
 
 from bot.secrets import KeyBox
@@ -105,7 +105,16 @@ class StoreBase:
         """
         if self._closed:
             raise StoreError("store is closed")
-        task = asyncio.ensure_future(self._engine.transaction(rule))
+        return await self._shielded(self._engine.transaction(rule))
+
+    async def _write_one(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        """One write statement with RETURNING, shielded like `_write`; its rows."""
+        if self._closed:
+            raise StoreError("store is closed")
+        return await self._shielded(self._engine.fetch_write(sql, params))
+
+    async def _shielded(self, write: Coroutine[Any, Any, T]) -> T:
+        task = asyncio.ensure_future(write)
         self._writes.add(task)
         task.add_done_callback(_forget_write(self._writes))
         return await asyncio.shield(task)

@@ -39,6 +39,16 @@ class Tx(Protocol):
         """Run a write statement; returns how many rows it changed."""
         ...
 
+    def writes(self, *statements: tuple[str, Sequence[Any]]) -> Awaitable[list[int]]:
+        """Run these write statements (no RETURNING) as one step; how many rows each changed.
+
+        PostgreSQL sends them in one round trip, as one statement of data-modifying CTEs: each
+        sees the database as it was before the step, none another's effect, and no two may
+        touch the same row. Where the caller raises on a row count, the transaction rolls back
+        with every write of the step.
+        """
+        ...
+
 
 Rule = Callable[[Tx], Coroutine[Any, Any, T]]
 
@@ -63,6 +73,11 @@ class Dialect:
     # Appended to a SELECT that reads rows it will change (no-op where BEGIN IMMEDIATE
     # already holds the one write lock).
     for_update: str
+    # The commit of a whole reservation (`ledger.commit` when nothing comes back) as one
+    # statement that settles it and appends its ledger row, where the engine can write in a
+    # CTE; params: job_id, amount (or None), created_at, note. Returns a row if it committed;
+    # none when the reservation is not 'reserved' or `amount` is not all of it.
+    commit_whole: str | None = None
 
 
 class Engine(Protocol):

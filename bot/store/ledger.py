@@ -125,10 +125,12 @@ async def reserve(
         # /link moved this row's account elsewhere after the caller read the user:
         # charging it would hand out a second daily allowance.
         raise ReservationError(f"user #{user_id} was linked into another account")
-    rows = await tx.fetch(SQL_RESERVE_READ, user_id, iso_day, group_key, iso_day, user_id, job_id)
+    rows = await tx.fetch(
+        SQL_RESERVE_READ, user_id, iso_day, group_key, iso_day, group_key, user_id, job_id
+    )
     if not rows:
         raise NotFoundError(f"no job #{job_id} or no user #{user_id}")
-    owner, status, state, daily_used, balance, group_used, own_allowance = rows[0]
+    owner, status, state, daily_used, balance, group_used, own_allowance, group_own_cap = rows[0]
     # The account's own allowance (set in the console) replaces the configured one.
     allowance = max(0, daily_allowance if own_allowance is None else own_allowance)
     if owner != user_id:
@@ -137,12 +139,9 @@ async def reserve(
         raise ReservationError(f"job #{job_id} is already reserved ({state})")
     if status != "queued":
         raise ReservationError(f"job #{job_id} is {status}, not queued")
-    cap = group_cap
-    if group_key:
-        # The group's own cap (/group cap), read in this transaction: never above the global
-        # one, which the caller passes.
-        own = await tx.fetch("SELECT cap FROM group_rules WHERE group_key = ?", group_key)
-        cap = effective_cap(group_cap, own[0][0] if own else None)
+    # The group's own cap (/group cap), read in this transaction: never above the global
+    # one, which the caller passes.
+    cap = effective_cap(group_cap, group_own_cap) if group_key else group_cap
     if group_key and cap > 0 and group_used + cost > cap:
         raise GroupCapReachedError(cap=cap)
 
@@ -153,21 +152,32 @@ async def reserve(
     balance_part = cost - daily_part
 
     # The guards repeat the checks above inside the statements themselves, so the charge is
-    # exact even if something wrote between the read and here.
-    short = InsufficientCreditsError(needed=cost, left=credits.total_left)
+    # exact even if something wrote between the read and here. All the writes go in one step
+    # (one round trip on PostgreSQL); a guard that refuses raises, which rolls the
+    # reservation and its ledger row back with the rest.
+    takes: list[tuple[str, tuple[Any, ...]]] = []
     if balance_part:
-        if await tx.execute(SQL_TAKE_BALANCE, balance_part, user_id, balance_part) != 1:
-            raise short
+        takes.append((SQL_TAKE_BALANCE, (balance_part, user_id, balance_part)))
     if daily_part:
-        if await tx.execute(SQL_TAKE_DAILY, user_id, iso_day, daily_part, allowance) != 1:
-            raise short
+        takes.append((SQL_TAKE_DAILY, (user_id, iso_day, daily_part, allowance)))
     if group_key and cost:
-        if await tx.execute(SQL_TAKE_GROUP, group_key, iso_day, cost, cap) != 1:
-            raise GroupCapReachedError(cap=cap)
-    await tx.execute(
-        SQL_INSERT_RESERVATION, job_id, user_id, daily_part, balance_part, iso_day, group_key
+        takes.append((SQL_TAKE_GROUP, (group_key, iso_day, cost, cap)))
+    counts = await tx.writes(
+        *takes,
+        (
+            SQL_INSERT_RESERVATION,
+            (job_id, user_id, daily_part, balance_part, iso_day, group_key),
+        ),
+        (
+            SQL_INSERT_LEDGER,
+            (job_id, user_id, "reserve", daily_part, balance_part, iso_day, time.time(), "", None),
+        ),
     )
-    await ledger_row(tx, job_id, user_id, "reserve", daily_part, balance_part, iso_day)
+    for (sql, _), count in zip(takes, counts, strict=False):
+        if count != 1:
+            if sql is SQL_TAKE_GROUP:
+                raise GroupCapReachedError(cap=cap)
+            raise InsufficientCreditsError(needed=cost, left=credits.total_left)
 
 
 async def settle(tx: Tx, job_id: int, state: str) -> Row | None:

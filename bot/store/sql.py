@@ -11,13 +11,14 @@ SQL_INSERT_JOB = """
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     RETURNING id
 """
-# params: user_id, day, group_key, day, user_id, job_id
+# params: user_id, day, group_key, day, group_key, user_id, job_id
 SQL_RESERVE_READ = """
     SELECT j.user_id, j.status, r.state,
            COALESCE((SELECT used FROM daily_usage WHERE user_id = ? AND day = ?), 0),
            u.granted,
            COALESCE((SELECT used FROM group_usage WHERE group_key = ? AND day = ?), 0),
-           u.daily_allowance
+           u.daily_allowance,
+           (SELECT cap FROM group_rules WHERE group_key = ?)
     FROM jobs AS j
     JOIN users AS u ON u.id = ?
     LEFT JOIN reservations AS r ON r.job_id = j.id

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from bot.store.engine import Dialect, Ready, Row, Rule, run_now
+from bot.store.engine import Dialect, Ready, Row, Rule, Tx, run_now
 from bot.store.migrations import SQLITE_MIGRATIONS
 from bot.store.model import StoreError
 
@@ -73,12 +73,28 @@ class SqliteTx:
     def execute(self, sql: str, *params: Any) -> Ready:
         return Ready(self.con.execute(sql, params).rowcount)
 
+    def writes(self, *statements: tuple[str, Sequence[Any]]) -> Ready:
+        return Ready([self.con.execute(sql, tuple(params)).rowcount for sql, params in statements])
+
 
 class _Pending:
-    __slots__ = ("future", "rule")
+    """A queued call: a `rule` to run in the batch's transaction, or (rule None) a function
+    of the connection to run on its own, outside any transaction (a read, a session)."""
 
-    def __init__(self, rule: Rule[Any], future: asyncio.Future[Any]) -> None:
+    __slots__ = ("fn", "future", "read", "rule")
+
+    def __init__(
+        self,
+        future: asyncio.Future[Any],
+        rule: Rule[Any] | None = None,
+        fn: Callable[[sqlite3.Connection], Any] | None = None,
+        read: tuple[str, tuple[Any, ...]] | None = None,
+    ) -> None:
         self.rule = rule
+        self.fn = fn
+        # A read's statement and parameters: the same read queued again before any write
+        # runs is answered from the first (a burst asks each user's credits several times).
+        self.read = read
         self.future = future
 
 
@@ -116,30 +132,35 @@ class SqliteEngine:
 
     # --- the Engine port ---
 
+    # Every call is queued, reads too: the next trip runs all that was queued by then, in
+    # order, so 500 commands arriving together cost a handful of trips instead of thousands.
+
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        # One statement, in autocommit mode: consistent by itself. It cannot run inside
-        # another task's transaction: each of those is one trip of its own.
-        return list(await self._db.execute_fetchall(sql, tuple(params)))
+        # One statement outside any transaction: consistent by itself.
+        key = (sql, tuple(params))
+        rows: list[Row] = await self._queued(
+            fn=partial(_fetchall, sql=sql, params=key[1]), read=key
+        )
+        return list(rows)
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        # A single statement is atomic on its own, and SQLite takes the write lock for it at
-        # once (waiting up to busy_timeout).
-        cursor = await self._db.execute(sql, tuple(params))
-        return int(cursor.rowcount)
+        # A single statement is atomic on its own: it joins the batch's transaction in a
+        # savepoint of its own, like a rule.
+        changed: int = await self._queued(rule=partial(_tx_execute, sql=sql, params=tuple(params)))
+        return changed
 
     async def fetch_write(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        return await self.call(lambda con: con.execute(sql, tuple(params)).fetchall())
+        rows: list[Row] = await self._queued(rule=partial(_tx_fetch, sql=sql, params=tuple(params)))
+        return rows
 
     async def transaction(self, rule: Rule[T]) -> T:
         """Queue `rule`; the next trip runs it with every other write queued by then."""
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(rule, future))
-        if self._flushing is None:
-            self._flushing = asyncio.ensure_future(self._flush())
-        return await future
+        result: T = await self._queued(rule=rule)
+        return result
 
     async def session(self, rule: Rule[T]) -> T:
-        return await self.call(lambda con: run_now(rule(SqliteTx(con))))
+        result: T = await self._queued(fn=lambda con: run_now(rule(SqliteTx(con))))
+        return result
 
     async def schema_version(self) -> int:
         rows = await self.read("PRAGMA user_version")
@@ -167,6 +188,19 @@ class SqliteEngine:
         await self._db.close()
 
     # --- internals ---
+
+    async def _queued(
+        self,
+        *,
+        rule: Rule[Any] | None = None,
+        fn: Callable[[sqlite3.Connection], Any] | None = None,
+        read: tuple[str, tuple[Any, ...]] | None = None,
+    ) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(future, rule, fn, read))
+        if self._flushing is None:
+            self._flushing = asyncio.ensure_future(self._flush())
+        return await future
 
     async def _flush(self) -> None:
         try:
@@ -200,11 +234,61 @@ class SqliteEngine:
         return result
 
 
+def _fetchall(con: sqlite3.Connection, *, sql: str, params: tuple[Any, ...]) -> list[Row]:
+    return con.execute(sql, params).fetchall()
+
+
+async def _tx_execute(tx: Tx, *, sql: str, params: tuple[Any, ...]) -> int:
+    return await tx.execute(sql, *params)
+
+
+async def _tx_fetch(tx: Tx, *, sql: str, params: tuple[Any, ...]) -> list[Row]:
+    return await tx.fetch(sql, *params)
+
+
 def _run_batch(con: sqlite3.Connection, *, batch: list[_Pending]) -> list[tuple[bool, Any]]:
-    """Run queued rules in one transaction, each in its own savepoint (on the thread)."""
+    """Run a trip's queued calls in order (on the thread): each run of consecutive rules in
+    one transaction, each rule in its own savepoint; the other calls on their own."""
+    outcomes: list[tuple[bool, Any]] = []
+    reads: dict[tuple[str, tuple[Any, ...]], tuple[bool, Any]] = {}
+    start = 0
+    while start < len(batch):
+        end = start
+        while end < len(batch) and batch[end].rule is not None:
+            end += 1
+        if end > start:
+            reads.clear()
+            try:
+                outcomes += _run_rules(con, batch[start:end])
+            except Exception as error:  # BEGIN IMMEDIATE refused (busy past busy_timeout)
+                outcomes += [(False, error)] * (end - start)
+            start = end
+            continue
+        pending = batch[start]
+        start += 1
+        if pending.read is not None and pending.read in reads:
+            outcomes.append(reads[pending.read])
+            continue
+        if pending.read is None:
+            reads.clear()  # a session may write
+        assert pending.fn is not None
+        try:
+            outcome: tuple[bool, Any] = (True, pending.fn(con))
+        except Exception as error:
+            outcome = (False, error)
+        if pending.read is not None:
+            reads[pending.read] = outcome
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _run_rules(con: sqlite3.Connection, batch: list[_Pending]) -> list[tuple[bool, Any]]:
+    """Run queued rules in one transaction, each in its own savepoint."""
     if len(batch) == 1:
         try:
-            return [(True, _in_transaction(con, lambda c: run_now(batch[0].rule(SqliteTx(c)))))]
+            rule = batch[0].rule
+            assert rule is not None
+            return [(True, _in_transaction(con, lambda c: run_now(rule(SqliteTx(c)))))]
         except Exception as error:
             return [(False, error)]
     outcomes: list[tuple[bool, Any]] = []
@@ -213,6 +297,7 @@ def _run_batch(con: sqlite3.Connection, *, batch: list[_Pending]) -> list[tuple[
         for pending in batch:
             con.execute("SAVEPOINT rule")
             try:
+                assert pending.rule is not None
                 value = run_now(pending.rule(SqliteTx(con)))
             except Exception as error:
                 con.execute("ROLLBACK TO rule")

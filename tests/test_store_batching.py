@@ -1,0 +1,254 @@
+"""Fewer trips to the database for the same results (issue 15, "Speed").
+
+SQLite queues every call, reads included, and runs what was queued by then in one trip to its
+thread; PostgreSQL sends a rule's writes as one statement (`Tx.writes`), commits a whole
+reservation in one statement, keeps pooled sessions as they are between borrowers, and gives
+each call one deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot import errors
+from bot.secrets import KeyBox
+from bot.store import Store
+from bot.store import postgres as pg
+from bot.store.engine import Tx
+from bot.store.sql import SQL_INSERT_LEDGER, SQL_TAKE_BALANCE
+from bot.store.sqlite import SqliteEngine
+
+DAY = date(2025, 3, 1)
+
+
+@pytest.fixture
+async def store(store_url: str, tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.connect(store_url, keybox=KeyBox.load(tmp_path))
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(tmp_path / "db.sqlite3", keybox=KeyBox.load(tmp_path))
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def new_job(store: Store, user_id: int) -> int:
+    return await store.create_job(
+        user_id=user_id,
+        platform="t",
+        chat_id="c",
+        group_key=None,
+        kind="draw",
+        prompt="p",
+        options={},
+        ref_count=0,
+        own_key=False,
+    )
+
+
+def count_trips(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    engine = store.engine
+    assert isinstance(engine, SqliteEngine)
+    trips = [0]
+    call = engine.call
+
+    async def counted(fn: Any) -> Any:
+        trips[0] += 1
+        return await call(fn)
+
+    monkeypatch.setattr(engine, "call", counted)
+    return trips
+
+
+async def test_sqlite_runs_reads_and_writes_queued_together_in_one_trip_in_order(
+    sqlite_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user = await sqlite_store.user("t", "1")
+    engine = sqlite_store.engine
+    trips = count_trips(sqlite_store, monkeypatch)
+    read = "SELECT granted FROM users WHERE id = ?"
+    before, changed, after, again, credits = await asyncio.gather(
+        engine.read(read, (user.id,)),
+        engine.execute("UPDATE users SET granted = 5 WHERE id = ?", (user.id,)),
+        engine.read(read, (user.id,)),
+        engine.read(read, (user.id,)),
+        sqlite_store.credits(user.id, DAY, 0),
+    )
+    assert trips[0] == 1
+    # Each read sees what was queued before it: the same read on both sides of a write is
+    # not answered from the first.
+    assert (before[0][0], changed, after[0][0], again[0][0], credits.balance) == (0, 1, 5, 5, 5)
+
+
+async def test_sqlite_same_read_queued_twice_gives_each_caller_its_own_rows(
+    sqlite_store: Store,
+) -> None:
+    user = await sqlite_store.user("t", "1")
+    engine = sqlite_store.engine
+    sql = "SELECT id FROM users WHERE id = ?"
+    first, second = await asyncio.gather(engine.read(sql, (user.id,)), engine.read(sql, (user.id,)))
+    first.clear()
+    assert [row[0] for row in second] == [user.id]
+
+
+async def test_sqlite_a_failing_call_in_a_trip_fails_alone(sqlite_store: Store) -> None:
+    user = await sqlite_store.user("t", "1")
+    bad_read, bad_write, granted, credits = await asyncio.gather(
+        sqlite_store.engine.read("SELECT nope FROM users"),
+        sqlite_store.engine.execute("UPDATE nowhere SET x = 1"),
+        sqlite_store.grant(user.id, 3),
+        sqlite_store.credits(user.id, DAY, 0),
+        return_exceptions=True,
+    )
+    assert isinstance(bad_read, sqlite3.OperationalError)
+    assert isinstance(bad_write, sqlite3.OperationalError)
+    assert granted == 3
+    assert not isinstance(credits, BaseException)
+    assert (await sqlite_store.credits(user.id, DAY, 0)).balance == 3
+
+
+async def test_writes_step_reports_each_row_count_and_rolls_back_with_its_transaction(
+    store: Store,
+) -> None:
+    user = await store.user("t", "1")
+
+    async def step(tx: Tx) -> list[int]:
+        counts = await tx.writes(
+            (SQL_INSERT_LEDGER, (None, user.id, "grant", 0, 0, None, 0.0, "step", None)),
+            # Guarded: the user has nothing to take.
+            (SQL_TAKE_BALANCE, (1, user.id, 1)),
+        )
+        if counts[1] != 1:
+            raise errors.InsufficientCreditsError(needed=1, left=0)
+        return counts
+
+    with pytest.raises(errors.InsufficientCreditsError):
+        await store._write(step)
+    rows = await store.engine.read("SELECT COUNT(*) FROM ledger WHERE note = 'step'")
+    assert rows[0][0] == 0
+
+
+async def test_reservation_takes_allowance_balance_and_group_in_one_step(store: Store) -> None:
+    user = await store.user("t", "1")
+    await store.grant(user.id, 2)
+    job = await store.create_job(
+        user_id=user.id,
+        platform="t",
+        chat_id="c",
+        group_key="t:g",
+        kind="draw",
+        prompt="p",
+        options={},
+        ref_count=0,
+        own_key=False,
+    )
+    await store.reserve(job, user_id=user.id, cost=3, day=DAY, daily_allowance=1, group_key="t:g")
+    credits = await store.credits(user.id, DAY, 1)
+    assert (credits.daily_used, credits.balance) == (1, 0)
+    assert await store.group_used("t:g", DAY) == 3
+    # Refused by the group's cap: nothing taken.
+    other = await new_job(store, user.id)
+    await store.grant(user.id, 5)
+    with pytest.raises(errors.GroupCapReachedError):
+        await store.reserve(
+            other, user_id=user.id, cost=1, day=DAY, daily_allowance=1, group_key="t:g", group_cap=3
+        )
+    assert (await store.credits(user.id, DAY, 1)).balance == 5
+
+
+async def test_whole_and_partial_commits_settle_exactly_once(store: Store) -> None:
+    user = await store.user("t", "1")
+    await store.grant(user.id, 10)
+    whole, partial = await new_job(store, user.id), await new_job(store, user.id)
+    for job in (whole, partial):
+        await store.reserve(job, user_id=user.id, cost=3, day=DAY, daily_allowance=0)
+    assert await store.commit(whole, amount=3)
+    assert await store.commit(partial, amount=1)
+    assert not await store.commit(whole)
+    assert not await store.commit(partial, amount=1)
+    rows = await store.engine.read(
+        "SELECT job_id, kind, daily_amount + balance_amount FROM ledger"
+        " WHERE job_id IS NOT NULL ORDER BY id"
+    )
+    assert [tuple(row) for row in rows] == [
+        (whole, "reserve", 3),
+        (partial, "reserve", 3),
+        (whole, "commit", 3),
+        (partial, "commit", 1),
+        (partial, "refund", 2),
+    ]
+    assert (await store.credits(user.id, DAY, 0)).balance == 6
+
+
+async def test_commit_of_an_unreserved_job_changes_nothing(store: Store) -> None:
+    user = await store.user("t", "1")
+    job = await new_job(store, user.id)
+    assert not await store.commit(job)
+    assert not await store.commit(job, amount=0)
+    rows = await store.engine.read("SELECT COUNT(*) FROM ledger WHERE job_id IS NOT NULL")
+    assert rows[0][0] == 0
+
+
+def test_fused_statement_numbers_parameters_on_from_one_statement_to_the_next() -> None:
+    sql = pg.fused(
+        (
+            ("UPDATE a SET x = ? WHERE id = ?", 2),
+            ("INSERT INTO b (p, q) VALUES (?, 'it''s ?') ON CONFLICT DO UPDATE SET q = ?3", 3),
+        )
+    )
+    assert "UPDATE a SET x = $1 WHERE id = $2 RETURNING 1" in sql
+    assert "VALUES ($3, 'it''s ?') ON CONFLICT DO UPDATE SET q = $5 RETURNING 1" in sql
+    assert sql.endswith("SELECT (SELECT COUNT(*) FROM w0), (SELECT COUNT(*) FROM w1)")
+
+
+async def test_postgres_transaction_left_open_is_rolled_back_before_the_next_borrower(
+    pg_url: str, tmp_path: Path
+) -> None:
+    store = await Store.connect(pg_url, keybox=KeyBox.load(tmp_path))
+    try:
+        user = await store.user("t", "1")
+        loop = asyncio.get_running_loop()
+        handler = loop.get_exception_handler()
+        loop.set_exception_handler(lambda loop, context: None)  # asyncpg reports it there
+
+        async def leave_open(tx: Tx) -> None:
+            await tx.execute("BEGIN")
+            await tx.execute("UPDATE users SET granted = 99 WHERE id = ?", user.id)
+
+        try:
+            await store.engine.session(leave_open)
+        finally:
+            loop.set_exception_handler(handler)
+        rows = await store.engine.read("SELECT granted FROM users WHERE id = ?", (user.id,))
+        assert rows[0][0] == 0
+    finally:
+        await store.close()
+
+
+async def test_postgres_call_past_its_deadline_times_out_and_is_transient(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await Store.connect(pg_url, keybox=KeyBox.load(tmp_path))
+    try:
+        monkeypatch.setattr(pg, "CALL_TIMEOUT", 0.2)
+        with pytest.raises(TimeoutError) as raised:
+            await store.engine.read("SELECT pg_sleep(2)")
+        assert store.is_transient(raised.value)
+        monkeypatch.setattr(pg, "CALL_TIMEOUT", 60.0)
+        assert (await store.engine.read("SELECT 1"))[0][0] == 1
+    finally:
+        await store.close()
