@@ -29,7 +29,7 @@ TOKEN = "7654321098:AAHmultiProcessTokenValue_Zq8wK3mN5pR7"
 PASSPHRASE = "one passphrase for both processes"
 QQ_USER, TG_USER = 20001, 1001
 CONCURRENCY = 2
-TIMEOUT = 4.0  # DRAWBRIDGE_PROCESS_TIMEOUT: a process beats every third of it
+TIMEOUT = 10.0  # DRAWBRIDGE_PROCESS_TIMEOUT: a process beats every third of it
 
 
 def _free_port() -> int:

@@ -329,3 +329,19 @@ async def test_a_dead_processs_slots_are_taken_over_and_released_ones_reused(
     await b.stop_process()
     assert await c.acquire_slot("main", 2, None) == 1
     assert raw.value("SELECT COUNT(*) FROM provider_slots WHERE process_id = ?", b.process_id) == 0
+
+
+async def test_a_process_never_frees_its_own_slots_for_a_late_heartbeat_of_its_own(
+    open_store: OpenStore, raw: Raw
+) -> None:
+    """A busy event loop may write a heartbeat late; the process asking for a slot is alive
+    by asking, so its own held slots stay held (the two-process test once lost one so)."""
+    a = await started(open_store, "telegram")
+    assert await a.acquire_slot("main", 2, None) == 0
+    raw.execute(
+        "UPDATE processes SET heartbeat_at = heartbeat_at - 3600 WHERE id = ?", a.process_id
+    )
+    assert await a.acquire_slot("main", 2, None) == 1
+    assert await a.acquire_slot("main", 2, None) is None
+    b = await started(open_store, "qq")
+    assert await b.acquire_slot("main", 2, None) == 0  # to another process, A looks dead

@@ -159,12 +159,16 @@ class ProcessesMixin(StoreBase):
         stale_before = time.time() - self.process_timeout
 
         async def take(tx: Tx) -> int | None:
+            # Slots of processes gone quiet are free again; never this process's own (it is
+            # running this: a late heartbeat of its own, a busy loop, proves nothing).
             await tx.execute(
                 """
-                DELETE FROM provider_slots WHERE provider = ? AND process_id NOT IN (
+                DELETE FROM provider_slots WHERE provider = ? AND process_id <> ?
+                AND process_id NOT IN (
                     SELECT id FROM processes WHERE stopped_at IS NULL AND heartbeat_at >= ?)
                 """,
                 provider,
+                me,
                 stale_before,
             )
             taken = {
