@@ -142,7 +142,8 @@ async def test_reservations_from_three_processes_never_overspend_and_the_ledger_
 
     await asyncio.gather(link(), *(task(n) for n in range(150)))
 
-    assert outcomes["refused"] > 5 and outcomes["commit"] > 5, outcomes
+    # Both paths were taken (which draws settle how depends on the interleaving).
+    assert outcomes["refused"] > 5 and outcomes["commit"] + outcomes["partial"] > 5, outcomes
     for uid in (*users, tg.id):
         credits = await stores[1].credits(uid, DAY, ALLOWANCE)
         # What the account had, minus exactly what its settled jobs spent; never below zero.
