@@ -227,7 +227,8 @@ async def test_notice_after_a_crash_carries_the_hostile_prompt_as_text(tmp_path:
     images = ImageHost()
     await images.start()
     port = _free_port()
-    env = _env(tmp_path, api_base, port)
+    # The restarted process recovers the killed one's job once its heartbeat is 3 s stale.
+    env = _env(tmp_path, api_base, port, DRAWBRIDGE_PROCESS_TIMEOUT="3")
     url = f"ws://127.0.0.1:{port}/onebot/v11/ws"
     first, second = BotProcess(env, tmp_path), BotProcess(env, tmp_path)
     try:
