@@ -2,6 +2,9 @@
 
     python bench/load.py            # 500 jobs from 100 users (5 each), ideal 10 s
     python bench/load.py --quick    # 100 jobs from 20 users, ideal 2 s
+    python bench/load.py --database-url postgresql://postgres@127.0.0.1:5432/test
+                                    # the same on PostgreSQL: a fresh database on that
+                                    # server for each run, dropped at the end
 
 Everything runs in this process, on one event loop: the mock upstream (1 s latency per image,
 single-colour 1024x1024 PNGs, streaming with 2 partial previews, as the default settings ask),
@@ -41,8 +44,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import heapq
+import json
 import logging
+import os
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,10 +56,13 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from _common import (
     MB,
+    REPO,
     add_repo_to_path,
     machine,
     peak_rss_bytes,
@@ -65,6 +74,10 @@ from _common import (
 )
 
 add_repo_to_path()
+if "--code" in sys.argv:
+    # `--before REV` runs this script again with the bot's code (bot/, plugins/, tests/) from
+    # a worktree of REV: that tree goes first on the path.
+    sys.path.insert(0, sys.argv[sys.argv.index("--code") + 1])
 
 from bot.chat import Invocation, OutFile, ResultMeta  # noqa: E402
 from bot.config import Settings  # noqa: E402
@@ -112,7 +125,7 @@ class Outcome:
     total: float
     ideal: float
     commands: list[Command]
-    rows: dict[int, sqlite3.Row]
+    rows: dict[int, dict[str, Any]]
     upstream_requests: int
     rss_before: int
     rss_peak: int
@@ -127,6 +140,7 @@ async def run(
     stream: bool,
     spread: float,
     tmp: Path,
+    database_url: str = "",
 ) -> Outcome:
     """Send every command (at once, or evenly over `spread` s), wait for all, audit the ledger."""
     jobs = users * per_user
@@ -146,6 +160,8 @@ async def run(
         stream=stream,
         default_lang="en",
         shutdown_grace=5.0,
+        # Only when set: a `--before` revision may predate the setting.
+        **({"database_url": database_url} if database_url else {}),
     )
     services = await Services.create(settings)
     try:
@@ -185,8 +201,9 @@ async def run(
         await services.close(grace=5.0)
         await mock.stop()
     upstream_requests = len(mock.requests) - warm_requests
-    rows = _job_rows(settings.data_dir / "drawbridge.sqlite3")
-    problems += _audit(settings.data_dir / "drawbridge.sqlite3", jobs)
+    query = _query_function(settings.database())
+    rows = await _job_rows(query)
+    problems += await _audit(query, jobs)
     problems += _check_delivery(commands, rows, upstream_requests)
     return Outcome(
         jobs=jobs,
@@ -251,53 +268,74 @@ async def _check_credits(
     return problems
 
 
-def _job_rows(db_path: Path) -> dict[int, sqlite3.Row]:
-    with sqlite3.connect(db_path) as db:
-        db.row_factory = sqlite3.Row
-        return {row["id"]: row for row in db.execute("SELECT * FROM jobs")}
+def _query_function(url: str) -> Any:
+    """`await query(sql)`: rows as tuples, straight from the database (plain SQL, no Store)."""
+    if url.startswith("postgresql://"):
+        import asyncpg
+
+        async def fetch(sql: str) -> list[tuple[Any, ...]]:
+            con = await asyncpg.connect(url)
+            try:
+                return [tuple(row) for row in await con.fetch(sql)]
+            finally:
+                await con.close()
+
+        return fetch
+
+    async def query(sql: str) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+            return [tuple(row) for row in db.execute(sql)]
+
+    return query
 
 
-def _audit(db_path: Path, jobs: int) -> list[str]:
-    """The ledger, read straight from the file: one reserve and one commit per job, no refund."""
+async def _job_rows(query: Any) -> dict[int, dict[str, Any]]:
+    wanted = ("id", "started_at", "finished_at")
+    rows = await query("SELECT id, started_at, finished_at FROM jobs")
+    return {row[0]: dict(zip(wanted, row, strict=True)) for row in rows}
+
+
+async def _audit(query: Any, jobs: int) -> list[str]:
+    """The ledger, read with plain SQL: one reserve and one commit per job, no refund."""
     problems = []
-    with sqlite3.connect(db_path) as db:
-        statuses = Counter(status for (status,) in db.execute("SELECT status FROM jobs"))
-        if statuses != Counter(succeeded=jobs):
-            problems.append(f"job statuses {dict(statuses)}, expected {jobs} succeeded")
-        kinds = Counter(
-            {
-                kind: count
-                for kind, count in db.execute(
-                    "SELECT kind, COUNT(*) FROM ledger WHERE job_id IS NOT NULL GROUP BY kind"
-                )
-            }
+    statuses = Counter(status for (status,) in await query("SELECT status FROM jobs"))
+    if statuses != Counter(succeeded=jobs):
+        problems.append(f"job statuses {dict(statuses)}, expected {jobs} succeeded")
+    kinds = Counter(
+        dict(
+            await query("SELECT kind, COUNT(*) FROM ledger WHERE job_id IS NOT NULL GROUP BY kind")
         )
-        if kinds != Counter(reserve=jobs, commit=jobs):
-            problems.append(f"ledger rows {dict(kinds)}, expected {jobs} reserve + {jobs} commit")
-        twice = db.execute(
+    )
+    if kinds != Counter(reserve=jobs, commit=jobs):
+        problems.append(f"ledger rows {dict(kinds)}, expected {jobs} reserve + {jobs} commit")
+    twice = (
+        await query(
             "SELECT COUNT(*) FROM (SELECT job_id FROM ledger WHERE kind = 'reserve'"
-            " GROUP BY job_id HAVING COUNT(*) > 1)"
-        ).fetchone()[0]
-        if twice:
-            problems.append(f"{twice} jobs charged more than once")
-        states = Counter(state for (state,) in db.execute("SELECT state FROM reservations"))
-        if states != Counter(committed=jobs):
-            problems.append(f"reservations {dict(states)}, expected {jobs} committed")
-        mismatched = db.execute(
+            " GROUP BY job_id HAVING COUNT(*) > 1) AS twice"
+        )
+    )[0][0]
+    if twice:
+        problems.append(f"{twice} jobs charged more than once")
+    states = Counter(state for (state,) in await query("SELECT state FROM reservations"))
+    if states != Counter(committed=jobs):
+        problems.append(f"reservations {dict(states)}, expected {jobs} committed")
+    mismatched = (
+        await query(
             """
             SELECT COUNT(*) FROM daily_usage AS d WHERE d.used <> (
                 SELECT COALESCE(SUM(CASE kind WHEN 'reserve' THEN daily_amount
                                               WHEN 'refund' THEN -daily_amount ELSE 0 END), 0)
                 FROM ledger WHERE user_id = d.user_id AND day = d.day)
             """
-        ).fetchone()[0]
-        if mismatched:
-            problems.append(f"{mismatched} users' daily usage differs from their ledger")
+        )
+    )[0][0]
+    if mismatched:
+        problems.append(f"{mismatched} users' daily usage differs from their ledger")
     return problems
 
 
 def _check_delivery(
-    commands: Sequence[Command], rows: dict[int, sqlite3.Row], upstream_requests: int
+    commands: Sequence[Command], rows: dict[int, dict[str, Any]], upstream_requests: int
 ) -> list[str]:
     problems = []
     if upstream_requests != len(commands):
@@ -356,14 +394,22 @@ def summarize(name: str, outcome: Outcome, latency: float) -> Summary:
     return Summary(name, outcome, phases)
 
 
-def report(summaries: Sequence[Summary], latency: float, concurrency: int, stream: bool) -> int:
-    """Print the figures; 0 if every goal is met and every ledger is exact."""
+def report(
+    summaries: Sequence[Summary],
+    latency: float,
+    concurrency: int,
+    stream: bool,
+    database_url: str = "",
+) -> int:
+    """Print the figures; 0 if every goal is met and every ledger is exact (this checkout's
+    runs: a `--before` run only shows what changed)."""
     first = summaries[0].outcome
+    store = "PostgreSQL (a fresh database a run)" if database_url else "SQLite"
     print(
         f"load: {first.jobs} /draw from {first.users} users, mock upstream in-process "
         f"({latency:g} s latency, {'streaming' if stream else 'plain JSON'}), provider "
-        f"concurrency {concurrency}; ideal = jobs / concurrency x latency (paced: a perfect "
-        "bot fed the same arrivals)"
+        f"concurrency {concurrency}, store {store}; ideal = jobs / concurrency x latency "
+        "(paced: a perfect bot fed the same arrivals)"
     )
     print(f"machine: {machine()}")
     print()
@@ -435,6 +481,8 @@ def report(summaries: Sequence[Summary], latency: float, concurrency: int, strea
                 f"{outcome.jobs // outcome.users}, ledger sums match, {outcome.jobs} jobs "
                 "reserved + committed once, no refund, delivered once"
             )
+        if ", before" in summary.name:
+            continue
         missed |= (
             summary.ratio > GOAL_TOTAL
             or not summary.p99_overhead < GOAL_P99_OVERHEAD
@@ -442,6 +490,102 @@ def report(summaries: Sequence[Summary], latency: float, concurrency: int, strea
             or not summary.complete
         )
     return 1 if missed else 0
+
+
+def postgres_database(base_url: str, name: str) -> Any:
+    """A fresh database `name` on the server of `base_url`: (its URL, a function dropping it)."""
+    import asyncpg
+
+    parts = urlsplit(base_url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    admin = urlunsplit(parts)
+
+    async def admin_sql(sql: str) -> None:
+        con = await asyncpg.connect(admin)
+        try:
+            await con.execute(sql)
+        finally:
+            await con.close()
+
+    asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{name}"'))
+    asyncio.run(admin_sql(f'CREATE DATABASE "{name}"'))
+    return urlunsplit(parts._replace(path=f"/{name}")), lambda: asyncio.run(
+        admin_sql(f'DROP DATABASE "{name}"')
+    )
+
+
+def run_once(args: argparse.Namespace, users: int, name: str, spread: float) -> Summary:
+    """One arrival pattern with this process's code, on a fresh database."""
+    reset_peak_rss()
+    drop = None
+    url = ""
+    if args.database_url:
+        url, drop = postgres_database(args.database_url, f"dload_{os.getpid()}_{name}")
+    try:
+        with tempfile.TemporaryDirectory(prefix="drawbridge-bench-") as tmp:
+            outcome = asyncio.run(
+                run(
+                    users,
+                    args.per_user,
+                    args.latency,
+                    args.concurrency,
+                    args.stream,
+                    spread,
+                    Path(tmp),
+                    url,
+                )
+            )
+    finally:
+        if drop is not None:
+            drop()
+    return summarize(name, outcome, args.latency)
+
+
+def run_before(args: argparse.Namespace, code: Path, name: str) -> Summary:
+    """The same pattern with the bot as of `--before`: this script in a child process, the
+    worktree's code first on its path; its figures come back as JSON."""
+    argv = [sys.executable, __file__, "--code", str(code), "--only", name, "--json"]
+    for flag in ("users", "per_user", "latency", "concurrency", "spread", "database_url"):
+        value = getattr(args, flag)
+        if value not in (None, ""):
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.quick:
+        argv.append("--quick")
+    if not args.stream:
+        argv.append("--no-stream")
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if not done.stdout.strip():
+        raise RuntimeError(f"the run before failed:\n{done.stderr[-2000:]}")
+    data = json.loads(done.stdout.strip().splitlines()[-1])
+    outcome = Outcome(
+        jobs=data["jobs"],
+        users=data["users"],
+        total=data["total"],
+        ideal=data["ideal"],
+        commands=[],
+        rows={},
+        upstream_requests=data["upstream_requests"],
+        rss_before=data["rss_before"],
+        rss_peak=data["rss_peak"],
+        problems=data["problems"],
+    )
+    return Summary(f"{name}, before ({args.before})", outcome, data["phases"])
+
+
+def to_json(summary: Summary) -> str:
+    outcome = summary.outcome
+    return json.dumps(
+        {
+            "jobs": outcome.jobs,
+            "users": outcome.users,
+            "total": outcome.total,
+            "ideal": outcome.ideal,
+            "upstream_requests": outcome.upstream_requests,
+            "rss_before": outcome.rss_before,
+            "rss_peak": outcome.rss_peak,
+            "problems": outcome.problems,
+            "phases": summary.phases,
+        }
+    )
 
 
 def main() -> int:
@@ -457,26 +601,59 @@ def main() -> int:
     parser.add_argument(
         "--no-stream", dest="stream", action="store_false", help="ask for plain JSON answers"
     )
+    parser.add_argument(
+        "--database-url", default="", help="postgresql://... (fresh databases are made there)"
+    )
+    parser.add_argument("--before", metavar="REV", help="also run the bot as of this revision")
+    parser.add_argument("--code", help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=("burst", "paced"), help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     users = args.users or (20 if args.quick else 100)
     logging.basicConfig(level=logging.WARNING)
+    patterns = [("burst", 0.0), ("paced", args.spread)]
+    if args.only:
+        patterns = [p for p in patterns if p[0] == args.only]
     summaries = []
-    for name, spread in (("burst", 0.0), ("paced", args.spread)):
-        reset_peak_rss()
-        with tempfile.TemporaryDirectory(prefix="drawbridge-bench-") as tmp:
-            outcome = asyncio.run(
-                run(
-                    users,
-                    args.per_user,
-                    args.latency,
-                    args.concurrency,
-                    args.stream,
-                    spread,
-                    Path(tmp),
-                )
+    with tempfile.TemporaryDirectory(prefix="drawbridge-bench-") as tmp:
+        code = None
+        if args.before:
+            code = Path(tmp) / "before"
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "add", "--detach", str(code), args.before],
+                check=True,
+                capture_output=True,
             )
-        summaries.append(summarize(name, outcome, args.latency))
-    return report(summaries, args.latency, args.concurrency, args.stream)
+        try:
+            for name, spread in patterns:
+                summaries.append(run_once(args, users, name, spread))
+                if code is not None:
+                    summaries.append(run_before(args, code, name))
+        finally:
+            if code is not None:
+                subprocess.run(
+                    ["git", "-C", str(REPO), "worktree", "remove", "--force", str(code)],
+                    check=False,
+                    capture_output=True,
+                )
+    if args.json:
+        print(to_json(summaries[0]))
+        return 0
+    status = report(summaries, args.latency, args.concurrency, args.stream, args.database_url)
+    before = [s for s in summaries if ", before" in s.name]
+    for summary in summaries:
+        old = next((b for b in before if b.name.startswith(summary.name + ",")), None)
+        if old is None:
+            continue
+        p99, old_p99 = summary.p99_overhead, old.p99_overhead
+        intake = percentile(summary.phases["intake"], 0.99)
+        old_intake = percentile(old.phases["intake"], 0.99)
+        print(
+            f"{summary.name}: p99 overhead {p99 * 1e3:.0f} ms vs {old_p99 * 1e3:.0f} ms before "
+            f"({p99 / old_p99:.2f}x); intake p99 {intake * 1e3:.0f} vs "
+            f"{old_intake * 1e3:.0f} ms ({intake / old_intake:.2f}x)"
+        )
+    return status
 
 
 if __name__ == "__main__":

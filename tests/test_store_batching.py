@@ -252,3 +252,23 @@ async def test_postgres_call_past_its_deadline_times_out_and_is_transient(
         assert (await store.engine.read("SELECT 1"))[0][0] == 1
     finally:
         await store.close()
+
+
+async def test_sqlite_single_write_refused_in_a_batch_undoes_only_itself(
+    sqlite_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user = await sqlite_store.user("t", "1")
+    engine = sqlite_store.engine
+    trips = count_trips(sqlite_store, monkeypatch)
+    duplicate = "INSERT INTO users (platform, platform_user_id, created_at) VALUES ('t', '1', 0)"
+    first, refused, last = await asyncio.gather(
+        engine.execute("UPDATE users SET granted = 4 WHERE id = ?", (user.id,)),
+        engine.execute(duplicate),
+        engine.execute("UPDATE users SET lang = 'de' WHERE id = ?", (user.id,)),
+        return_exceptions=True,
+    )
+    assert trips[0] == 1
+    assert isinstance(refused, sqlite3.IntegrityError)
+    assert (first, last) == (1, 1)
+    rows = await engine.read("SELECT granted, lang FROM users WHERE id = ?", (user.id,))
+    assert tuple(rows[0]) == (4, "de")

@@ -170,8 +170,8 @@ class PostgresEngine:
         return engine
 
     # Every call has one deadline, CALL_TIMEOUT, for all its statements: asyncpg's own
-    # `command_timeout` arms and cancels a timer for each statement, a fifth of the client's
-    # work per statement under load.
+    # `command_timeout` arms and cancels a timer for each statement, about a tenth of the
+    # client's work under load.
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         async with asyncio.timeout(CALL_TIMEOUT):

@@ -6,11 +6,13 @@
   reads and then writes fails with SQLITE_BUSY at once, ignoring `busy_timeout`, when another
   process holds the write lock.
 - Each such transaction, BEGIN to COMMIT or ROLLBACK, runs as one synchronous call on the
-  connection's thread (`engine.run_now`), in a single trip. Writes queued while a trip runs go
-  together in the next one (group commit): each in a SAVEPOINT of its own inside one
-  transaction, so one that fails rolls back alone, and a burst of 500 commands costs a handful
-  of trips and commits instead of 500 of each. Never start a transaction any other way (such as
-  `BEGIN` through aiosqlite's own `execute`).
+  connection's thread (`engine.run_now`), in a single trip. Every call queued while a trip
+  runs, reads included, goes in the next one, in order (group commit): consecutive writes in
+  one transaction, each rule in a SAVEPOINT of its own (a single statement needs none: SQLite
+  undoes a failed statement alone), so one that fails rolls back alone; reads outside any
+  transaction. A burst of 500 commands costs a handful of trips and commits instead of
+  thousands. Never start a transaction any other way (such as `BEGIN` through aiosqlite's own
+  `execute`).
 - WAL, so readers in other processes (backups, `sqlite3` at a shell) never block the bot.
 """
 
@@ -81,7 +83,7 @@ class _Pending:
     """A queued call: a `rule` to run in the batch's transaction, or (rule None) a function
     of the connection to run on its own, outside any transaction (a read, a session)."""
 
-    __slots__ = ("fn", "future", "read", "rule")
+    __slots__ = ("fn", "future", "read", "rule", "single")
 
     def __init__(
         self,
@@ -89,8 +91,12 @@ class _Pending:
         rule: Rule[Any] | None = None,
         fn: Callable[[sqlite3.Connection], Any] | None = None,
         read: tuple[str, tuple[Any, ...]] | None = None,
+        single: bool = False,
     ) -> None:
         self.rule = rule
+        # A rule of one statement, atomic by itself: it needs no savepoint (SQLite undoes a
+        # failed statement alone, the transaction going on).
+        self.single = single
         self.fn = fn
         # A read's statement and parameters: the same read queued again before any write
         # runs is answered from the first (a burst asks each user's credits several times).
@@ -146,11 +152,15 @@ class SqliteEngine:
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         # A single statement is atomic on its own: it joins the batch's transaction in a
         # savepoint of its own, like a rule.
-        changed: int = await self._queued(rule=partial(_tx_execute, sql=sql, params=tuple(params)))
+        changed: int = await self._queued(
+            rule=partial(_tx_execute, sql=sql, params=tuple(params)), single=True
+        )
         return changed
 
     async def fetch_write(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        rows: list[Row] = await self._queued(rule=partial(_tx_fetch, sql=sql, params=tuple(params)))
+        rows: list[Row] = await self._queued(
+            rule=partial(_tx_fetch, sql=sql, params=tuple(params)), single=True
+        )
         return rows
 
     async def transaction(self, rule: Rule[T]) -> T:
@@ -195,9 +205,10 @@ class SqliteEngine:
         rule: Rule[Any] | None = None,
         fn: Callable[[sqlite3.Connection], Any] | None = None,
         read: tuple[str, tuple[Any, ...]] | None = None,
+        single: bool = False,
     ) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(future, rule, fn, read))
+        self._queue.append(_Pending(future, rule, fn, read, single))
         if self._flushing is None:
             self._flushing = asyncio.ensure_future(self._flush())
         return await future
@@ -285,9 +296,11 @@ def _run_batch(con: sqlite3.Connection, *, batch: list[_Pending]) -> list[tuple[
 def _run_rules(con: sqlite3.Connection, batch: list[_Pending]) -> list[tuple[bool, Any]]:
     """Run queued rules in one transaction, each in its own savepoint."""
     if len(batch) == 1:
+        rule = batch[0].rule
+        assert rule is not None
         try:
-            rule = batch[0].rule
-            assert rule is not None
+            if batch[0].single:
+                return [(True, run_now(rule(SqliteTx(con))))]
             return [(True, _in_transaction(con, lambda c: run_now(rule(SqliteTx(c)))))]
         except Exception as error:
             return [(False, error)]
@@ -295,6 +308,17 @@ def _run_rules(con: sqlite3.Connection, batch: list[_Pending]) -> list[tuple[boo
     con.execute("BEGIN IMMEDIATE")
     try:
         for pending in batch:
+            if pending.single:
+                assert pending.rule is not None
+                try:
+                    outcomes.append((True, run_now(pending.rule(SqliteTx(con)))))
+                except Exception as error:
+                    if not con.in_transaction:
+                        # SQLite gave the whole transaction up (a full disk, an I/O error):
+                        # nothing of the batch was written.
+                        return [(False, error)] * len(batch)
+                    outcomes.append((False, error))
+                continue
             con.execute("SAVEPOINT rule")
             try:
                 assert pending.rule is not None
