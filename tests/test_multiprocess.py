@@ -24,6 +24,7 @@ from tests.bot_process import BotProcess, bot_env
 from tests.databases import Raw
 from tests.fake_onebot import FakeOneBot, text
 from tests.fake_telegram import FakeTelegram
+from tests.test_store import assert_ledger_exact
 
 TOKEN = "7654321098:AAHmultiProcessTokenValue_Zq8wK3mN5pR7"
 PASSPHRASE = "one passphrase for both processes"
@@ -49,32 +50,6 @@ async def one_wallet(url: str, credits: int) -> None:
         await store.grant(qq.id, credits, note="test")
     finally:
         await store.close()
-
-
-def ledger_is_exact(raw: Raw) -> None:
-    """The ledger's invariants, read with plain SQL."""
-    for user_id, granted, expected in raw.query(
-        """
-        SELECT u.id, u.granted, COALESCE((
-            SELECT SUM(CASE kind WHEN 'grant' THEN balance_amount
-                                 WHEN 'reserve' THEN -balance_amount
-                                 WHEN 'refund' THEN balance_amount
-                                 WHEN 'transfer' THEN balance_amount ELSE 0 END)
-            FROM ledger WHERE user_id = u.id), 0)
-        FROM users AS u
-        """
-    ):
-        assert granted == expected, f"user #{user_id}: granted {granted}, ledger {expected}"
-        assert granted >= 0
-    for job_id, reserved, settled in raw.query(
-        """
-        SELECT r.job_id, SUM(CASE WHEN l.kind = 'reserve' THEN l.balance_amount ELSE 0 END),
-               SUM(CASE WHEN l.kind IN ('commit', 'refund') THEN l.balance_amount ELSE 0 END)
-        FROM reservations AS r JOIN ledger AS l ON l.job_id = r.job_id
-        WHERE r.state <> 'reserved' GROUP BY r.job_id
-        """
-    ):
-        assert reserved == settled, f"job #{job_id}: reserved {reserved}, settled {settled}"
 
 
 async def until(condition: object, within: float, what: str) -> None:
@@ -158,7 +133,7 @@ async def test_two_processes_share_one_wallet_one_concurrency_and_recover_each_o
             assert raw.value("SELECT COUNT(*) FROM jobs WHERE status = 'succeeded'") == 7
             assert raw.value("SELECT granted FROM users WHERE account_id IS NULL AND id = 1") == 0
             assert raw.value("SELECT SUM(balance_amount) FROM ledger WHERE kind = 'commit'") == 7
-            ledger_is_exact(raw)
+            assert_ledger_exact(raw)
             # Both processes drew (the wallet is shared), one image request per paid draw,
             # and never more than `concurrency` of them at once for the two processes.
             platforms = {
@@ -211,7 +186,7 @@ async def test_two_processes_share_one_wallet_one_concurrency_and_recover_each_o
             )[0]
             assert (status, kind) == ("failed", "interrupted")
             assert raw.value("SELECT granted FROM users WHERE id = 1") == 2
-            ledger_is_exact(raw)
+            assert_ledger_exact(raw)
             await tg_bot.wait_output("refunded 1 job\\(s\\) of a process that stopped beating")
         except BaseException:
             # What each process and the database saw, for whoever reads the failure.
