@@ -346,3 +346,19 @@ async def test_a_process_never_frees_its_own_slots_for_a_late_heartbeat_of_its_o
     assert await a.acquire_slot("main", 2, None) is None
     b = await started(open_store, "qq")
     assert await b.acquire_slot("main", 2, None) == 0  # to another process, A looks dead
+
+
+async def test_a_reply_finds_its_job_whichever_process_delivered_it(open_store: OpenStore) -> None:
+    """The message-to-job map is shared: a result one process sent is found by another (the
+    platform account moved to it), as are the job and what it was charged."""
+    delivering = await started(open_store, "telegram")
+    answering = await started(open_store, "telegram")
+    user = await delivering.user("telegram", "1001")
+    job_id = await reserve(delivering, user.id, 1)
+    assert await delivering.commit(job_id)
+    await delivering.finish_job(job_id, status="succeeded", outputs=[{"width": 1024}])
+    await delivering.remember_message("telegram", "1001", "77", job_id)
+    assert await answering.message_job("telegram", "1001", "77") == job_id
+    assert await answering.message_job("qq", "1001", "77") is None  # another platform's message
+    job = await answering.job(job_id)
+    assert job is not None and (job.status, job.spent) == ("succeeded", 1)
