@@ -66,7 +66,11 @@ async def run(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    services = await Services.create(settings)
+    try:
+        services = await Services.create(settings)
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     started: list[Platform] = []
     code = 0
     try:

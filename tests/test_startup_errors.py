@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bot.mock_upstream import MockUpstream
 from tests.bot_process import BotProcess, bot_env
+from tests.databases import POSTGRES_URL, postgres_or_skip
 from tests.fake_discord import FakeDiscord
 from tests.fake_telegram import FakeTelegram
 
@@ -193,3 +194,37 @@ async def test_a_shared_base_without_a_key_starts_with_one_warning(
     assert code == 0, bot.log
     warnings = [line for line in bot.log.splitlines() if "WARNING" in line and "/token" in line]
     assert len(warnings) == 1 and "DRAWBRIDGE_API_KEY" in warnings[0]
+
+
+async def test_an_unreachable_database_is_one_line_naming_its_setting_and_exit_1(
+    tmp_path: Path, mock_upstream: MockUpstream
+) -> None:
+    code, output = await drawbridge(
+        tmp_path,
+        "run",
+        QQ_ENABLED="true",
+        PORT=str(closed_port()),
+        DRAWBRIDGE_DATABASE_URL="postgresql://drawbridge:pw-Zq8wK3@127.0.0.1:1/drawbridge",
+        **upstream(mock_upstream),
+    )
+    assert code == 1, output
+    assert "DRAWBRIDGE_DATABASE_URL" in output and "cannot reach the database" in output
+    assert "Traceback" not in output and "pw-Zq8wK3" not in output
+
+
+async def test_a_database_that_refuses_drawbridge_is_exit_2(
+    tmp_path: Path, mock_upstream: MockUpstream
+) -> None:
+    await postgres_or_skip()
+    no_such = POSTGRES_URL.rsplit("/", 1)[0] + "/drawbridge_no_such_database"
+    code, output = await drawbridge(
+        tmp_path,
+        "run",
+        QQ_ENABLED="true",
+        PORT=str(closed_port()),
+        DRAWBRIDGE_DATABASE_URL=no_such,
+        **upstream(mock_upstream),
+    )
+    assert code == 2, output
+    assert "refused drawbridge" in output and "DRAWBRIDGE_DATABASE_URL" in output
+    assert "Traceback" not in output
