@@ -249,6 +249,9 @@ class JobRunner:
         self._waiting: dict[str, deque[_Ticket]] = {}
         self._tickets: dict[int, _Ticket] = {}
         self._per_user: dict[int, int] = {}
+        # Jobs past their slot's door, per provider, until they end (for queue estimates,
+        # asked by every waiting job: no walk over all tickets).
+        self._running: dict[str, int] = {}
         # Jobs admitted but still being validated or charged (not yet in a queue).
         self._intake = 0
         self._intake_idle = asyncio.Event()
@@ -313,6 +316,12 @@ class JobRunner:
         )
         return job_id
 
+    def cost(self, user: User, spec: JobSpec) -> int:
+        """The credits `spec` costs `user` (0 when their own key pays), without any store read."""
+        if user.has_key:
+            return 0
+        return price(self.settings, spec.size, spec.quality) * spec.n
+
     async def quote(self, user: User, spec: JobSpec) -> Quote:
         """The price of `spec` for `user` and what they would have left: read-only, so a
         dry run or a confirmation prompt reserves nothing."""
@@ -320,7 +329,7 @@ class JobRunner:
         quality = spec.quality or "auto"
         if user.has_key:
             return Quote(tier, quality, spec.n, 0, None)
-        cost = price(self.settings, spec.size, spec.quality) * spec.n
+        cost = self.cost(user, spec)
         credits = await self.store.credits(
             user.id, today(self.settings), self.settings.daily_credits
         )
@@ -385,12 +394,10 @@ class JobRunner:
             cost = unit * spec.n
             day = today(self.settings)
             group_key = None if cred.own_key else inv.group_id
-            have = await self._check_affordable(user.id, cost, day, group_key)
-            if have is None and not cred.own_key:
-                # A free job (a price of 0) still says what is left.
-                have = (
-                    await self.store.credits(user.id, day, self.settings.daily_credits)
-                ).total_left
+            if spec.kind == "edit":
+                # Only an edit downloads anything before the charge; for any other job the
+                # reservation below refuses with the same errors, without a read in front.
+                await self._check_affordable(user.id, cost, day, group_key)
             references = await self._fetch_references(user.id, spec, cred.primary, extra_references)
             if spec.kind == "edit" and not spec.size_given and references:
                 # The first image's shape, at the default size's tier (so the same price).
@@ -411,6 +418,12 @@ class JobRunner:
                 group_key=group_key,
                 group_cap=self.settings.group_daily_cap,
             )
+            # What is left once this job is charged, for the price line (read after the
+            # reservation, so exact even when the user's commands arrive together).
+            left = None
+            if not cred.own_key:
+                credits = await self.store.credits(user.id, day, self.settings.daily_credits)
+                left = credits.total_left
             if not self._accepting:
                 # Shutdown began while this job was being checked and charged: give it back
                 # now (the except below refunds) rather than start work nobody will wait for.
@@ -433,7 +446,7 @@ class JobRunner:
             spec.quality or "auto",
             spec.n,
             cost,
-            None if cred.own_key or have is None else have - cost,
+            left,
         )
         ticket = _Ticket(
             job_id,
@@ -596,6 +609,7 @@ class JobRunner:
                     ticker = None
                 self._waiting[ticket.provider].remove(ticket)
                 ticket.running = True
+                self._running[ticket.provider] = self._running.get(ticket.provider, 0) + 1
                 side.append(asyncio.create_task(self.store.mark_running(job_id, cred.primary.name)))
                 if position:
                     estimate = await self._estimate(ticket, 0)
@@ -609,10 +623,16 @@ class JobRunner:
                     )
                 result = await cred.chain.run(request, progress)
                 upstream_seconds = time.monotonic() - slot_started
-                # Queue wait and upstream time apart, for the estimates of later jobs.
+                files = _out_files(job_id, result)
+                unit = self._drawn_unit(ticket, result)
+                charge = min(ticket.cost, unit * len(files))
+                # Queue wait and upstream time apart, for the estimates of later jobs; and the
+                # charge, recorded before the hand-off so recovery commits a delivered job.
+                # Both written beside the slot's release, settled before the delivery.
                 side.append(
                     asyncio.create_task(self.store.mark_upstream_done(job_id, ticket.eta_class))
                 )
+                side.append(asyncio.create_task(self._mark_delivering(job_id, charge)))
             # The result bytes are in hand: the provider's slot goes to the next job now, so a
             # slow upload here (a Telegram flood wait) never holds up jobs in other chats.
             await _settle(side)
@@ -625,10 +645,6 @@ class JobRunner:
                 # Beside the upload, never in front of it (an edit may wait out a rate limit).
                 text = self._status_text(lang, ticket, t(lang, "status.uploading", job=job_id))
                 side.append(asyncio.create_task(_quietly(chat.edit_text(status, text))))
-            files = _out_files(job_id, result)
-            unit = self._drawn_unit(ticket, result)
-            charge = min(ticket.cost, unit * len(files))
-            await self._mark_delivering(job_id, charge)
             caption = self._caption(lang, request, result, ticket, charge)
             sent = await _deliver(chat, files, ResultMeta(job_id, caption, result.revised_prompt))
             delivered = True
@@ -704,6 +720,8 @@ class JobRunner:
             with contextlib.suppress(ValueError):
                 self._waiting.get(ticket.provider, deque()).remove(ticket)
             self._tickets.pop(job_id, None)
+            if ticket.running:
+                self._running[ticket.provider] -= 1
             self._release_user(ticket.user_id)
             ticket.done.set()
 
@@ -931,9 +949,7 @@ class JobRunner:
         """`estimate` for a job at `position` in its provider's queue (0: running)."""
         if estimate is None or position <= 0:
             return estimate
-        running = sum(
-            1 for tk in self._tickets.values() if tk.provider == ticket.provider and tk.running
-        )
+        running = self._running.get(ticket.provider, 0)
         return estimate.scaled(queue_factor(running + position - 1, ticket.concurrency))
 
     async def _record_eta(self, ticket: _Ticket, seconds: float) -> None:
@@ -1024,6 +1040,8 @@ class JobRunner:
         items: Sequence[T],
     ) -> None:
         """Keep a job's files off the event loop; a failure (a full disk) is logged, not fatal."""
+        if not items:
+            return  # nothing to write: no trip to a thread (most jobs have no references)
         try:
             await asyncio.to_thread(save, job_id, items)
         except OSError as exc:

@@ -19,6 +19,7 @@ import math
 import re
 import unicodedata
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final
 
 from bot.errors import InvalidSizeError, SizeFormatError, SizeRatioError, SizeTierError
@@ -96,6 +97,13 @@ def parse_size(text: str | None, model: str, default: str = "1024x1024") -> Size
     """
     if text is None or not text.strip():
         text = default
+    # Most commands give no size or one of a few: each is parsed once (a Size is immutable;
+    # a refusal is not cached, so it is raised afresh every time).
+    return _parse_size(text, model, default)
+
+
+@lru_cache(maxsize=512)
+def _parse_size(text: str, model: str, default: str) -> Size | None:
     norm = _normalise(text)
     if norm == "auto":
         if _allows_auto(model):

@@ -33,9 +33,9 @@ async def admits(ctx: Context) -> bool:
     an /edit downloads nothing (the reservation checks the exact price later).
     """
     key = ctx.inv.group_id
-    if key is None:
+    rules = await ctx.group_rules()
+    if key is None or rules is None:
         return True
-    rules = await ctx.services.store.group_rules(key)
     if not rules.enabled and ctx.inv.command != "group":
         log.debug("%s /%s: the bot is off in %s", ctx.inv.platform, ctx.inv.command, key)
         return False
@@ -58,10 +58,9 @@ async def admits(ctx: Context) -> bool:
 
 async def image_defaults(ctx: Context) -> tuple[str | None, str | None]:
     """The group's default size and quality for /draw and /edit (None: the bot's own)."""
-    key = ctx.inv.group_id
-    if key is None:
+    rules = await ctx.group_rules()
+    if rules is None:
         return None, None
-    rules = await ctx.services.store.group_rules(key)
     return rules.size, rules.quality
 
 

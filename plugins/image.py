@@ -99,14 +99,17 @@ async def _start(
     table's counts (stats, failures) stay about jobs.
     """
     jobs = ctx.services.jobs
-    quote = await jobs.quote(ctx.user, spec)
-    if dry_run:
-        await ctx.chat.send_text(quote.render(ctx.lang) + "\n" + ctx.t("price.dry_run"))
-        return
-    if confirm.needs_confirmation(ctx, quote):
-        # Nothing is reserved or downloaded until the caller confirms.
-        await confirm.ask(ctx, spec, quote, extra)
-        return
+    # The quote reads the caller's credits; only a dry run and a job priced above the
+    # confirmation limit need them before the charge (the charge says what is left anyway).
+    if dry_run or jobs.cost(ctx.user, spec) > ctx.services.settings.confirm_above:
+        quote = await jobs.quote(ctx.user, spec)
+        if dry_run:
+            await ctx.chat.send_text(quote.render(ctx.lang) + "\n" + ctx.t("price.dry_run"))
+            return
+        if confirm.needs_confirmation(ctx, quote):
+            # Nothing is reserved or downloaded until the caller confirms.
+            await confirm.ask(ctx, spec, quote, extra)
+            return
     await jobs.submit(
         inv=ctx.inv, user=ctx.user, chat=ctx.chat, spec=spec, lang=ctx.lang, extra_references=extra
     )
