@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 from bot import errors, validation
+from bot.batched_reads import BatchedReads
 from bot.chat import Chat, ImageSource, Invocation, MessageRef, OutFile, ResultMeta
 from bot.config import ProviderConfig, Settings
 from bot.eta import Estimate, EtaBook, clock, eta_class, queue_factor
@@ -267,6 +268,8 @@ class JobRunner:
         """Seconds a job retries a failed ledger write before leaving it to the background."""
         self.eta = EtaBook(store)
         """Recent upstream durations per job class, for the estimates in status messages."""
+        self.reads = BatchedReads(store)
+        """The intake's store reads, asked together with those of other commands."""
 
     # --- intake ---
 
@@ -422,7 +425,7 @@ class JobRunner:
             # reservation, so exact even when the user's commands arrive together).
             left = None
             if not cred.own_key:
-                credits = await self.store.credits(user.id, day, self.settings.daily_credits)
+                credits = await self.reads.credits(user.id, day, self.settings.daily_credits)
                 left = credits.total_left
             if not self._accepting:
                 # Shutdown began while this job was being checked and charged: give it back

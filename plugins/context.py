@@ -32,7 +32,7 @@ class Context:
         if key is None:
             return None
         if not self._rules:
-            self._rules.append(await self.services.store.group_rules(key))
+            self._rules.append(await self.services.jobs.reads.group_rules(key))
         return self._rules[0]
 
     def t(self, key: str, **params: Any) -> str:

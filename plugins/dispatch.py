@@ -58,7 +58,7 @@ async def dispatch(inv: Invocation, chat: Chat, services: Services) -> None:
         # DRAWBRIDGE_GROUPS / DRAWBRIDGE_PRIVATE: not a word here, and no user row either.
         log.debug("%s /%s: not answering in %s", inv.platform, inv.command, inv.space)
         return
-    user = await services.store.user(inv.platform, inv.user_id, inv.user_name)
+    user = await services.jobs.reads.user(inv.platform, inv.user_id, inv.user_name)
     lang = user.lang or normalize_lang(inv.locale, services.settings.default_lang)
     ctx = Context(inv, chat, services, user, lang)
     spec = find_command(inv.command)

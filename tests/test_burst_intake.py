@@ -38,11 +38,11 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, *names: str) -> list[str]:
 async def test_a_draw_in_a_group_reads_its_rules_once_and_its_credits_after_the_charge(
     services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = count_calls(monkeypatch, "group_rules", "credits", "group_used", "reserve")
+    calls = count_calls(monkeypatch, "group_rules", "credits_of", "group_used", "reserve")
     chat = await run_command(services, invocation("draw", "a fox", chat_id="g1", is_private=False))
 
     assert chat.results()
-    assert calls == ["group_rules", "reserve", "credits"]
+    assert calls == ["group_rules", "reserve", "credits_of"]
     assert "4 left after this" in chat.everything()
 
 
@@ -74,7 +74,7 @@ async def test_a_draw_nobody_can_pay_for_is_refused_by_the_reservation_alone(
 ) -> None:
     services = await Services.create(settings_factory(daily_credits=0))
     try:
-        calls = count_calls(monkeypatch, "credits", "reserve")
+        calls = count_calls(monkeypatch, "credits", "credits_of", "reserve")
         chat = await run_command(services, invocation("draw", "a fox"))
 
         assert "Not enough credits: this needs 1, you have 0" in chat.last_text()

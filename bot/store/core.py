@@ -557,6 +557,44 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
         )
         return [max(0.0, float(row[0])) for row in reversed(rows)]
 
+    # --- many commands at once (issue 15: a burst's reads, one statement for all) ---
+
+    async def users_found(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], User]:
+        """The users among these `(platform, platform user id)` pairs that exist, in one read
+        (`user` reads one, and creates it when missing)."""
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return {}
+        where = " OR ".join(["(i.platform = ? AND i.platform_user_id = ?)"] * len(unique))
+        rows = await self._read(
+            USER_SELECT + " WHERE " + where, [value for key in unique for value in key]
+        )
+        return {(row["platform"], row["platform_user_id"]): self._user(row) for row in rows}
+
+    async def credits_of(
+        self, user_ids: list[int], day: date, daily_allowance: int
+    ) -> dict[int, Credits]:
+        """`credits` of several users in one read; users that do not exist are absent."""
+        unique = list(dict.fromkeys(user_ids))
+        if not unique:
+            return {}
+        rows = await self._read(
+            f"""
+            SELECT u.id, u.granted, COALESCE(d.used, 0), u.daily_allowance
+            FROM users AS u LEFT JOIN daily_usage AS d ON d.user_id = u.id AND d.day = ?
+            WHERE u.id IN ({", ".join("?" * len(unique))})
+            """,
+            (day.isoformat(), *unique),
+        )
+        return {
+            int(row[0]): Credits(
+                daily_allowance=max(0, daily_allowance if row[3] is None else row[3]),
+                daily_used=row[2],
+                balance=row[1],
+            )
+            for row in rows
+        }
+
 
 async def open_engine(url: str, *, migrate: bool = True) -> Engine:
     """The engine a database URL names: `sqlite:///path` (or a bare path) or `postgresql://`."""

@@ -1,0 +1,126 @@
+"""Store reads that many commands ask at the same moment, asked together.
+
+A burst of commands (issue 15: 500 at the same instant) asks the store the same few things
+for each command: who the user is, the group's rules, the credits left after the charge. On
+PostgreSQL each is a round trip through a pool of a few connections, so the last command
+waits for thousands of trips. Here every such read made while the previous batch is being
+answered waits for the next one, which asks them all at once: one statement for the users,
+one for the credits, one read per distinct group. A lone command costs one loop iteration
+more than a direct read.
+
+Every read is queued after whatever its command wrote before (its own reservation, say) and
+answered by a statement that starts after it was queued, so it sees those writes: batching
+never makes a read staler than a direct one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from datetime import date
+from typing import Generic, TypeVar
+
+from bot.groups import GroupRules
+from bot.store import Credits, NotFoundError, Store, User
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+MAX_BATCH = 256
+"""Keys asked in one statement at most."""
+
+
+class _Batcher(Generic[K, V]):
+    """Calls queued while a batch is answered go in the next; each distinct key asked once."""
+
+    def __init__(self, fetch: Callable[[list[K]], Awaitable[dict[K, V]]]) -> None:
+        self._fetch = fetch
+        self._queue: list[tuple[K, asyncio.Future[V | None]]] = []
+        self._draining: asyncio.Task[None] | None = None
+
+    async def get(self, key: K) -> V | None:
+        """The value for `key` (None when the store has none)."""
+        future: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
+        self._queue.append((key, future))
+        if self._draining is None:
+            self._draining = asyncio.create_task(self._drain(), name="batched-reads")
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                try:
+                    found = await self._fetch(list(dict.fromkeys(key for key, _ in batch)))
+                except Exception as error:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                except BaseException:
+                    for _, future in [*batch, *self._queue]:
+                        future.cancel()
+                    self._queue = []
+                    raise
+                for key, future in batch:
+                    if not future.done():
+                        future.set_result(found.get(key))
+        finally:
+            self._draining = None
+
+
+class BatchedReads:
+    """The reads of a command's intake, batched across commands (see the module docstring)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._users: _Batcher[tuple[str, str], User] = _Batcher(store.users_found)
+        self._rules: _Batcher[str, GroupRules] = _Batcher(self._group_rules)
+        self._credits: _Batcher[tuple[int, date, int], Credits] = _Batcher(self._credits_of)
+        # Users being created (or renamed) now: the other commands of a new user in the same
+        # burst wait for that one write instead of each making its own.
+        self._creating: dict[tuple[str, str, str], asyncio.Future[User]] = {}
+
+    async def user(self, platform: str, platform_user_id: str, name: str = "") -> User:
+        """`Store.user`: get or create the user, refreshing its display name."""
+        found = await self._users.get((platform, platform_user_id))
+        if found is not None and (not name or found.name == name):
+            return found
+        key = (platform, platform_user_id, name)
+        pending = self._creating.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self.store.user(platform, platform_user_id, name))
+            self._creating[key] = pending
+            pending.add_done_callback(lambda _: self._creating.pop(key, None))
+        return await asyncio.shield(pending)
+
+    async def group_rules(self, group_key: str) -> GroupRules:
+        """`Store.group_rules`."""
+        rules = await self._rules.get(group_key)
+        return rules if rules is not None else GroupRules()
+
+    async def credits(self, user_id: int, day: date, daily_allowance: int) -> Credits:
+        """`Store.credits` (raises `NotFoundError` for a user that does not exist)."""
+        credits = await self._credits.get((user_id, day, daily_allowance))
+        if credits is None:
+            raise NotFoundError(f"no user #{user_id}")
+        return credits
+
+    async def _group_rules(self, keys: list[str]) -> dict[str, GroupRules]:
+        # A burst comes from a few groups: one read for each distinct one, all at once.
+        rules = await asyncio.gather(*(self.store.group_rules(key) for key in keys))
+        return dict(zip(keys, rules, strict=True))
+
+    async def _credits_of(
+        self, keys: list[tuple[int, date, int]]
+    ) -> dict[tuple[int, date, int], Credits]:
+        found: dict[tuple[int, date, int], Credits] = {}
+        # One read per day and allowance asked (one, unless the batch straddles midnight).
+        for day, allowance in dict.fromkeys((day, allowance) for _, day, allowance in keys):
+            ids = [user_id for user_id, d, a in keys if (d, a) == (day, allowance)]
+            credits = await self.store.credits_of(ids, day, allowance)
+            found.update({(user_id, day, allowance): c for user_id, c in credits.items()})
+        return found
