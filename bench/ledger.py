@@ -200,11 +200,12 @@ def _pg(sql: str) -> str:
 
 
 def _raw_pair(pool: Any) -> Callable[[int], Any]:
-    """The store's statements for one pair, straight on asyncpg (no rules, no store)."""
-    insert_job, read, take_daily = _pg(SQL_INSERT_JOB), _pg(SQL_RESERVE_READ), _pg(SQL_TAKE_DAILY)
-    take_balance, reservation = _pg(SQL_TAKE_BALANCE), _pg(SQL_INSERT_RESERVATION)
-    ledger, settle = _pg(SQL_INSERT_LEDGER), _pg(SQL_SETTLE)
-    lock = "SELECT account_id FROM users WHERE id = $1 FOR UPDATE"
+    """The store's statements for one pair, one by one on asyncpg (no store, no batches)."""
+    dialect = _postgres.DIALECT
+    # The store's PostgreSQL reservation is one function call (migration 11), its whole
+    # commit one statement; a `--before` checkout never runs this mode.
+    reserve, commit = getattr(dialect, "reserve_call", None), dialect.commit_whole
+    insert_job = _pg(SQL_INSERT_JOB)
     day = DAY.isoformat()
 
     async def pair(uid: int) -> None:
@@ -212,22 +213,9 @@ def _raw_pair(pool: Any) -> Callable[[int], Any]:
             job_id = await con.fetchval(
                 insert_job, uid, "bench", "c", None, "draw", "p", '{"n":1}', 0, 0, time.time(), None
             )
-            async with con.transaction():
-                await con.fetch(lock, uid)
-                row = await con.fetchrow(read, uid, day, None, day, None, uid, job_id)
-                daily = min(COST, max(0, ALLOWANCE - row[3]))
-                balance = COST - daily
-                if balance:
-                    await con.execute(take_balance, balance, uid, balance)
-                if daily:
-                    await con.execute(take_daily, uid, day, daily, ALLOWANCE)
-                await con.execute(reservation, job_id, uid, daily, balance, day, None)
-                await con.execute(
-                    ledger, job_id, uid, "reserve", daily, balance, day, 0.0, "", None
-                )
-            async with con.transaction():
-                row = await con.fetchrow(settle, "committed", job_id)
-                await con.execute(ledger, job_id, uid, "commit", row[1], row[2], day, 0.0, "", None)
+            row = await con.fetchrow(reserve, job_id, uid, COST, day, ALLOWANCE, None, 0, 0.0)
+            if row[0] != "ok" or not await con.fetch(commit, job_id, None, time.time(), ""):
+                raise AssertionError(f"job #{job_id}: {row[0]}")
 
     return pair
 
@@ -393,8 +381,11 @@ async def _pg_query(url: str, sql: str, params: Sequence[Any]) -> list[tuple[Any
         await con.close()
 
 
-def create_database(base_url: str, tmp: Path, name: str, keydir: Path) -> Database:
-    """A fresh database named `name` with the store's schema and the bench's users."""
+def create_database(
+    base_url: str, tmp: Path, name: str, keydir: Path, *, seed: bool = True
+) -> Database:
+    """A fresh database named `name` with the store's schema and the bench's users (`seed`:
+    by this checkout's code; `run_before` seeds its own with the old code's schema)."""
     if is_postgres(base_url):
         parts = urlsplit(base_url.replace("postgresql+asyncpg://", "postgresql://", 1))
         url = urlunsplit(parts._replace(path=f"/{name}"))
@@ -404,8 +395,14 @@ def create_database(base_url: str, tmp: Path, name: str, keydir: Path) -> Databa
         db = Database(url, lambda: asyncio.run(_pg_admin(admin, f'DROP DATABASE "{name}"')))
     else:
         db = Database(f"sqlite:///{tmp / (name + '.db')}")
-    asyncio.run(_seed(db.url, keydir))
+    if seed:
+        asyncio.run(_seed(db.url, keydir))
     return db
+
+
+def seed_main(url: str, keydir: str) -> None:
+    """Seed a database in a spawned process (with `--before`, the old code's schema)."""
+    asyncio.run(_seed(url, Path(keydir)))
 
 
 async def _pg_admin(url: str, sql: str) -> None:
@@ -566,6 +563,14 @@ def run_before(
     )
     os.environ[BEFORE_CODE] = str(code)
     try:
+        # Its schema is the old code's: a newer one would be refused by it.
+        seeder = multiprocessing.get_context("spawn").Process(
+            target=seed_main, args=(db.url, str(keydir))
+        )
+        seeder.start()
+        seeder.join()
+        if seeder.exitcode:
+            raise RuntimeError(f"seeding the database for {args.before} failed")
         return run_workers("store", db.url, keydir, args.processes, args.tasks, seconds, False)
     finally:
         del os.environ[BEFORE_CODE]
@@ -631,7 +636,9 @@ def main() -> int:
             recovered = refunded[0][0]
             problems += [f"store: {p}" for p in audit(store_db, run)]
             if args.before:
-                before_db = create_database(args.database_url, tmp, f"{tag}_before", keydir)
+                before_db = create_database(
+                    args.database_url, tmp, f"{tag}_before", keydir, seed=False
+                )
                 dbs.append(before_db)
                 old = run_before(args, tmp, before_db, keydir, seconds)
                 rows.append(

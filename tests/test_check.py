@@ -221,7 +221,7 @@ async def test_a_postgresql_store_is_checked_read_only_and_its_password_masked(
         tmp_path, "check", DRAWBRIDGE_DATABASE_URL=with_password, **common
     )
     assert code == 0, output
-    assert "schema 0: run (or db upgrade) applies 10 migration(s)" in row(output, "database")
+    assert "schema 0: run (or db upgrade) applies 11 migration(s)" in row(output, "database")
     assert "pw0rd-Zq8" not in output
     raw = Raw(pg_url)
     try:  # read only: the fresh schema is still empty

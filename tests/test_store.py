@@ -32,6 +32,7 @@ from bot.store import (
     Store,
     StoreError,
 )
+from bot.store import ledger as ledger_rules
 from bot.store import postgres as postgres_module
 from bot.store import sqlite as sqlite_module
 from tests.databases import Raw
@@ -747,6 +748,146 @@ async def test_group_cap_refuses_beyond_cap_and_refund_frees_it(store: Store, ra
     await store.refund(first, "failed")
     await reserve(store, bob.id, 2, **group)
     assert_ledger_exact(raw)
+
+
+async def test_every_refusal_of_a_reservation_is_the_same_exception_on_both_engines(
+    store: Store, raw: Raw
+) -> None:
+    # PostgreSQL runs the reservation as a server-side function, SQLite as the Python rule:
+    # each refusal must raise the same class with the same message and fields on both.
+    alice = await store.user("qq", "1")
+    bob = await store.user("qq", "2")
+    await store.grant(alice.id, 3)
+
+    async def refused(job_id: int, user_id: int, cost: int, **kw: Any) -> Exception:
+        kw.setdefault("daily_allowance", 5)
+        with pytest.raises(Exception) as caught:
+            await store.reserve(job_id, user_id=user_id, cost=cost, day=DAY, **kw)
+        return caught.value
+
+    def seen(error: Exception) -> tuple[str, str, dict[str, Any]]:
+        return type(error).__name__, str(error), getattr(error, "params", {})
+
+    job = await new_job(store, alice.id)
+    assert seen(await refused(job, alice.id, 9)) == (
+        "InsufficientCreditsError",
+        "insufficient_credits",
+        {"needed": 9, "left": 8},
+    )
+    # The account's own allowance replaces the configured one, never below 0.
+    await store.set_daily_allowance(alice.id, 1)
+    assert seen(await refused(job, alice.id, 5))[2] == {"needed": 5, "left": 4}
+    await store.set_daily_allowance(alice.id, None)
+    assert seen(await refused(job, alice.id, 9, daily_allowance=-2))[2] == {
+        "needed": 9,
+        "left": 3,
+    }
+    missing = 10**9
+    assert seen(await refused(missing, alice.id, 1)) == (
+        "NotFoundError",
+        f"no job #{missing} or no user #{alice.id}",
+        {},
+    )
+    assert seen(await refused(job, missing, 1)) == (
+        "NotFoundError",
+        f"no job #{job} or no user #{missing}",
+        {},
+    )
+    assert seen(await refused(job, bob.id, 1)) == (
+        "ReservationError",
+        f"job #{job} belongs to user #{alice.id}",
+        {},
+    )
+    await store.reserve(job, user_id=alice.id, cost=1, day=DAY, daily_allowance=5)
+    assert seen(await refused(job, alice.id, 1)) == (
+        "ReservationError",
+        f"job #{job} is already reserved (reserved)",
+        {},
+    )
+    done = await new_job(store, alice.id)
+    await store.finish_job(done, status="cancelled")
+    assert seen(await refused(done, alice.id, 1)) == (
+        "ReservationError",
+        f"job #{done} is cancelled, not queued",
+        {},
+    )
+    # The group's cap: the lower of the global one and its own (/group cap), 0 being none.
+    grouped = await new_job(store, alice.id, group_key="qq:g1")
+    assert seen(await refused(grouped, alice.id, 3, group_key="qq:g1", group_cap=2)) == (
+        "GroupCapReachedError",
+        "group_cap",
+        {"cap": 2},
+    )
+    await store.set_group_rule("qq:g1", "cap", 1)
+    for global_cap in (0, 2):
+        error = await refused(grouped, alice.id, 2, group_key="qq:g1", group_cap=global_cap)
+        assert seen(error)[2] == {"cap": 1}
+    # A row /link moved into another account meanwhile is not charged.
+    raw.execute("UPDATE users SET account_id = ? WHERE id = ?", alice.id, bob.id)
+    bobs = await new_job(store, bob.id)
+    assert seen(await refused(bobs, bob.id, 1)) == (
+        "ReservationError",
+        f"user #{bob.id} was linked into another account",
+        {},
+    )
+    # Nothing refused took anything.
+    assert await store.credits(alice.id, DAY, 5) == Credits(5, 1, 3)
+    assert assert_ledger_exact(raw) == {"reservations": 1, "reserved": 1}
+
+
+async def test_calls_made_together_each_get_their_own_outcome(store: Store, raw: Raw) -> None:
+    # PostgreSQL runs calls of one statement made together as one batch; a batch that fails
+    # runs again call by call, so each caller still gets what it alone would have.
+    users = [(await store.user("qq", str(n))).id for n in range(6)]
+    for uid in users:
+        await store.grant(uid, 2)
+    created = await asyncio.gather(
+        *(new_job(store, uid) for uid in users * 3),
+        new_job(store, 10**9),  # no such user: only this one fails
+        return_exceptions=True,
+    )
+    assert isinstance(created[-1], Exception)
+    jobs = [job for job in created[:-1] if isinstance(job, int)]
+    assert len(set(jobs)) == len(users) * 3
+    # Three jobs of 3 credits each against 5 + 2: the third of each user is refused.
+    outcomes = await asyncio.gather(
+        *(
+            store.reserve(job, user_id=users[n % 6], cost=3, day=DAY, daily_allowance=5)
+            for n, job in enumerate(jobs)
+        ),
+        store.reserve(jobs[0], user_id=users[1], cost=1, day=DAY, daily_allowance=5),
+        return_exceptions=True,
+    )
+    refused = [o for o in outcomes[:-1] if isinstance(o, InsufficientCreditsError)]
+    assert len(refused) == len(users) and all(o is None or o in refused for o in outcomes[:-1])
+    assert {tuple(sorted(o.params.items())) for o in refused} == {(("left", 1), ("needed", 3))}
+    assert isinstance(outcomes[-1], ReservationError)
+    committed = await asyncio.gather(*(store.commit(job) for job in jobs), store.commit(10**9))
+    assert committed.count(True) == len(users) * 2 and committed[-1] is False
+    assert assert_ledger_exact(raw) == {"reservations": 12, "committed": 12}
+
+
+async def test_a_refusal_raised_by_postgresqls_reservation_function_maps_to_its_exception(
+    store: Store,
+) -> None:
+    # A guard refusing after a write raises (rolling the call back); the store reads it back.
+    dialect = store.engine.dialect
+    if dialect.reserve_call is None:
+        pytest.skip("SQLite runs the reservation as the Python rule")
+    for state, outcome, expected in (
+        ("DBR01", "insufficient", InsufficientCreditsError(needed=4, left=3)),
+        ("DBR02", "group_cap", GroupCapReachedError(cap=3)),
+    ):
+        with pytest.raises(asyncpg.PostgresError) as caught:
+            await store.engine.execute(
+                f"DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '{state}',"
+                f" MESSAGE = '{outcome}', DETAIL = '3'; END $$"
+            )
+        refused = dialect.reserve_refused(caught.value)
+        assert refused == (outcome, 3, None)
+        error = ledger_rules.refusal(refused[0], job_id=1, user_id=1, cost=4, number=refused[1])
+        assert type(error) is type(expected) and error.params == expected.params  # type: ignore[attr-defined]
+    assert dialect.reserve_refused(ValueError("other")) is None
 
 
 async def test_own_key_job_records_a_zero_reservation(store: Store, raw: Raw) -> None:

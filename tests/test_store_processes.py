@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.errors import InsufficientCreditsError
+from bot.errors import GroupCapReachedError, InsufficientCreditsError
 from bot.secrets import KeyBox
 from bot.store import Credits, Store
 from tests.databases import Raw
@@ -153,6 +153,38 @@ async def test_reservations_from_three_processes_never_overspend_and_the_ledger_
     counts = assert_ledger_exact(raw)
     assert counts.get("reserved", 0) == 0
     assert counts["reservations"] == sum(outcomes.values()) - outcomes["refused"]
+
+
+async def test_a_group_cap_holds_for_reservations_from_two_processes_at_once(
+    open_store: OpenStore, raw: Raw
+) -> None:
+    # Each process's reservations made together run as one batch on PostgreSQL: the two
+    # batches race for the group's row, and the cap still holds to the credit.
+    stores = [await started(open_store, f"p{n}") for n in range(2)]
+    users = [(await stores[0].user("qq", str(n))).id for n in range(30)]
+    jobs = [await new_job(stores[0], uid, group_key="qq:g") for uid in users]
+
+    outcomes = await asyncio.gather(
+        *(
+            stores[n % 2].reserve(
+                job,
+                user_id=users[n],
+                cost=1,
+                day=DAY,
+                daily_allowance=ALLOWANCE,
+                group_key="qq:g",
+                group_cap=10,
+            )
+            for n, job in enumerate(jobs)
+        ),
+        return_exceptions=True,
+    )
+
+    assert outcomes.count(None) == 10
+    refused = [o for o in outcomes if o is not None]
+    assert all(isinstance(o, GroupCapReachedError) and o.params == {"cap": 10} for o in refused)
+    assert await stores[1].group_used("qq:g", DAY) == 10
+    assert assert_ledger_exact(raw) == {"reservations": 10, "reserved": 10}
 
 
 # --- heartbeats and recovery ---

@@ -292,6 +292,26 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
         """
         if cost < 0:
             raise ValueError("cost must not be negative")
+        dialect = self._engine.dialect
+        if dialect.reserve_call is not None:
+            # The same rule run server-side: one round trip instead of five on PostgreSQL.
+            params = (job_id, user_id, cost, day.isoformat(), daily_allowance, group_key)
+            try:
+                rows = await self._write_one(
+                    dialect.reserve_call, (*params, group_cap, time.time())
+                )
+            except Exception as error:
+                refused = dialect.reserve_refused(error)
+                if refused is None:
+                    raise
+                outcome, number, detail = refused
+            else:
+                outcome, number, detail = rows[0]
+            if outcome != "ok":
+                raise ledger.refusal(
+                    outcome, job_id=job_id, user_id=user_id, cost=cost, number=number, detail=detail
+                )
+            return
         for_update = self.for_update
         await self._write(
             lambda tx: ledger.reserve(

@@ -12,7 +12,9 @@ The store's rules (reserve, commit, refund, link, recovery...) are written once,
   statements of two tasks never interleave inside a transaction.
 
 So both engines share every read-then-write decision; they differ only in connections,
-transactions, the schema's DDL and the few SQL functions named in `Dialect`.
+transactions, the schema's DDL and the few SQL functions named in `Dialect`. One exception:
+PostgreSQL runs a reservation as `drawbridge_reserve`, a server-side copy of `ledger.reserve`
+(`Dialect.reserve_call`), because there a round trip costs more than the rule's SQL does.
 """
 
 from __future__ import annotations
@@ -78,6 +80,15 @@ class Dialect:
     # CTE; params: job_id, amount (or None), created_at, note. Returns a row if it committed;
     # none when the reservation is not 'reserved' or `amount` is not all of it.
     commit_whole: str | None = None
+    # `ledger.reserve` as one statement, where the engine runs it server-side; params: job_id,
+    # user_id, cost, day, daily_allowance, group_key, group_cap, created_at. Its one row is
+    # (outcome, number, detail) for `ledger.refusal` ("ok": reserved).
+    reserve_call: str | None = None
+    # What a refusal `reserve_call` raised (to roll back its writes) says, as that row; None
+    # for any other error.
+    reserve_refused: Callable[[BaseException], tuple[str, int | None, str | None] | None] = (
+        lambda error: None
+    )
 
 
 class Engine(Protocol):

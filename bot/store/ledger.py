@@ -118,36 +118,39 @@ async def reserve(
     group_key: str | None,
     group_cap: int,
 ) -> None:
+    # PostgreSQL runs this rule as one function, `drawbridge_reserve` (migration 11), line for
+    # line: a change here is a change there, and the store tests run both.
     # The account's row first: a second reservation of the same account (another task,
     # another process) waits here until this one commits, then reads what it left.
     linked = await tx.fetch("SELECT account_id FROM users WHERE id = ?" + for_update, user_id)
     if linked and linked[0][0] is not None:
         # /link moved this row's account elsewhere after the caller read the user:
         # charging it would hand out a second daily allowance.
-        raise ReservationError(f"user #{user_id} was linked into another account")
+        raise refusal("linked", job_id=job_id, user_id=user_id, cost=cost)
     rows = await tx.fetch(
         SQL_RESERVE_READ, user_id, iso_day, group_key, iso_day, group_key, user_id, job_id
     )
     if not rows:
-        raise NotFoundError(f"no job #{job_id} or no user #{user_id}")
+        raise refusal("not_found", job_id=job_id, user_id=user_id, cost=cost)
     owner, status, state, daily_used, balance, group_used, own_allowance, group_own_cap = rows[0]
     # The account's own allowance (set in the console) replaces the configured one.
     allowance = max(0, daily_allowance if own_allowance is None else own_allowance)
     if owner != user_id:
-        raise ReservationError(f"job #{job_id} belongs to user #{owner}")
+        raise refusal("owner", job_id=job_id, user_id=user_id, cost=cost, number=owner)
     if state is not None:
-        raise ReservationError(f"job #{job_id} is already reserved ({state})")
+        raise refusal("reserved", job_id=job_id, user_id=user_id, cost=cost, detail=state)
     if status != "queued":
-        raise ReservationError(f"job #{job_id} is {status}, not queued")
+        raise refusal("status", job_id=job_id, user_id=user_id, cost=cost, detail=status)
     # The group's own cap (/group cap), read in this transaction: never above the global
     # one, which the caller passes.
     cap = effective_cap(group_cap, group_own_cap) if group_key else group_cap
     if group_key and cap > 0 and group_used + cost > cap:
-        raise GroupCapReachedError(cap=cap)
+        raise refusal("group_cap", job_id=job_id, user_id=user_id, cost=cost, number=cap)
 
     credits = Credits(allowance, daily_used, balance)
-    if cost > credits.total_left:
-        raise InsufficientCreditsError(needed=cost, left=credits.total_left)
+    left = credits.total_left
+    if cost > left:
+        raise refusal("insufficient", job_id=job_id, user_id=user_id, cost=cost, number=left)
     daily_part = min(cost, credits.daily_left)
     balance_part = cost - daily_part
 
@@ -176,8 +179,40 @@ async def reserve(
     for (sql, _), count in zip(takes, counts, strict=False):
         if count != 1:
             if sql is SQL_TAKE_GROUP:
-                raise GroupCapReachedError(cap=cap)
-            raise InsufficientCreditsError(needed=cost, left=credits.total_left)
+                raise refusal("group_cap", job_id=job_id, user_id=user_id, cost=cost, number=cap)
+            raise refusal("insufficient", job_id=job_id, user_id=user_id, cost=cost, number=left)
+
+
+def refusal(
+    outcome: str,
+    *,
+    job_id: int,
+    user_id: int,
+    cost: int,
+    number: int | None = None,
+    detail: str | None = None,
+) -> Exception:
+    """The exception a refused reservation raises, on either engine.
+
+    `outcome` names the refusal as `reserve` finds it and PostgreSQL's `drawbridge_reserve`
+    returns it; `number` is the owner, the group's cap or the credits left, `detail` the
+    reservation's state or the job's status.
+    """
+    if outcome == "linked":
+        return ReservationError(f"user #{user_id} was linked into another account")
+    if outcome == "not_found":
+        return NotFoundError(f"no job #{job_id} or no user #{user_id}")
+    if outcome == "owner":
+        return ReservationError(f"job #{job_id} belongs to user #{number}")
+    if outcome == "reserved":
+        return ReservationError(f"job #{job_id} is already reserved ({detail})")
+    if outcome == "status":
+        return ReservationError(f"job #{job_id} is {detail}, not queued")
+    if outcome == "group_cap":
+        return GroupCapReachedError(cap=number)
+    if outcome == "insufficient":
+        return InsufficientCreditsError(needed=cost, left=number)
+    return StoreError(f"job #{job_id}: unknown reservation outcome {outcome!r}")
 
 
 async def settle(tx: Tx, job_id: int, state: str) -> Row | None:

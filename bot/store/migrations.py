@@ -254,6 +254,12 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (provider, slot)
     ) WITHOUT ROWID;
     """,
+    # 11: an account's open reservations found by account (/link refuses to merge an account
+    # with a reservation in flight) instead of among every open one. PostgreSQL's 11 also
+    # installs its reservation as a server-side function (see there).
+    """
+    CREATE INDEX reservations_open_by_user ON reservations (user_id) WHERE state = 'reserved';
+    """,
 )
 
 # PostgreSQL: the same migrations. Ids are BIGINT identities (`BY DEFAULT`, so `db copy`
@@ -455,6 +461,175 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
         taken_at   DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (provider, slot)
     );
+    """,
+    # 11: the same index as SQLite's 11, and `ledger.reserve` as a function, so that a
+    # reservation is one round trip instead of five (BEGIN, lock, read, writes, COMMIT), and a
+    # second one that runs many at once (the engine's batches); see "Two engines, one set of
+    # rules" in docs/design-notes.md. drawbridge_reserve is that rule line for line: the
+    # account's row locked first, then a read that sees what a reservation that held the lock
+    # committed (each statement of a VOLATILE function takes a new snapshot under READ
+    # COMMITTED), the same checks in the same order, the same guarded writes. A refusal found
+    # before writing comes back as `outcome` (with the number or text its exception carries);
+    # a guard that refuses after a write raises SQLSTATE DBR01 (credits) or DBR02 (group cap),
+    # that number as DETAIL, which rolls the whole call back. `ledger.refusal` turns either
+    # into the exception the shared rule raises.
+    """
+    CREATE INDEX reservations_open_by_user ON reservations (user_id) WHERE state = 'reserved';
+
+    CREATE FUNCTION drawbridge_reserve(
+        p_job BIGINT, p_user BIGINT, p_cost INTEGER, p_day TEXT, p_allowance INTEGER,
+        p_group TEXT, p_global_cap INTEGER, p_at DOUBLE PRECISION,
+        OUT outcome TEXT, OUT number BIGINT, OUT detail TEXT
+    ) LANGUAGE plpgsql AS $$
+    DECLARE
+        v_account BIGINT;
+        v_owner BIGINT;
+        v_status TEXT;
+        v_state TEXT;
+        v_daily_used INTEGER;
+        v_balance INTEGER;
+        v_group_used INTEGER;
+        v_own_allowance INTEGER;
+        v_own_cap INTEGER;
+        v_grouped BOOLEAN := COALESCE(p_group, '') <> '';
+        v_allowance INTEGER;
+        v_cap INTEGER;
+        v_left INTEGER;
+        v_daily INTEGER;
+        v_from_balance INTEGER;
+    BEGIN
+        SELECT account_id INTO v_account FROM users WHERE id = p_user FOR NO KEY UPDATE;
+        IF v_account IS NOT NULL THEN
+            outcome := 'linked';
+            RETURN;
+        END IF;
+        SELECT j.user_id, j.status, r.state,
+               COALESCE((SELECT used FROM daily_usage WHERE user_id = p_user AND day = p_day), 0),
+               u.granted,
+               COALESCE((SELECT used FROM group_usage WHERE group_key = p_group AND day = p_day),
+                        0),
+               u.daily_allowance,
+               (SELECT cap FROM group_rules WHERE group_key = p_group)
+        INTO v_owner, v_status, v_state, v_daily_used, v_balance, v_group_used,
+             v_own_allowance, v_own_cap
+        FROM jobs AS j
+        JOIN users AS u ON u.id = p_user
+        LEFT JOIN reservations AS r ON r.job_id = j.id
+        WHERE j.id = p_job;
+        IF NOT FOUND THEN
+            outcome := 'not_found';
+            RETURN;
+        END IF;
+        v_allowance := GREATEST(0, COALESCE(v_own_allowance, p_allowance));
+        IF v_owner <> p_user THEN
+            outcome := 'owner';
+            number := v_owner;
+            RETURN;
+        END IF;
+        IF v_state IS NOT NULL THEN
+            outcome := 'reserved';
+            detail := v_state;
+            RETURN;
+        END IF;
+        IF v_status <> 'queued' THEN
+            outcome := 'status';
+            detail := v_status;
+            RETURN;
+        END IF;
+        -- bot.groups.effective_cap: the lower of the two where 0 or NULL is no cap.
+        v_cap := p_global_cap;
+        IF v_grouped AND COALESCE(v_own_cap, 0) > 0 THEN
+            v_cap := CASE WHEN p_global_cap > 0 THEN LEAST(p_global_cap, v_own_cap)
+                          ELSE v_own_cap END;
+        ELSIF v_grouped AND p_global_cap <= 0 THEN
+            v_cap := 0;
+        END IF;
+        IF v_grouped AND v_cap > 0 AND v_group_used + p_cost > v_cap THEN
+            outcome := 'group_cap';
+            number := v_cap;
+            RETURN;
+        END IF;
+        v_left := GREATEST(0, v_allowance - v_daily_used) + v_balance;
+        IF p_cost > v_left THEN
+            outcome := 'insufficient';
+            number := v_left;
+            RETURN;
+        END IF;
+        v_daily := LEAST(p_cost, GREATEST(0, v_allowance - v_daily_used));
+        v_from_balance := p_cost - v_daily;
+
+        IF v_from_balance > 0 THEN
+            UPDATE users SET granted = granted - v_from_balance
+            WHERE id = p_user AND granted >= v_from_balance;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION USING ERRCODE = 'DBR01', MESSAGE = 'insufficient',
+                                      DETAIL = v_left::TEXT;
+            END IF;
+        END IF;
+        IF v_daily > 0 THEN
+            INSERT INTO daily_usage (user_id, day, used) VALUES (p_user, p_day, v_daily)
+            ON CONFLICT (user_id, day) DO UPDATE SET used = daily_usage.used + excluded.used
+            WHERE daily_usage.used + excluded.used <= v_allowance;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION USING ERRCODE = 'DBR01', MESSAGE = 'insufficient',
+                                      DETAIL = v_left::TEXT;
+            END IF;
+        END IF;
+        IF v_grouped AND p_cost > 0 THEN
+            INSERT INTO group_usage (group_key, day, used) VALUES (p_group, p_day, p_cost)
+            ON CONFLICT (group_key, day) DO UPDATE SET used = group_usage.used + excluded.used
+            WHERE v_cap <= 0 OR group_usage.used + excluded.used <= v_cap;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION USING ERRCODE = 'DBR02', MESSAGE = 'group_cap',
+                                      DETAIL = v_cap::TEXT;
+            END IF;
+        END IF;
+        INSERT INTO reservations (job_id, user_id, daily_amount, balance_amount, day, group_key,
+                                  state)
+        VALUES (p_job, p_user, v_daily, v_from_balance, p_day, p_group, 'reserved');
+        INSERT INTO ledger (job_id, user_id, kind, daily_amount, balance_amount, day, created_at,
+                            note, by_user_id)
+        VALUES (p_job, p_user, 'reserve', v_daily, v_from_balance, p_day, p_at, '', NULL);
+        outcome := 'ok';
+    END
+    $$;
+
+    -- Many reservations in one call (the engine's batches, bot/store/postgres.py): each one
+    -- as drawbridge_reserve would alone, as if they had run one after another. The rows they
+    -- write are locked in the order every rule takes them, each kind in key order: the
+    -- accounts, then their daily usage (a refund takes it before the group's), then the
+    -- groups' usage, as the reservations run in the order of their group. So neither another
+    -- batch nor a refund ever waits for this one while holding what it needs: no deadlock.
+    CREATE FUNCTION drawbridge_reserve_many(
+        p_jobs BIGINT[], p_users BIGINT[], p_costs INTEGER[], p_days TEXT[],
+        p_allowances INTEGER[], p_groups TEXT[], p_global_caps INTEGER[],
+        p_ats DOUBLE PRECISION[]
+    ) RETURNS TABLE (n BIGINT, outcome TEXT, number BIGINT, detail TEXT)
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        v_item RECORD;
+        v_done RECORD;
+    BEGIN
+        PERFORM 1 FROM users WHERE id = ANY (p_users) ORDER BY id FOR NO KEY UPDATE;
+        PERFORM 1 FROM daily_usage WHERE user_id = ANY (p_users) AND day = ANY (p_days)
+        ORDER BY user_id, day FOR NO KEY UPDATE;
+        FOR v_item IN
+            SELECT * FROM unnest(p_jobs, p_users, p_costs, p_days, p_allowances, p_groups,
+                                 p_global_caps, p_ats)
+                 WITH ORDINALITY AS i(job, account, cost, day, allowance, grp, cap, at, k)
+            ORDER BY i.grp, i.account, i.k
+        LOOP
+            SELECT * INTO v_done FROM drawbridge_reserve(
+                v_item.job, v_item.account, v_item.cost, v_item.day, v_item.allowance,
+                v_item.grp, v_item.cap, v_item.at);
+            n := v_item.k;
+            outcome := v_done.outcome;
+            number := v_done.number;
+            detail := v_done.detail;
+            RETURN NEXT;
+        END LOOP;
+    END
+    $$;
     """,
 )
 

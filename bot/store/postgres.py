@@ -23,10 +23,24 @@ import asyncpg
 from bot.store.engine import Dialect, Row, Rule
 from bot.store.migrations import POSTGRES_MIGRATIONS
 from bot.store.model import StoreError
+from bot.store.sql import SQL_INSERT_JOB
 
 log = logging.getLogger("bot.store")
 
 T = TypeVar("T")
+
+# SQLSTATEs `drawbridge_reserve` raises when a guard refuses after a write (migration 11).
+_REFUSALS = {"DBR01": "insufficient", "DBR02": "group_cap"}
+
+
+def _reserve_refused(error: BaseException) -> tuple[str, int | None, str | None] | None:
+    if not isinstance(error, asyncpg.PostgresError):
+        return None
+    outcome = _REFUSALS.get(getattr(error, "sqlstate", None) or "")
+    if outcome is None:
+        return None
+    return outcome, int(getattr(error, "detail", None) or 0), None
+
 
 DIALECT = Dialect(
     name="postgresql",
@@ -54,7 +68,71 @@ DIALECT = Dialect(
         FROM settled
         RETURNING 1
     """,
+    # One round trip, no BEGIN/COMMIT around it: a function call is atomic by itself.
+    reserve_call="SELECT outcome, number, detail"
+    " FROM drawbridge_reserve($1, $2, $3, $4, $5, $6, $7, $8)",
+    reserve_refused=_reserve_refused,
 )
+
+# Statements the engine runs for many calls at once (see `PostgresEngine.fetch_write`): each
+# one's form over arrays, one array per parameter, whose rows start with the 1-based ordinal of
+# the call they belong to. Their rows are the same as the statement's own, call by call.
+BATCHED: dict[str, str] = {
+    SQL_INSERT_JOB: """
+        WITH input AS (
+            SELECT i.*, nextval(pg_get_serial_sequence('jobs', 'id')) AS id
+            FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
+                        $6::text[], $7::text[], $8::integer[], $9::integer[],
+                        $10::double precision[], $11::text[])
+                 WITH ORDINALITY AS i(user_id, platform, chat_id, group_key, kind, prompt,
+                                      options, ref_count, own_key, created_at, process_id, n)
+        ), inserted AS (
+            INSERT INTO jobs (id, user_id, platform, chat_id, group_key, kind, prompt, options,
+                              ref_count, own_key, created_at, process_id)
+            SELECT id, user_id, platform, chat_id, group_key, kind, prompt, options, ref_count,
+                   own_key, created_at, process_id
+            FROM input ORDER BY n
+        )
+        SELECT n, id FROM input
+    """,
+    DIALECT.commit_whole or "": """
+        WITH input AS (
+            SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::double precision[], $4::text[])
+                 WITH ORDINALITY AS i(job_id, amount, created_at, note, n)
+        ), locked AS (
+            -- In job order: two batches settling the same jobs (a retried commit) take
+            -- their rows in one order, so neither holds one the other waits for.
+            SELECT job_id FROM reservations
+            WHERE job_id IN (SELECT job_id FROM input) AND state = 'reserved'
+            ORDER BY job_id FOR NO KEY UPDATE
+        ), settled AS (
+            UPDATE reservations AS r SET state = 'committed'
+            FROM input
+            WHERE r.job_id = input.job_id AND r.state = 'reserved'
+              AND r.job_id IN (SELECT job_id FROM locked)
+              AND (input.amount IS NULL OR r.daily_amount + r.balance_amount = input.amount)
+            RETURNING input.n, r.job_id, r.user_id, r.daily_amount, r.balance_amount, r.day,
+                      input.created_at, input.note
+        ), written AS (
+            INSERT INTO ledger (job_id, user_id, kind, daily_amount, balance_amount, day,
+                                created_at, note, by_user_id)
+            SELECT job_id, user_id, 'commit', daily_amount, balance_amount, day, created_at,
+                   note, NULL
+            FROM settled
+        )
+        SELECT n, 1 FROM settled
+    """,
+    DIALECT.reserve_call or "": """
+        SELECT n, outcome, number, detail
+        FROM drawbridge_reserve_many($1::bigint[], $2::bigint[], $3::integer[], $4::text[],
+                                     $5::integer[], $6::text[], $7::integer[],
+                                     $8::double precision[])
+    """,
+}
+BATCHES_IN_FLIGHT = 2
+"""Batches of one statement running at once; calls made meanwhile wait for the next one."""
+BATCH_SIZE = 256
+
 
 CALL_TIMEOUT = 60.0
 """Seconds one store call (a statement, or a whole transaction) may take."""
@@ -149,6 +227,10 @@ class PostgresEngine:
     def __init__(self, pool: asyncpg.Pool, url: str) -> None:
         self._pool = pool
         self.url = url
+        # BATCHED statements: the calls waiting for a batch, and the batches running.
+        self._waiting: dict[str, list[tuple[Sequence[Any], asyncio.Future[list[Row]]]]] = {}
+        self._batches: dict[str, int] = {}
+        self._batch_tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(
@@ -182,8 +264,66 @@ class PostgresEngine:
             return _rowcount(await self._pool.execute(numbered(sql), *params))
 
     async def fetch_write(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        if sql in BATCHED:
+            return await self._batched(sql, params)
         async with asyncio.timeout(CALL_TIMEOUT):
             return list(await self._pool.fetch(numbered(sql), *params))
+
+    # A BATCHED statement's calls share round trips: a call joins the calls waiting for a
+    # batch, and a batch starts at once unless BATCHES_IN_FLIGHT are running already, when
+    # the first to finish takes the waiting calls. So calls made together (one loop iteration,
+    # or while a batch is on the wire) cost one statement, one commit and one round trip, and
+    # a lone call costs what it did alone. A batch that fails is run again call by call, so a
+    # call's error is its own, as if it had run alone.
+
+    async def _batched(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        done: asyncio.Future[list[Row]] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(sql, []).append((params, done))
+        if self._batches.get(sql, 0) < BATCHES_IN_FLIGHT:
+            self._batches[sql] = self._batches.get(sql, 0) + 1
+            task = asyncio.get_running_loop().create_task(self._run_batches(sql))
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_tasks.discard)
+        async with asyncio.timeout(CALL_TIMEOUT):
+            return await done
+
+    async def _run_batches(self, sql: str) -> None:
+        try:
+            while waiting := self._waiting.get(sql):
+                calls = [call for call in waiting[:BATCH_SIZE] if not call[1].done()]
+                del waiting[:BATCH_SIZE]
+                if calls:
+                    await self._run_batch(sql, calls)
+        finally:
+            self._batches[sql] -= 1
+
+    async def _run_batch(
+        self, sql: str, calls: list[tuple[Sequence[Any], asyncio.Future[list[Row]]]]
+    ) -> None:
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT):
+                if len(calls) == 1:
+                    results = [list(await self._pool.fetch(numbered(sql), *calls[0][0]))]
+                else:
+                    columns = [list(column) for column in zip(*(p for p, _ in calls), strict=True)]
+                    results = [[] for _ in calls]
+                    for row in await self._pool.fetch(BATCHED[sql], *columns):
+                        results[row[0] - 1].append(tuple(row)[1:])
+        except Exception as error:
+            if len(calls) > 1:
+                for call in calls:
+                    await self._run_batch(sql, [call])
+            elif not calls[0][1].done():
+                calls[0][1].set_exception(error)
+            return
+        except BaseException:
+            # Cancelled (the loop closing): its callers must not wait for it.
+            for _, done in calls:
+                done.cancel()
+            raise
+        for (_, done), rows in zip(calls, results, strict=True):
+            if not done.done():
+                done.set_result(rows)
 
     async def transaction(self, rule: Rule[T]) -> T:
         async with (
@@ -238,6 +378,8 @@ class PostgresEngine:
         return is_transient(error)
 
     async def close(self) -> None:
+        if self._batch_tasks:
+            await asyncio.gather(*self._batch_tasks, return_exceptions=True)
         await self._pool.close()
 
 
