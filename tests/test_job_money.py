@@ -23,12 +23,12 @@ from aiohttp import web
 from PIL import Image
 
 from bot import errors
-from bot.store import sqlite as store_module
 from bot.chat import MessageRef, OutFile, ResultMeta
 from bot.config import Settings
 from bot.jobs import today
 from bot.mock_upstream import MockUpstream
 from bot.services import Services
+from bot.store import sqlite as store_module
 from tests.recording_chat import RecordingChat, invocation, run_command
 from tests.test_store import assert_ledger_exact
 

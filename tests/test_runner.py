@@ -86,9 +86,12 @@ async def test_chats_of_jobs_a_crash_interrupted_are_told_after_restart(
     try:
         assert services.recovered == [job]
         platform = FakePlatform("test", None)
-        assert await announce_recovered(
-            services, [platform, FakePlatform("other", None)], services.recovered
-        ) == 1
+        assert (
+            await announce_recovered(
+                services, [platform, FakePlatform("other", None)], services.recovered
+            )
+            == 1
+        )
         [(chat_id, text)] = platform.told
         assert chat_id == "c9" and "a fox in the snow" in text and "额度已退还" in text
     finally:
