@@ -18,6 +18,7 @@ from bot.batched_reads import BatchedReads
 from bot.groups import GroupRules
 from bot.secrets import KeyBox
 from bot.store import NotFoundError, Store
+from tests.test_store import new_job
 
 DAY = date(2026, 1, 2)
 
@@ -51,17 +52,7 @@ async def test_credits_of_matches_credits_for_each_user(store: Store) -> None:
     own = await store.user("qq", "3")
     await store.grant(rich.id, 7)
     await store.set_daily_allowance(own.id, 2)
-    job = await store.create_job(
-        user_id=poor.id,
-        platform="qq",
-        chat_id="c",
-        group_key=None,
-        kind="draw",
-        prompt="p",
-        options={},
-        ref_count=0,
-        own_key=False,
-    )
+    job = await new_job(store, poor.id, chat_id="c")
     await store.reserve(job, user_id=poor.id, cost=3, day=DAY, daily_allowance=5)
 
     many = await store.credits_of([rich.id, poor.id, own.id, poor.id, 99999], DAY, 5)

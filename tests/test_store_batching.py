@@ -24,6 +24,7 @@ from bot.store import postgres as pg
 from bot.store.engine import Tx
 from bot.store.sql import SQL_INSERT_LEDGER, SQL_TAKE_BALANCE
 from bot.store.sqlite import SqliteEngine
+from tests.test_store import new_job
 
 DAY = date(2025, 3, 1)
 
@@ -44,20 +45,6 @@ async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
         yield opened
     finally:
         await opened.close()
-
-
-async def new_job(store: Store, user_id: int) -> int:
-    return await store.create_job(
-        user_id=user_id,
-        platform="t",
-        chat_id="c",
-        group_key=None,
-        kind="draw",
-        prompt="p",
-        options={},
-        ref_count=0,
-        own_key=False,
-    )
 
 
 def count_trips(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
