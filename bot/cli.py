@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -188,5 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         from bot.doctor import run_doctor
 
-        return asyncio.run(run_doctor(settings, provider_name=args.provider, spend=args.spend))
-    return terminal.run(args, settings)
+        return _one_line(
+            lambda: asyncio.run(run_doctor(settings, provider_name=args.provider, spend=args.spend))
+        )
+    return _one_line(lambda: terminal.run(args, settings))
+
+
+def _one_line(command: Callable[[], int]) -> int:
+    """Run a command that opens the store: a database it cannot open is one line, no traceback."""
+    try:
+        return command()
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code

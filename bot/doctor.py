@@ -42,7 +42,7 @@ from bot.errors import (
 from bot.images import Reference
 from bot.probe import Balance, KeyProbe
 from bot.secrets import KeyBox
-from bot.store import Store
+from bot.store.opening import open_store
 from bot.upstream import ImageRequest, ImageResult, Progress, UpstreamClient
 from bot.upstream.capabilities import CapabilityStore
 
@@ -455,7 +455,7 @@ async def run_doctor(
         )
     secure_data_dir(settings.data_dir)
     keybox = KeyBox.load(settings.data_dir, settings.secret_key)
-    store = await Store.open(settings.data_dir / "drawbridge.sqlite3", keybox=keybox)
+    store = await open_store(settings, keybox)
     capabilities = CapabilityStore(store)
     reports = []
     try:

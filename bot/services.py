@@ -8,7 +8,6 @@ import secrets
 import time
 from typing import Any
 
-import asyncpg
 import httpx
 
 from bot.config import Settings
@@ -18,9 +17,8 @@ from bot.jobs import JobRunner
 from bot.platform import Platform
 from bot.proxies import proxy_from_setting
 from bot.secrets import KeyBox
-from bot.startup import RETRY, SETTINGS, StartupError
-from bot.store import Store, StoreError
-from bot.store.copy import redact
+from bot.store import Store
+from bot.store.opening import open_store
 from bot.upstream import CapabilityStore, build_clients
 
 log = logging.getLogger(__name__)
@@ -51,29 +49,6 @@ class LoginLinks:
         if entry is None or entry[1] <= time.monotonic():
             return None
         return entry[0]
-
-
-async def open_store(settings: Settings, keybox: KeyBox) -> Store:
-    """The store the settings name, or a `StartupError` naming DRAWBRIDGE_DATABASE_URL (one
-    line, no password): a server down may come back (exit 1); a schema newer than this
-    drawbridge, or a database that refuses the login, needs the operator (exit 2)."""
-    url = settings.database()
-    try:
-        return await Store.connect(url, keybox=keybox, admins=settings.admin_ids())
-    except StoreError as exc:
-        raise StartupError(f"{redact(url)}: {exc}", exit_code=SETTINGS) from None
-    except (OSError, TimeoutError, asyncpg.CannotConnectNowError) as exc:
-        raise StartupError(
-            f"cannot reach the database {redact(url)} ({type(exc).__name__}): is it running? "
-            "check DRAWBRIDGE_DATABASE_URL",
-            exit_code=RETRY,
-        ) from None
-    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise StartupError(
-            f"the database {redact(url)} refused drawbridge ({type(exc).__name__}): "
-            "check DRAWBRIDGE_DATABASE_URL",
-            exit_code=SETTINGS,
-        ) from None
 
 
 class Services:

@@ -34,7 +34,7 @@ from bot.i18n import CATALOGS, LANGUAGES, normalize_lang, t
 from bot.images import extension_for_format, prepare_references
 from bot.secrets import KeyBox
 from bot.sizes import Size, parse_size, size_for_reference
-from bot.store import Store
+from bot.store.opening import open_store
 from bot.upstream import (
     CapabilityStore,
     GeneratedImage,
@@ -367,12 +367,10 @@ async def terminal_job(
             progress.show(f"  waiting {elapsed()} ")
             await asyncio.sleep(TICK)
 
-    # The bot's store in DRAWBRIDGE_DATA_DIR: what the bot learned about each relay (cannot
-    # stream, cannot edit) spares the CLI a billed failure, and what the CLI learns helps it.
-    store = await Store.open(
-        secure_data_dir(settings.data_dir) / "drawbridge.sqlite3",
-        keybox=KeyBox.load(settings.data_dir, settings.secret_key),
-    )
+    # The bot's store (DRAWBRIDGE_DATABASE_URL, else SQLite in DRAWBRIDGE_DATA_DIR): what
+    # the bot learned about each relay spares the CLI a billed failure, and the other way.
+    secure_data_dir(settings.data_dir)
+    store = await open_store(settings, KeyBox.load(settings.data_dir, settings.secret_key))
     try:
         async with httpx.AsyncClient(proxy=settings.upstream_proxy or None) as http:
             capabilities = CapabilityStore(store)

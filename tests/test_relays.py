@@ -195,11 +195,13 @@ async def test_the_bot_learns_through_its_job_runner_and_remembers_after_a_resta
 
 
 async def test_the_cli_reads_what_the_bot_learned_and_does_not_stream(
-    relay_factory: RelayFactory, tmp_path: Path
+    relay_factory: RelayFactory, tmp_path: Path, store_url: str
 ) -> None:
+    """On either engine: with DRAWBRIDGE_DATABASE_URL the CLI reads the bot's PostgreSQL, not
+    a SQLite file of its own in the data directory."""
     relay, _ = await relay_factory(ONE_API)
     data_dir = tmp_path / "data"
-    learned = await open_store(data_dir)
+    learned = await Store.connect(store_url, keybox=KeyBox.load(data_dir))
     try:
         await CapabilityStore(learned).learn("default", stream=False, stream_checked_at=time.time())
     finally:
@@ -214,6 +216,8 @@ async def test_the_cli_reads_what_the_bot_learned_and_does_not_stream(
         DRAWBRIDGE_API_KEY=KEY,
         DRAWBRIDGE_DATA_DIR=str(data_dir),
     )
+    if store_url.startswith("postgresql"):
+        env["DRAWBRIDGE_DATABASE_URL"] = store_url
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -228,3 +228,21 @@ async def test_a_database_that_refuses_drawbridge_is_exit_2(
     assert code == 2, output
     assert "refused drawbridge" in output and "DRAWBRIDGE_DATABASE_URL" in output
     assert "Traceback" not in output
+
+
+async def test_the_cli_with_an_unreachable_database_is_one_line_and_exit_1(
+    tmp_path: Path, mock_upstream: MockUpstream
+) -> None:
+    """`drawbridge draw` opens the bot's store (what relays were found able to do): the same
+    one line as `run` when it cannot, before anything is bought."""
+    code, output = await drawbridge(
+        tmp_path,
+        "draw",
+        "a lighthouse",
+        DRAWBRIDGE_DATABASE_URL="postgresql://drawbridge:pw-Zq8wK3@127.0.0.1:1/drawbridge",
+        **upstream(mock_upstream),
+    )
+    assert code == 1, output
+    assert "cannot reach the database" in output and "DRAWBRIDGE_DATABASE_URL" in output
+    assert "Traceback" not in output and "pw-Zq8wK3" not in output
+    assert mock_upstream.requests == []
