@@ -22,7 +22,7 @@ from datetime import date
 from typing import Generic, TypeVar
 
 from bot.groups import GroupRules
-from bot.store import Credits, NotFoundError, Store, User
+from bot.store import Credits, NotFoundError, StorePort, User
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class _Batcher(Generic[K, V]):
 class BatchedReads:
     """The reads of a command's intake, batched across commands (see the module docstring)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: StorePort) -> None:
         self.store = store
         self._users: _Batcher[tuple[str, str], User] = _Batcher(store.users_found)
         self._rules: _Batcher[str, GroupRules] = _Batcher(self._group_rules)

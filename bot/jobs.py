@@ -43,7 +43,7 @@ from bot.images import (
 )
 from bot.logs import add_secrets
 from bot.sizes import Size, size_for_reference
-from bot.store import Store, User, is_transient
+from bot.store import StorePort, User, is_transient
 from bot.upstream import ImageRequest, ImageResult, Progress, ProviderChain, UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class _ProviderSlot:
     POLL_MAX = 0.5
 
     def __init__(
-        self, store: Store, provider: ProviderConfig, local: asyncio.Semaphore, job_id: int
+        self, store: StorePort, provider: ProviderConfig, local: asyncio.Semaphore, job_id: int
     ) -> None:
         self._store = store
         self._provider = provider
@@ -239,7 +239,7 @@ class JobRunner:
     def __init__(
         self,
         settings: Settings,
-        store: Store,
+        store: StorePort,
         clients: Sequence[UpstreamClient],
     ) -> None:
         self.settings = settings
