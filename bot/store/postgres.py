@@ -146,18 +146,7 @@ _PLACEHOLDER = re.compile(r"\?(\d*)|'(?:[^']|'')*'")
 @lru_cache(maxsize=1024)
 def numbered(sql: str) -> str:
     """`?` placeholders as PostgreSQL's `$n` (string literals left alone)."""
-    counter = 0
-
-    def replace(match: re.Match[str]) -> str:
-        nonlocal counter
-        if match.group(0).startswith("'"):
-            return match.group(0)
-        if match.group(1):
-            return "$" + match.group(1)
-        counter += 1
-        return f"${counter}"
-
-    return _PLACEHOLDER.sub(replace, sql)
+    return _renumbered(sql, 0)
 
 
 @lru_cache(maxsize=256)
@@ -177,6 +166,7 @@ def fused(statements: tuple[tuple[str, int], ...]) -> str:
 
 
 def _renumbered(sql: str, offset: int) -> str:
+    """`?` as `$offset+1, $offset+2, ...` and `?N` as `$offset+N` (string literals left alone)."""
     counter = 0
 
     def replace(match: re.Match[str]) -> str:
