@@ -204,3 +204,21 @@ def test_an_unreachable_server_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert done.stderr.startswith("error:") and "Traceback" not in done.stderr
     assert "s3cret" not in done.stderr
     assert time.monotonic() - started < 60
+
+
+def test_a_sqlite_source_that_does_not_exist_is_refused_not_copied_as_empty(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "var" / "drawbridge.sqlite3"
+    done = drawbridge(
+        "db",
+        "copy",
+        "--from",
+        f"sqlite:///{missing}x",
+        "--to",
+        f"sqlite:///{tmp_path / 'to.db'}",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stdout
+    assert "no such SQLite file" in done.stderr and "four slashes" in done.stderr
+    assert not missing.parent.exists() and not (tmp_path / "to.db").exists()

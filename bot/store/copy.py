@@ -10,9 +10,11 @@ Any difference fails the copy.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bot.store.core import open_engine
@@ -89,6 +91,14 @@ async def copy_database(source_url: str, target_url: str, say: Say) -> CopyRepor
     """Copy everything from `source_url` into the empty database `target_url`, then check."""
     if source_url == target_url:
         raise CopyRefused("--from and --to name the same database")
+    if source_url.startswith("sqlite:///"):
+        path = Path(source_url.removeprefix("sqlite:///"))
+        if not await asyncio.to_thread(path.is_file):
+            # Opening it would create an empty database, and the copy "succeed" with nothing.
+            raise CopyRefused(
+                f"{path}: no such SQLite file (an absolute path takes four slashes: "
+                "sqlite:////var/lib/drawbridge/drawbridge.sqlite3)"
+            )
     source = await open_engine(source_url)
     try:
         target = await open_engine(target_url)
