@@ -183,6 +183,8 @@ class RecordedRequest:
     authorization: str
     stream: bool  # whether the request asked for a stream
     mask: RecordedFile | None = None
+    # The client's address and port: requests that share one are on one kept-alive connection.
+    peer: str = ""
 
 
 class MockUpstream:
@@ -424,6 +426,7 @@ class MockUpstream:
                 authorization=authorization,
                 stream=requested_stream,
                 mask=parsed.mask.record if parsed.mask is not None else None,
+                peer=_peer(request),
             )
         )
         rejected_auth = self._check_auth(authorization)
@@ -1256,6 +1259,11 @@ def _encode_with_blobs(doc: Any, blobs: Sequence[bytes]) -> list[bytes]:
         parts += [head, b'"', blob, b'"']
     parts.append(text)
     return parts
+
+
+def _peer(request: web.Request) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return f"{peer[0]}:{peer[1]}" if peer else ""
 
 
 def _sse(event_type: str, data: Any, blobs: Sequence[bytes]) -> bytes:

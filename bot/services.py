@@ -20,6 +20,7 @@ from bot.secrets import KeyBox
 from bot.store import Store
 from bot.store.opening import open_store
 from bot.upstream import CapabilityStore, build_clients
+from bot.upstream.pool import direct_transport
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,11 @@ class Services:
         recovered = await store.recover()
         if recovered:
             log.warning("refunded %d job(s) interrupted by the last stop", len(recovered))
+        connections = sum(provider.concurrency for provider in settings.providers())
         http = httpx.AsyncClient(
+            # Direct: pools of a few connections each (bot/upstream/pool.py); through a
+            # proxy, httpx's own pool with these limits.
+            transport=direct_transport(connections, settings.upstream_proxy),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=50),
             headers={"User-Agent": "drawbridge/0.1"},
             # Only the image API goes through this client: DRAWBRIDGE_UPSTREAM_PROXY, else

@@ -79,6 +79,10 @@ BACKOFF_BASE: Final = 0.5
 # A relay found unable to stream is tried with a stream again after this long (it may have
 # been upgraded); each probe can cost one more billed image on a relay that still fails.
 STREAM_RECHECK_SECONDS: Final = 24 * 3600.0
+# After a stream's `[DONE]`, the rest of the body (its end) is read for this long, up to this
+# many bytes, so the connection can be used again; past either, it is closed.
+DRAIN_SECONDS: Final = 0.5
+DRAIN_BYTES: Final = 64 * 1024
 
 METRICS: Final = CollectorRegistry()
 """What this process counts as it happens (the console's /metrics serves it with the totals
@@ -585,8 +589,9 @@ class UpstreamClient:
         reader = SseReader(self.provider.max_result_bytes)
         answer = Answer()
         done = False
+        chunks = response.aiter_bytes()
         try:
-            async for chunk in response.aiter_bytes():
+            async for chunk in chunks:
                 for message in reader.feed(chunk):
                     done = await self._on_event(message, answer, on_progress)
                     if done:
@@ -604,6 +609,8 @@ class UpstreamClient:
             raise MalformedResponseError(
                 "stream ended without a completed image", code=CODE_STREAM_CUT
             )
+        if done:
+            await _drain(chunks)
         return answer
 
     async def _on_event(
@@ -718,6 +725,25 @@ def _form_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    """Read what follows `[DONE]` (the body's end) so the connection goes back to the pool.
+
+    A response closed before its last byte is read closes its connection: every streamed job
+    then paid a new TCP (and, with real relays, TLS) handshake. What a relay sends after
+    `[DONE]` is nothing or a few bytes; one that keeps the stream open, or sends more than a
+    little, is not waited for (the connection is closed instead, as before).
+    """
+    left = DRAIN_BYTES
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for chunk in chunks:
+                left -= len(chunk)
+                if left < 0:
+                    return
+    except (TimeoutError, httpx.TransportError):
+        return
 
 
 async def _read_limited(response: httpx.Response, limit: int) -> bytes:
