@@ -33,7 +33,7 @@ MAX_BATCH = 256
 """Keys asked in one statement at most."""
 
 
-class _Batcher(Generic[K, V]):
+class Batcher(Generic[K, V]):
     """Calls queued while a batch is answered go in the next; each distinct key asked once."""
 
     def __init__(self, fetch: Callable[[list[K]], Awaitable[dict[K, V]]]) -> None:
@@ -77,9 +77,9 @@ class BatchedReads:
 
     def __init__(self, store: StorePort) -> None:
         self.store = store
-        self._users: _Batcher[tuple[str, str], User] = _Batcher(store.users_found)
-        self._rules: _Batcher[str, GroupRules] = _Batcher(self._group_rules)
-        self._credits: _Batcher[tuple[int, date, int], Credits] = _Batcher(self._credits_of)
+        self._users: Batcher[tuple[str, str], User] = Batcher(store.users_found)
+        self._rules: Batcher[str, GroupRules] = Batcher(self._group_rules)
+        self._credits: Batcher[tuple[int, date, int], Credits] = Batcher(self._credits_of)
         # Users being created (or renamed) now: the other commands of a new user in the same
         # burst wait for that one write instead of each making its own.
         self._creating: dict[tuple[str, str, str], asyncio.Future[User]] = {}

@@ -26,6 +26,7 @@ from bot.config import ProviderConfig, Settings, env_name, is_loopback_host
 from bot.proxies import proxy_from_setting
 from bot.secrets import mask_key
 from bot.upstream import USER_AGENT
+from bot.upstream.transport import upstream_http
 
 TELEGRAM_API: Final = "https://api.telegram.org"
 DISCORD_API: Final = "https://discord.com/api/v10"
@@ -275,7 +276,7 @@ async def reachability(settings: Settings, *, deadline: float = DEFAULT_DEADLINE
         )
     if settings.qq_enabled:
         rows.append(check_onebot_bind(settings))
-    async with httpx.AsyncClient(proxy=settings.upstream_proxy or None) as http:
+    async with upstream_http(settings.upstream_proxy) as http:
         waits: list[Any] = []
         if settings.telegram_bot_token:
             waits.append(check_telegram(settings, deadline=deadline))

@@ -45,6 +45,7 @@ from bot.secrets import KeyBox
 from bot.store.opening import open_store
 from bot.upstream import ImageRequest, ImageResult, Progress, UpstreamClient
 from bot.upstream.capabilities import CapabilityStore
+from bot.upstream.transport import upstream_http
 
 PROMPT: Final = "drawbridge doctor test: one small red circle on white"
 SIZE: Final = "1024x1024"
@@ -459,7 +460,7 @@ async def run_doctor(
     capabilities = CapabilityStore(store)
     reports = []
     try:
-        async with httpx.AsyncClient(proxy=settings.upstream_proxy or None) as http:
+        async with upstream_http(settings.upstream_proxy) as http:
             for provider in providers:
                 # The raw stored object: only what was really learned, no None placeholders.
                 known = await store.provider_capabilities(provider.name)

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 from bot import errors, validation
-from bot.batched_reads import BatchedReads
+from bot.batched_reads import BatchedReads, Batcher
 from bot.chat import Chat, ImageSource, Invocation, MessageRef, OutFile, ResultMeta
 from bot.config import ProviderConfig, Settings
 from bot.eta import Estimate, EtaBook, clock, eta_class, queue_factor
@@ -58,6 +58,8 @@ UPSTREAM_MAY_HAVE_BILLED = frozenset(
 """Failures after the upstream may have made (and billed) the image."""
 QUEUE_TICK = 3.0
 """Seconds between checks of a waiting job's queue position."""
+LAUNCH_YIELD = 0.5
+"""Seconds a waiting job holds its "queued" line back at most, for the jobs starting beside it."""
 PREVIEW_INTERVAL = 3.0
 """Least seconds between two partial previews (platforms rate-limit edits)."""
 PREVIEW_FLUSH = 0.3
@@ -153,6 +155,8 @@ class _Ticket:
     ack: str = ""
     eta_class: str = ""
     concurrency: int = 1
+    # Starting at once, and its request not yet sent (JobRunner._launched).
+    launching: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,12 +192,19 @@ class _ProviderSlot:
     POLL_MAX = 0.5
 
     def __init__(
-        self, store: StorePort, provider: ProviderConfig, local: asyncio.Semaphore, job_id: int
+        self,
+        store: StorePort,
+        provider: ProviderConfig,
+        local: asyncio.Semaphore,
+        job_id: int,
+        shared: Batcher[int, int],
     ) -> None:
         self._store = store
         self._provider = provider
         self._local = local
         self._job_id = job_id
+        # Slots asked for together are taken in one transaction (`Store.acquire_slots`).
+        self._shared = shared
         self._held: int | None = None
 
     async def __aenter__(self) -> None:
@@ -207,10 +218,10 @@ class _ProviderSlot:
 
     async def _take_shared(self) -> int | None:
         delay = self.POLL_FIRST
-        name, capacity = self._provider.name, self._provider.concurrency
+        name = self._provider.name
         while True:
             try:
-                slot = await self._store.acquire_slot(name, capacity, self._job_id)
+                slot = await self._shared.get(self._job_id)
             except Exception as exc:
                 log.warning("provider %s: shared slot unavailable (%r); going on alone", name, exc)
                 return None
@@ -256,6 +267,11 @@ class JobRunner:
         # Jobs admitted but still being validated or charged (not yet in a queue).
         self._intake = 0
         self._intake_idle = asyncio.Event()
+        # Jobs starting at once whose request is not sent yet: the jobs that will wait hold
+        # their first status line back until these are sent, or LAUNCH_YIELD passes.
+        self._launching = 0
+        self._launches_sent = asyncio.Event()
+        self._slot_batches: dict[tuple[str, int], Batcher[int, int]] = {}
         self._accepting = True
         self.files_dir = settings.data_dir / "jobs"
         # Download bytes each user has in flight (or waiting), so one user's burst of edits
@@ -466,7 +482,14 @@ class JobRunner:
         queue = self._waiting.setdefault(ticket.provider, deque())
         queue.append(ticket)
         self._tickets[job_id] = ticket
-        position = len(queue) if self._local_slots(cred.primary).locked() else 0
+        # Its place behind the jobs queued before it that the free slots do not take. (Not
+        # the slots' lock: commands arriving together are all queued before any job task
+        # runs, and each would have been told it was starting.)
+        free = ticket.concurrency - self._running.get(ticket.provider, 0)
+        position = max(0, len(queue) - free)
+        if not position:
+            ticket.launching = True
+            self._launching += 1
         request = ImageRequest(
             prompt=spec.prompt,
             size=str(spec.size) if spec.size else None,
@@ -565,7 +588,18 @@ class JobRunner:
         return local
 
     def _slot(self, provider: ProviderConfig, job_id: int) -> _ProviderSlot:
-        return _ProviderSlot(self.store, provider, self._local_slots(provider), job_id)
+        key = (provider.name, provider.concurrency)
+        shared = self._slot_batches.get(key)
+        if shared is None:
+            name, capacity = key
+
+            async def take(job_ids: list[int]) -> dict[int, int]:
+                slots = await self.store.acquire_slots(name, capacity, job_ids)
+                pairs = zip(job_ids, slots, strict=True)
+                return {job: slot for job, slot in pairs if slot is not None}
+
+            shared = self._slot_batches[key] = Batcher(take)
+        return _ProviderSlot(self.store, provider, self._local_slots(provider), job_id, shared)
 
     # --- running ---
 
@@ -583,8 +617,18 @@ class JobRunner:
         job_id = ticket.job_id
         started = time.monotonic()
         ticker: asyncio.Task[None] | None = None
-        progress = _ProgressRelay(chat, lang)
+        progress = _ProgressRelay(chat, lang, lambda: self._launched(ticket))
         status: MessageRef | None = None
+        # A starting job's first status line, sent beside its upstream call (not before it:
+        # a platform's round trip would delay every job).
+        status_sent: asyncio.Task[MessageRef | None] | None = None
+
+        async def sent_status() -> MessageRef | None:
+            nonlocal status, status_sent
+            if status_sent is not None:
+                status, status_sent = await asyncio.shield(status_sent), None
+            return status
+
         # Bookkeeping that must not delay the upstream call; settled before commit or refund.
         side: list[asyncio.Task[Any]] = []
         # Set once results are in the chat: from then on nothing refunds or says "not charged".
@@ -593,12 +637,14 @@ class JobRunner:
         try:
             estimate = self._in_queue(ticket, base_estimate, position)
             if position:
+                # It waits anyway: the jobs starting now send their requests first.
+                await self._after_launches()
                 line = t(lang, "status.queued", position=position, job=job_id)
                 status = await _status(chat, self._status_text(lang, ticket, line, estimate))
             else:
                 line = t(lang, "status.started", job=job_id)
-                status = await _status(
-                    chat, self._status_text(lang, ticket, line, estimate, running=True)
+                status_sent = asyncio.create_task(
+                    _status(chat, self._status_text(lang, ticket, line, estimate, running=True))
                 )
             await self._keep(job_id, "references", self._save_references, references)
             if position and status is not None and chat.limits.can_edit:
@@ -620,11 +666,13 @@ class JobRunner:
                     line = t(lang, "status.started", job=job_id)
                     text = self._status_text(lang, ticket, line, estimate, running=True)
                     side.append(asyncio.create_task(_quietly(chat.edit_text(status, text))))
-                if status is not None and chat.limits.can_edit:
+                if chat.limits.can_edit:
                     ticker = asyncio.create_task(
-                        self._tick(chat, status, lang, ticket, slot_started, estimate)
+                        self._tick(chat, sent_status, lang, ticket, slot_started, estimate)
                     )
                 result = await cred.chain.run(request, progress)
+                self._launched(ticket)
+                await sent_status()
                 upstream_seconds = time.monotonic() - slot_started
                 files = _out_files(job_id, result)
                 unit = self._drawn_unit(ticket, result)
@@ -687,7 +735,7 @@ class JobRunner:
             await asyncio.shield(_settle(side))
             await asyncio.shield(progress.close())
             await asyncio.shield(
-                self._fail(job_id, stopped, chat, lang, status, own_key=ticket.own_key)
+                self._fail(job_id, stopped, chat, lang, await sent_status(), own_key=ticket.own_key)
             )
             raise
         except errors.DrawbridgeError as exc:
@@ -695,7 +743,7 @@ class JobRunner:
             await _settle(side)
             # A preview shown after the failure message would look like a late result.
             await progress.close()
-            await self._fail(job_id, exc, chat, lang, status, own_key=ticket.own_key)
+            await self._fail(job_id, exc, chat, lang, await sent_status(), own_key=ticket.own_key)
         except Exception as exc:
             if delivered:
                 # Only bookkeeping can fail here, and the images are the user's already.
@@ -709,10 +757,11 @@ class JobRunner:
                     errors.DrawbridgeError(type(exc).__name__),
                     chat,
                     lang,
-                    status,
+                    await sent_status(),
                     own_key=ticket.own_key,
                 )
         finally:
+            self._launched(ticket)
             if ticker is not None:
                 ticker.cancel()
             with contextlib.suppress(Exception):
@@ -897,13 +946,16 @@ class JobRunner:
     async def _tick(
         self,
         chat: Chat,
-        status: MessageRef,
+        sent_status: Callable[[], Awaitable[MessageRef | None]],
         lang: str,
         ticket: _Ticket,
         started: float,
         shown_estimate: Estimate | None,
     ) -> None:
         """Keep "drawing 0:42" current; say at once when the estimate moves or is overrun."""
+        status = await sent_status()
+        if status is None:
+            return
         last_edit = time.monotonic()
         overdue_shown = False
         while True:
@@ -1147,6 +1199,27 @@ class JobRunner:
         # The original refusal matters more than this record; recovery settles it otherwise.
         await self._ledger_write(job_id, "refusal", record)
 
+    def _launched(self, ticket: _Ticket) -> None:
+        """A starting job's request is sent (or the job ended before it was)."""
+        if ticket.launching:
+            ticket.launching = False
+            self._launching -= 1
+            if not self._launching:
+                self._launches_sent.set()
+
+    async def _after_launches(self) -> None:
+        """Wait until the jobs starting now have sent their requests, LAUNCH_YIELD at most.
+
+        Commands arriving together (a burst) are all queued at once, then every job task
+        runs at once: the first status lines of the jobs that must wait (a platform call
+        each) would otherwise go before the requests of the jobs that can start.
+        """
+        if self._launching:
+            self._launches_sent.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LAUNCH_YIELD):
+                    await self._launches_sent.wait()
+
     def _intake_settled(self) -> None:
         self._intake -= 1
         if self._intake == 0:
@@ -1194,15 +1267,20 @@ class _ProgressRelay:
     stale). `close()` drops what has not been shown once the final image is in hand.
     """
 
-    def __init__(self, chat: Chat, lang: str) -> None:
+    def __init__(self, chat: Chat, lang: str, on_sent: Callable[[], None] | None = None) -> None:
         self.chat = chat
         self.lang = lang
         self.preview: MessageRef | None = None
         self.last = 0.0
         self._pending: bytes | None = None
         self._task: asyncio.Task[None] | None = None
+        # Called once, when the request's last byte is handed to the connection.
+        self._on_sent = on_sent
 
     async def __call__(self, event: Progress) -> None:
+        if event.kind in ("request_sent", "waiting") and self._on_sent is not None:
+            on_sent, self._on_sent = self._on_sent, None
+            on_sent()
         if event.kind != "partial" or not event.data or not self.chat.limits.can_preview:
             return
         now = time.monotonic()

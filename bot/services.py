@@ -20,7 +20,7 @@ from bot.secrets import KeyBox
 from bot.store import Store
 from bot.store.opening import open_store
 from bot.upstream import CapabilityStore, build_clients
-from bot.upstream.pool import direct_transport
+from bot.upstream.transport import upstream_http
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +88,9 @@ class Services:
         recovered = await store.recover()
         if recovered:
             log.warning("refunded %d job(s) interrupted by the last stop", len(recovered))
-        connections = sum(provider.concurrency for provider in settings.providers())
-        http = httpx.AsyncClient(
-            # Direct: pools of a few connections each (bot/upstream/pool.py); through a
-            # proxy, httpx's own pool with these limits.
-            transport=direct_transport(connections, settings.upstream_proxy),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=50),
-            headers={"User-Agent": "drawbridge/0.1"},
-            # Only the image API goes through this client: DRAWBRIDGE_UPSTREAM_PROXY, else
-            # HTTPS_PROXY / NO_PROXY (trust_env). Reference downloads never use it.
-            proxy=settings.upstream_proxy or None,
-        )
+        # Only the image API goes through this client: DRAWBRIDGE_UPSTREAM_PROXY, else
+        # HTTPS_PROXY / NO_PROXY (trust_env). Reference downloads never use it.
+        http = upstream_http(settings.upstream_proxy, headers={"User-Agent": "drawbridge/0.1"})
         if proxy := proxy_from_setting(settings.upstream_proxy):
             log.info("image API: connecting through %s", proxy.address)
         # What each relay was found able to do (streams, edits) is kept in the store, so a

@@ -25,8 +25,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-import httpx
-
 from bot import errors, validation
 from bot.config import Settings
 from bot.datadir import secure_data_dir
@@ -43,6 +41,7 @@ from bot.upstream import (
     ProviderChain,
     build_clients,
 )
+from bot.upstream.transport import upstream_http
 
 PARTIALS_DIR = "partials"
 """Sub-folder of `--output` that holds partial previews (written only with `--partials`)."""
@@ -372,7 +371,7 @@ async def terminal_job(
     secure_data_dir(settings.data_dir)
     store = await open_store(settings, KeyBox.load(settings.data_dir, settings.secret_key))
     try:
-        async with httpx.AsyncClient(proxy=settings.upstream_proxy or None) as http:
+        async with upstream_http(settings.upstream_proxy) as http:
             capabilities = CapabilityStore(store)
             chain = ProviderChain(build_clients(providers, http=http, capabilities=capabilities))
             shape = "" if size_given or kind == "draw" else f" (shape of {paths[0].name})"

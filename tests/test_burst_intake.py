@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 
 from bot.config import Settings
@@ -96,3 +97,101 @@ async def test_a_costly_draw_still_asks_first_with_the_credits_it_would_leave(
         assert "18 left after this" in chat.everything()
     finally:
         await services.close()
+
+
+# --- a burst's jobs starting: who is told what, and what goes first ---
+
+
+class SlowStatusChat(RecordingChat):
+    """A chat whose messages take a platform's round trip (0.3 s) to send."""
+
+    async def send_text(self, text: str, *, ephemeral: bool = False) -> Any:
+        await asyncio.sleep(0.3)
+        return await super().send_text(text, ephemeral=ephemeral)
+
+
+def watch_requests(services: Services, seen: Callable[[httpx.Request], None]) -> None:
+    """Call `seen` as each request to the image API is handed to the transport."""
+    transport = services.http._transport
+    send = transport.handle_async_request
+
+    async def watched(request: httpx.Request) -> httpx.Response:
+        seen(request)
+        return await send(request)
+
+    transport.handle_async_request = watched  # type: ignore[method-assign]
+
+
+async def burst(services: Services, chats: list[RecordingChat]) -> None:
+    await asyncio.gather(
+        *(
+            dispatch(invocation("draw", "a fox", user_id=f"u{i}", chat_id=f"dm{i}"), chat, services)
+            for i, chat in enumerate(chats)
+        )
+    )
+
+
+async def test_commands_arriving_together_beyond_the_slots_are_told_they_queue(
+    settings_factory: Callable[..., Settings], mock_upstream: Any
+) -> None:
+    # Before: every job of a burst was queued before any job task ran, the slots' lock was
+    # still open, and all five were told "Drawing..." while three waited for a slot.
+    mock_upstream.options.latency = 0.3
+    services = await Services.create(settings_factory(concurrency=2))
+    try:
+        chats = [RecordingChat() for _ in range(5)]
+        await burst(services, chats)
+        await services.jobs.wait_idle()
+    finally:
+        await services.close()
+    first = [next(s.text for s in chat.log if s.kind == "text") for chat in chats]
+    assert sum(text.startswith("Drawing") for text in first) == 2, first
+    queued = sorted(int(m[1]) for t in first if (m := re.match(r"Queued #(\d+)", t)))
+    assert queued == [1, 2, 3], first
+    assert all(chat.results() for chat in chats)
+    assert mock_upstream.max_in_flight == 2
+
+
+async def test_a_starting_jobs_request_does_not_wait_for_its_status_message(
+    settings_factory: Callable[..., Settings], mock_upstream: Any
+) -> None:
+    services = await Services.create(settings_factory())
+    try:
+        chat = SlowStatusChat()
+        entered = asyncio.Event()
+        watch_requests(services, lambda _: entered.set())
+        started = asyncio.get_running_loop().time()
+        await dispatch(invocation("draw", "a fox"), chat, services)
+        await entered.wait()
+        asked_after = asyncio.get_running_loop().time() - started
+        await services.jobs.wait_idle()
+    finally:
+        await services.close()
+    # The request went out while "Drawing..." was still on its way (0.3 s).
+    assert asked_after < 0.25, asked_after
+    texts = [s for s in chat.log if s.kind in ("text", "results")]
+    assert texts[0].text.startswith("Drawing") and texts[-1].kind == "results"
+
+
+async def test_jobs_that_wait_say_so_after_the_starting_jobs_sent_their_requests(
+    settings_factory: Callable[..., Settings], mock_upstream: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mock_upstream.options.latency = 0.3
+    services = await Services.create(settings_factory(concurrency=2))
+    order: list[str] = []
+    original = RecordingChat.send_text
+    watch_requests(services, lambda _: order.append("request"))
+
+    async def noted(self: RecordingChat, text: str, *, ephemeral: bool = False) -> Any:
+        if text.startswith("Queued"):
+            order.append("queued")
+        return await original(self, text, ephemeral=ephemeral)
+
+    monkeypatch.setattr(RecordingChat, "send_text", noted)
+    try:
+        await burst(services, [RecordingChat() for _ in range(5)])
+        await services.jobs.wait_idle()
+    finally:
+        await services.close()
+    # Before: the three "Queued" lines went first, and the two requests after them.
+    assert order[:5] == ["request", "request", "queued", "queued", "queued"], order

@@ -364,6 +364,28 @@ async def test_a_dead_processs_slots_are_taken_over_and_released_ones_reused(
     assert raw.value("SELECT COUNT(*) FROM provider_slots WHERE process_id = ?", b.process_id) == 0
 
 
+async def test_slots_asked_for_together_are_taken_in_one_go_up_to_the_capacity(
+    open_store: OpenStore, raw: Raw
+) -> None:
+    """A burst's starting jobs take their slots in one transaction (`acquire_slots`): each
+    gets its own, those beyond the free ones get None, and each row names its job."""
+    a = await started(open_store, "qq")
+    b = await started(open_store, "telegram")
+    assert await b.acquire_slot("main", 4, 70) == 0
+    assert await a.acquire_slots("main", 4, [11, 12, 13, 14, 15]) == [1, 2, 3, None, None]
+    assert await a.acquire_slots("main", 4, [16]) == [None]
+    holders = raw.query("SELECT slot, process_id, job_id FROM provider_slots ORDER BY slot")
+    assert [tuple(row) for row in holders] == [
+        (0, b.process_id, 70),
+        (1, a.process_id, 11),
+        (2, a.process_id, 12),
+        (3, a.process_id, 13),
+    ]
+    await a.release_slot("main", 2)
+    assert await a.acquire_slots("main", 4, [16, 17]) == [2, None]
+    assert await a.acquire_slots("main", 4, []) == []
+
+
 async def test_a_process_never_frees_its_own_slots_for_a_late_heartbeat_of_its_own(
     open_store: OpenStore, raw: Raw
 ) -> None:

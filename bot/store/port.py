@@ -6,6 +6,7 @@ suite runs the same store tests on both (tests/test_store.py's `store` fixture).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import date, tzinfo
 from typing import Any, Protocol
 
@@ -116,6 +117,9 @@ class StorePort(Protocol):
     async def acquire_slot(
         self, provider: str, capacity: int, job_id: int | None
     ) -> int | None: ...
+    async def acquire_slots(
+        self, provider: str, capacity: int, job_ids: Sequence[int | None]
+    ) -> list[int | None]: ...
     async def release_slot(self, provider: str, slot: int) -> None: ...
     def is_transient(self, error: BaseException) -> bool: ...
     async def close(self) -> None: ...

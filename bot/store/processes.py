@@ -19,6 +19,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,12 +154,23 @@ class ProcessesMixin(StoreBase):
     async def acquire_slot(self, provider: str, capacity: int, job_id: int | None) -> int | None:
         """Take a free slot of `provider` (0 <= slot < capacity) for this process; None when
         all are taken by live processes. Slots of dead processes are taken over."""
+        return (await self.acquire_slots(provider, capacity, [job_id]))[0]
+
+    async def acquire_slots(
+        self, provider: str, capacity: int, job_ids: Sequence[int | None]
+    ) -> list[int | None]:
+        """`acquire_slot` for several jobs in one transaction: each job's slot, or None.
+
+        A burst's jobs starting together take their slots with three statements, not three
+        each: on PostgreSQL fifty jobs were fifty transactions through the pool, and on SQLite
+        fifty savepoints in the writer's queue, in front of every job's upstream request.
+        """
         if self.process_id is None:
             raise RuntimeError("acquire_slot needs start_process first")
         me = self.process_id
         stale_before = time.time() - self.process_timeout
 
-        async def take(tx: Tx) -> int | None:
+        async def take(tx: Tx) -> list[int | None]:
             # Slots of processes gone quiet are free again; never this process's own (it is
             # running this: a late heartbeat of its own, a busy loop, proves nothing).
             await tx.execute(
@@ -177,22 +189,26 @@ class ProcessesMixin(StoreBase):
                     "SELECT slot FROM provider_slots WHERE provider = ?", provider
                 )
             }
-            for slot in range(capacity):
-                if slot in taken:
-                    continue
-                added = await tx.fetch(
-                    "INSERT INTO provider_slots (provider, slot, process_id, job_id, taken_at)"
-                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (provider, slot) DO NOTHING"
-                    " RETURNING slot",
-                    provider,
-                    slot,
-                    me,
-                    job_id,
-                    time.time(),
-                )
-                if added:
-                    return slot
-            return None
+            free = [slot for slot in range(capacity) if slot not in taken][: len(job_ids)]
+            if not free:
+                return [None] * len(job_ids)
+            now = time.time()
+            # Another process may take one of these meanwhile: its row stays, ours is not
+            # written (DO NOTHING), and that job tries again later.
+            added = await tx.fetch(
+                "INSERT INTO provider_slots (provider, slot, process_id, job_id, taken_at)"
+                " VALUES "
+                + ", ".join("(?, ?, ?, ?, ?)" for _ in free)
+                + " ON CONFLICT (provider, slot) DO NOTHING RETURNING slot",
+                *(
+                    value
+                    for slot, job_id in zip(free, job_ids, strict=False)
+                    for value in (provider, slot, me, job_id, now)
+                ),
+            )
+            got = {int(row[0]) for row in added}
+            slots: list[int | None] = [slot if slot in got else None for slot in free]
+            return slots + [None] * (len(job_ids) - len(free))
 
         return await self._write(take)
 

@@ -53,6 +53,7 @@ from bot.upstream.readers import (
     load_object,
     usage_of,
 )
+from bot.upstream.transport import upstream_http
 from bot.upstream.values import (
     CODE_BAD_ENCODING,
     CODE_CONNECT_FAILED,
@@ -167,7 +168,7 @@ class UpstreamClient:
     ) -> None:
         self.provider = provider
         self._owns_http = http is None
-        self.http = http or httpx.AsyncClient(headers={"User-Agent": USER_AGENT})
+        self.http = http or upstream_http(headers={"User-Agent": USER_AGENT})
         # Without a store, what is learned lasts as long as this client.
         self.capabilities = capabilities if capabilities is not None else CapabilityStore()
         self._timeout = httpx.Timeout(provider.timeout, connect=provider.connect_timeout)

@@ -1,5 +1,5 @@
 """Connections to the image API: streamed answers leave their connection reusable, and the
-sharded pool (bot/upstream/pool.py) spreads requests and frees its counts on every path.
+aiohttp transport under httpx (bot/upstream/transport.py) fails the way httpx's own does.
 
 All over real HTTP on 127.0.0.1: the mock upstream records each request's client address and
 port, so requests that share one came over one kept-alive connection.
@@ -24,10 +24,25 @@ from bot.mock_upstream import MockUpstream
 from bot.services import Services
 from bot.upstream import ImageRequest, UpstreamClient
 from bot.upstream.client import DRAIN_SECONDS
-from bot.upstream.pool import SHARD_SIZE, ShardedTransport, direct_transport
+from bot.upstream.transport import AiohttpTransport, direct_transport
 from plugins.dispatch import dispatch
 from tests.recording_chat import RecordingChat, invocation
 from tests.test_upstream import image_bytes, make_provider
+
+
+@asynccontextmanager
+async def serving(*routes: web.RouteDef) -> AsyncIterator[str]:
+    """An aiohttp server on 127.0.0.1 with these routes; yields its base URL."""
+    app = web.Application()
+    app.add_routes(routes)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/"
+    finally:
+        await runner.cleanup()
 
 
 async def draw(services: Services, user: str) -> RecordingChat:
@@ -56,7 +71,7 @@ async def test_streamed_jobs_one_after_another_share_one_connection(
 async def test_concurrent_jobs_reuse_their_connections_in_the_next_round(
     settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
 ) -> None:
-    concurrency = 2 * SHARD_SIZE + 3  # three shards
+    concurrency = 12
     mock_upstream.options.latency = 0.3
     services = await Services.create(
         settings_factory(stream=True, concurrency=concurrency, daily_credits=10)
@@ -108,22 +123,7 @@ async def test_a_relay_that_keeps_the_stream_open_after_done_does_not_hold_the_j
     assert elapsed < DRAIN_SECONDS + 1.0
 
 
-# --- ShardedTransport itself ---
-
-
-@asynccontextmanager
-async def serving(*routes: web.RouteDef) -> AsyncIterator[str]:
-    """An aiohttp server on 127.0.0.1 with these routes; yields its base URL."""
-    app = web.Application()
-    app.add_routes(routes)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/"
-    finally:
-        await runner.cleanup()
+# --- the transport's failures, as httpx's own ---
 
 
 @pytest.fixture
@@ -138,51 +138,70 @@ async def slow_server() -> AsyncIterator[str]:
         yield base
 
 
-async def test_requests_go_to_the_least_busy_shard_and_free_it_when_done(slow_server: str) -> None:
-    transport = ShardedTransport(3 * SHARD_SIZE)
-    assert transport.shards == 3
-    async with httpx.AsyncClient(transport=transport) as http:
-        seen: list[list[int]] = []
-
-        async def get() -> None:
-            async with http.stream("GET", slow_server) as response:
-                seen.append(list(transport._busy))
-                await response.aread()
-
-        await asyncio.gather(*(get() for _ in range(6)))
-        # Six at once over three shards: two each, never four on one.
-        assert max(max(busy) for busy in seen) == 2
-        assert transport._busy == [0, 0, 0]
-
-
-async def test_a_failed_request_frees_its_shard() -> None:
+async def test_nothing_listening_is_a_connect_error() -> None:
+    # The client retries ConnectError as never having reached the upstream (nothing billed).
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    transport = ShardedTransport(2 * SHARD_SIZE)
-    async with httpx.AsyncClient(transport=transport) as http:
-        for _ in range(3):
-            with pytest.raises(httpx.ConnectError):
-                await http.get(f"http://127.0.0.1:{port}/")
-    assert transport._busy == [0, 0]
+    async with httpx.AsyncClient(transport=AiohttpTransport()) as http:
+        with pytest.raises(httpx.ConnectError):
+            await http.get(f"http://127.0.0.1:{port}/")
 
 
-async def test_a_response_closed_unread_frees_its_shard(slow_server: str) -> None:
-    transport = ShardedTransport(SHARD_SIZE)
-    async with httpx.AsyncClient(transport=transport) as http:
-        async with http.stream("GET", slow_server) as response:
-            assert response.status_code == 200
-            assert transport._busy == [1]
-        assert transport._busy == [0]
+async def test_a_silent_server_is_a_read_timeout_not_a_connect_error(slow_server: str) -> None:
+    async with httpx.AsyncClient(transport=AiohttpTransport()) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.get(slow_server, timeout=httpx.Timeout(0.05, connect=5.0))
 
 
-def test_only_direct_connections_are_sharded(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_body_cut_short_is_a_protocol_error() -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": "1000"})
+        await response.prepare(request)
+        await response.write(b"x" * 10)
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    async with (
+        serving(web.get("/", handler)) as base,
+        httpx.AsyncClient(transport=AiohttpTransport()) as http,
+    ):
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.get(base)
+
+
+async def test_bodies_go_as_built_and_answers_come_back_raw_for_httpx_to_decode() -> None:
+    import gzip
+
+    seen: dict[str, object] = {}
+
+    async def handler(request: web.Request) -> web.Response:
+        seen["length"] = request.headers.get("Content-Length")
+        seen["chunked"] = request.headers.get("Transfer-Encoding")
+        seen["body"] = await request.read()
+        seen["agent"] = request.headers.get("User-Agent")
+        body = gzip.compress(b'{"ok": true}')
+        return web.Response(body=body, headers={"Content-Encoding": "gzip"})
+
+    async with (
+        serving(web.post("/", handler)) as base,
+        httpx.AsyncClient(transport=AiohttpTransport(), headers={"User-Agent": "ua/1"}) as http,
+    ):
+        response = await http.post(base, files={"image[]": ("a.png", b"\x89PNG" + b"0" * 5000)})
+    assert response.json() == {"ok": True}
+    assert seen["chunked"] is None and seen["length"] == str(len(seen["body"]))  # type: ignore[arg-type]
+    assert b"a.png" in seen["body"]  # type: ignore[operator]
+    assert seen["agent"] == "ua/1"
+
+
+def test_only_direct_connections_use_aiohttp(monkeypatch: pytest.MonkeyPatch) -> None:
     # httpx ignores the environment's proxies when given a transport: a proxied client must
     # keep httpx's own (tests/test_proxies.py runs the proxied cases for real).
     for scheme in ("http", "https", "all"):
         monkeypatch.delenv(f"{scheme}_proxy", raising=False)
         monkeypatch.delenv(f"{scheme.upper()}_PROXY", raising=False)
-    assert isinstance(direct_transport(50, ""), ShardedTransport)
-    assert direct_transport(50, "socks5://127.0.0.1:1080") is None
+    assert isinstance(direct_transport(""), AiohttpTransport)
+    assert direct_transport("socks5://127.0.0.1:1080") is None
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
-    assert direct_transport(50, "") is None
+    assert direct_transport("") is None
