@@ -5,7 +5,7 @@ for each command: who the user is, the group's rules, the credits left after the
 PostgreSQL each is a round trip through a pool of a few connections, so the last command
 waits for thousands of trips. Here every such read made while the previous batch is being
 answered waits for the next one, which asks them all at once: one statement for the users,
-one for the credits, one read per distinct group. A lone command costs one loop iteration
+one for the credits, one for the groups. A lone command costs one loop iteration
 more than a direct read.
 
 Every read is queued after whatever its command wrote before (its own reservation, say) and
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
-MAX_BATCH = 256
+MAX_BATCH = 1024
 """Keys asked in one statement at most."""
 
 
@@ -110,9 +110,8 @@ class BatchedReads:
         return credits
 
     async def _group_rules(self, keys: list[str]) -> dict[str, GroupRules]:
-        # A burst comes from a few groups: one read for each distinct one, all at once.
-        rules = await asyncio.gather(*(self.store.group_rules(key) for key in keys))
-        return dict(zip(keys, rules, strict=True))
+        # A burst comes from a few groups: one statement for all of them.
+        return await self.store.group_rules_of(keys)
 
     async def _credits_of(
         self, keys: list[tuple[int, date, int]]

@@ -39,11 +39,11 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, *names: str) -> list[str]:
 async def test_a_draw_in_a_group_reads_its_rules_once_and_its_credits_after_the_charge(
     services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = count_calls(monkeypatch, "group_rules", "credits_of", "group_used", "reserve")
+    calls = count_calls(monkeypatch, "group_rules_of", "credits_of", "group_used", "reserve")
     chat = await run_command(services, invocation("draw", "a fox", chat_id="g1", is_private=False))
 
     assert chat.results()
-    assert calls == ["group_rules", "reserve", "credits_of"]
+    assert calls == ["group_rules_of", "reserve", "credits_of"]
     assert "4 left after this" in chat.everything()
 
 

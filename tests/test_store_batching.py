@@ -9,6 +9,7 @@ each call one deadline.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import date
@@ -259,3 +260,75 @@ async def test_sqlite_single_write_refused_in_a_batch_undoes_only_itself(
     assert (first, last) == (1, 1)
     rows = await engine.read("SELECT granted, lang FROM users WHERE id = ?", (user.id,))
     assert tuple(rows[0]) == (4, "de")
+
+
+async def test_a_bursts_job_updates_made_together_land_as_made_one_by_one(
+    store: Store, store_url: str
+) -> None:
+    """On PostgreSQL a job's life (running, upstream done, charge, finished, its slot freed)
+    is written for many jobs at once (`postgres.BATCHED`): each job's row ends as if its
+    own statements had run alone, a finished job is left alone, and slots go back."""
+    from tests.databases import Raw
+
+    user = (await store.user("qq", "1")).id
+    jobs = [await new_job(store, user) for _ in range(12)]
+    await store.start_process("qq")
+    slots = await store.acquire_slots("main", 12, jobs)
+    assert slots == list(range(12))
+
+    await asyncio.gather(*(store.mark_running(job, "main") for job in jobs))
+    # One job finishes early (cancelled): nothing later may reopen or rewrite it.
+    await store.finish_job(jobs[0], status="cancelled", error_kind="cancelled")
+    await asyncio.gather(
+        *(store.mark_upstream_done(job, "main|1k|auto|draw") for job in jobs),
+        *(store.mark_delivering(job, charge=n % 3) for n, job in enumerate(jobs)),
+        *(store.release_slot("main", slot) for slot in slots if slot is not None),
+    )
+    await asyncio.gather(
+        *(
+            store.finish_job(
+                job,
+                status="succeeded",
+                usage={"total_tokens": n},
+                outputs=[{"n": n}],
+                # None keeps the provider the job ran on.
+                provider=None if n % 2 else "fallback",
+            )
+            for n, job in enumerate(jobs)
+        )
+    )
+
+    raw = Raw(store_url)
+    try:
+        rows = {
+            row[0]: row[1:]
+            for row in raw.query(
+                "SELECT id, status, provider, charge, eta_class, error_kind, usage,"
+                " started_at IS NOT NULL, finished_at IS NOT NULL FROM jobs"
+            )
+        }
+        assert raw.value("SELECT COUNT(*) FROM provider_slots") == 0
+    finally:
+        raw.close()
+    assert rows[jobs[0]] == (
+        "cancelled",
+        "main",
+        None,
+        "main|1k|auto|draw",
+        "cancelled",
+        None,
+        True,
+        True,
+    )
+    for n, job in enumerate(jobs[1:], start=1):
+        provider = "main" if n % 2 else "fallback"
+        assert rows[job] == (
+            "succeeded",
+            provider,
+            n % 3,
+            "main|1k|auto|draw",
+            None,
+            json.dumps({"total_tokens": n}, separators=(",", ":")),
+            True,
+            True,
+        ), (n, rows[job])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Sequence
 from datetime import date
 from typing import Any
 
@@ -36,17 +37,27 @@ class AccountsMixin(StoreBase):
 
     async def group_rules(self, group_key: str) -> GroupRules:
         """The group's own rules (the defaults when its admins never set any)."""
-        rows = await self._read("SELECT * FROM group_rules WHERE group_key = ?", (group_key,))
-        if not rows:
-            return GroupRules()
-        row = rows[0]
-        return GroupRules(
-            enabled=bool(row["enabled"]),
-            size=row["size"],
-            quality=row["quality"],
-            cap=row["cap"],
-            cooldown=row["cooldown"],
+        return (await self.group_rules_of([group_key]))[group_key]
+
+    async def group_rules_of(self, group_keys: Sequence[str]) -> dict[str, GroupRules]:
+        """`group_rules` for several groups in one statement (a burst's commands)."""
+        if not group_keys:
+            return {}
+        marks = ", ".join("?" for _ in group_keys)
+        rows = await self._read(
+            f"SELECT * FROM group_rules WHERE group_key IN ({marks})", tuple(group_keys)
         )
+        found = {
+            row["group_key"]: GroupRules(
+                enabled=bool(row["enabled"]),
+                size=row["size"],
+                quality=row["quality"],
+                cap=row["cap"],
+                cooldown=row["cooldown"],
+            )
+            for row in rows
+        }
+        return {key: found.get(key, GroupRules()) for key in group_keys}
 
     async def set_group_rule(
         self, group_key: str, name: str, value: Any, *, by_user_id: int | None = None

@@ -41,7 +41,15 @@ from bot.store.model import (
     User,
 )
 from bot.store.processes import ProcessesMixin
-from bot.store.sql import JOB_SELECT, SQL_INSERT_JOB, USER_SELECT
+from bot.store.sql import (
+    JOB_SELECT,
+    SQL_FINISH_JOB,
+    SQL_INSERT_JOB,
+    SQL_MARK_CHARGE,
+    SQL_MARK_RUNNING,
+    SQL_MARK_UPSTREAM_DONE,
+    USER_SELECT,
+)
 
 log = logging.getLogger("bot.store")
 
@@ -363,21 +371,11 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
         """
         if charge < 0:
             raise ValueError("charge must not be negative")
-        await self._execute(
-            "UPDATE jobs SET charge = ? WHERE id = ? AND status IN ('queued', 'running')",
-            (charge, job_id),
-        )
+        await self._execute(SQL_MARK_CHARGE, (charge, job_id))
 
     async def mark_running(self, job_id: int, provider: str) -> None:
         """The job was handed to `provider` (again, when falling back to another one)."""
-        await self._execute(
-            """
-            UPDATE jobs SET status = 'running', provider = ?,
-                            started_at = COALESCE(started_at, ?)
-            WHERE id = ? AND status IN ('queued', 'running')
-            """,
-            (provider, time.time(), job_id),
-        )
+        await self._execute(SQL_MARK_RUNNING, (provider, time.time(), job_id))
 
     async def finish_job(
         self,
@@ -395,12 +393,7 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
         if status not in FINAL_STATUSES:
             raise ValueError(f"{status!r} is not a final job status")
         await self._execute(
-            """
-            UPDATE jobs SET status = ?, error_kind = ?, error_detail = ?, usage = ?,
-                            revised_prompt = ?, outputs = ?, provider = COALESCE(?, provider),
-                            finished_at = ?
-            WHERE id = ? AND status IN ('queued', 'running')
-            """,
+            SQL_FINISH_JOB,
             (
                 status,
                 error_kind,
@@ -559,10 +552,7 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
 
     async def mark_upstream_done(self, job_id: int, eta_class: str) -> None:
         """The upstream answered this job now; `eta_class` names the jobs it is like."""
-        await self._execute(
-            "UPDATE jobs SET upstream_done_at = ?, eta_class = ? WHERE id = ?",
-            (time.time(), eta_class, job_id),
-        )
+        await self._execute(SQL_MARK_UPSTREAM_DONE, (time.time(), eta_class, job_id))
 
     async def upstream_durations(self, eta_class: str, limit: int) -> list[float]:
         """Upstream seconds of the last `limit` successful jobs of a class, oldest first."""

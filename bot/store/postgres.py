@@ -23,7 +23,14 @@ import asyncpg
 from bot.store.engine import Dialect, Row, Rule
 from bot.store.migrations import POSTGRES_MIGRATIONS
 from bot.store.model import StoreError
-from bot.store.sql import SQL_INSERT_JOB
+from bot.store.sql import (
+    SQL_FINISH_JOB,
+    SQL_INSERT_JOB,
+    SQL_MARK_CHARGE,
+    SQL_MARK_RUNNING,
+    SQL_MARK_UPSTREAM_DONE,
+    SQL_RELEASE_SLOT,
+)
 
 log = logging.getLogger("bot.store")
 
@@ -73,6 +80,28 @@ DIALECT = Dialect(
     " FROM drawbridge_reserve($1, $2, $3, $4, $5, $6, $7, $8)",
     reserve_refused=_reserve_refused,
 )
+
+
+def _job_update(columns: str, assignments: str, *, active_only: bool) -> str:
+    """The batched form of `UPDATE jobs SET ... WHERE id = ?` (the id the last parameter):
+    `columns` are the other parameters' names and types, in order; one row back per job
+    changed."""
+    names = [column.split()[0] for column in columns.split(", ")]
+    types = [column.split(maxsplit=1)[1] for column in columns.split(", ")]
+    arrays = ", ".join(f"${k}::{kind}[]" for k, kind in enumerate([*types, "bigint"], start=1))
+    active = " AND j.status IN ('queued', 'running')" if active_only else ""
+    return f"""
+        WITH i AS (
+            SELECT * FROM unnest({arrays}) WITH ORDINALITY AS i({", ".join(names)}, id, n)
+        ), locked AS (
+            SELECT id FROM jobs WHERE id IN (SELECT id FROM i) ORDER BY id FOR NO KEY UPDATE
+        )
+        UPDATE jobs AS j SET {assignments}
+        FROM i
+        WHERE j.id = i.id AND j.id IN (SELECT id FROM locked){active}
+        RETURNING i.n, 1
+    """
+
 
 # Statements the engine runs for many calls at once (see `PostgresEngine.fetch_write`): each
 # one's form over arrays, one array per parameter, whose rows start with the 1-based ordinal of
@@ -128,10 +157,45 @@ BATCHED: dict[str, str] = {
                                      $5::integer[], $6::text[], $7::integer[],
                                      $8::double precision[])
     """,
+    # A job's row through its life: each update locks its rows in id order first, so two
+    # batches touching the same jobs (a job's charge and its upstream time, written side by
+    # side) never hold one the other waits for.
+    SQL_MARK_RUNNING: _job_update(
+        "provider text, started_at double precision",
+        "status = 'running', provider = i.provider,"
+        " started_at = COALESCE(j.started_at, i.started_at)",
+        active_only=True,
+    ),
+    SQL_MARK_UPSTREAM_DONE: _job_update(
+        "upstream_done_at double precision, eta_class text",
+        "upstream_done_at = i.upstream_done_at, eta_class = i.eta_class",
+        active_only=False,
+    ),
+    SQL_MARK_CHARGE: _job_update("charge integer", "charge = i.charge", active_only=True),
+    SQL_FINISH_JOB: _job_update(
+        "status text, error_kind text, error_detail text, usage text, revised_prompt text,"
+        " outputs text, provider text, finished_at double precision",
+        "status = i.status, error_kind = i.error_kind, error_detail = i.error_detail,"
+        " usage = i.usage, revised_prompt = i.revised_prompt, outputs = i.outputs,"
+        " provider = COALESCE(i.provider, j.provider), finished_at = i.finished_at",
+        active_only=True,
+    ),
+    SQL_RELEASE_SLOT: """
+        DELETE FROM provider_slots AS s
+        USING unnest($1::text[], $2::integer[], $3::text[])
+              WITH ORDINALITY AS i(provider, slot, process_id, n)
+        WHERE s.provider = i.provider AND s.slot = i.slot AND s.process_id = i.process_id
+        RETURNING i.n, 1
+    """,
 }
+COUNTED = frozenset(
+    {SQL_MARK_RUNNING, SQL_MARK_UPSTREAM_DONE, SQL_MARK_CHARGE, SQL_FINISH_JOB, SQL_RELEASE_SLOT}
+)
+"""BATCHED statements run through `execute`: the batched form even for one call, since its
+rows back are what counts the rows changed."""
 BATCHES_IN_FLIGHT = 2
 """Batches of one statement running at once; calls made meanwhile wait for the next one."""
-BATCH_SIZE = 256
+BATCH_SIZE = 1024
 
 
 CALL_TIMEOUT = 60.0
@@ -250,6 +314,9 @@ class PostgresEngine:
             return list(await self._pool.fetch(numbered(sql), *params))
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        if sql in BATCHED:
+            # The rows it changed: one row back per row changed.
+            return len(await self._batched(sql, params))
         async with asyncio.timeout(CALL_TIMEOUT):
             return _rowcount(await self._pool.execute(numbered(sql), *params))
 
@@ -292,7 +359,7 @@ class PostgresEngine:
     ) -> None:
         try:
             async with asyncio.timeout(CALL_TIMEOUT):
-                if len(calls) == 1:
+                if len(calls) == 1 and sql not in COUNTED:
                     results = [list(await self._pool.fetch(numbered(sql), *calls[0][0]))]
                 else:
                     columns = [list(column) for column in zip(*(p for p, _ in calls), strict=True)]

@@ -26,6 +26,7 @@ from typing import Any
 from bot.store import ledger
 from bot.store.base import StoreBase
 from bot.store.engine import Row, Tx
+from bot.store.sql import SQL_RELEASE_SLOT
 
 log = logging.getLogger("bot.store")
 
@@ -214,7 +215,4 @@ class ProcessesMixin(StoreBase):
 
     async def release_slot(self, provider: str, slot: int) -> None:
         """Give back a slot `acquire_slot` took."""
-        await self._execute(
-            "DELETE FROM provider_slots WHERE provider = ? AND slot = ? AND process_id = ?",
-            (provider, slot, self.process_id),
-        )
+        await self._execute(SQL_RELEASE_SLOT, (provider, slot, self.process_id))

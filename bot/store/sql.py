@@ -11,6 +11,26 @@ SQL_INSERT_JOB = """
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     RETURNING id
 """
+# A job's life, one row each (PostgreSQL batches each across jobs: postgres.BATCHED).
+# params: provider, started_at, job_id
+SQL_MARK_RUNNING = """
+    UPDATE jobs SET status = 'running', provider = ?, started_at = COALESCE(started_at, ?)
+    WHERE id = ? AND status IN ('queued', 'running')
+"""
+# params: upstream_done_at, eta_class, job_id
+SQL_MARK_UPSTREAM_DONE = "UPDATE jobs SET upstream_done_at = ?, eta_class = ? WHERE id = ?"
+# params: charge, job_id
+SQL_MARK_CHARGE = "UPDATE jobs SET charge = ? WHERE id = ? AND status IN ('queued', 'running')"
+# params: status, error_kind, error_detail, usage, revised_prompt, outputs, provider,
+# finished_at, job_id
+SQL_FINISH_JOB = """
+    UPDATE jobs SET status = ?, error_kind = ?, error_detail = ?, usage = ?,
+                    revised_prompt = ?, outputs = ?, provider = COALESCE(?, provider),
+                    finished_at = ?
+    WHERE id = ? AND status IN ('queued', 'running')
+"""
+# params: provider, slot, process_id
+SQL_RELEASE_SLOT = "DELETE FROM provider_slots WHERE provider = ? AND slot = ? AND process_id = ?"
 # params: user_id, day, group_key, day, group_key, user_id, job_id
 SQL_RESERVE_READ = """
     SELECT j.user_id, j.status, r.state,
