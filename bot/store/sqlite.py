@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -358,10 +359,24 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, sqlite3.OperationalError)
 
 
+PRAGMA_RETRY_SECONDS = 5.0
+"""How long opening keeps asking for a file another process is switching to WAL."""
+
+
 def _pragmas(con: sqlite3.Connection) -> None:
-    # journal_mode cannot change inside a transaction.
+    # journal_mode cannot change inside a transaction. Switching a new file to WAL while
+    # another process does the same can fail "database is locked" at once, busy_timeout or
+    # not (SQLite does not wait where waiting could deadlock): ask again for a while.
+    deadline = time.monotonic() + PRAGMA_RETRY_SECONDS
     for pragma in PRAGMAS:
-        con.execute(pragma).fetchall()
+        while True:
+            try:
+                con.execute(pragma).fetchall()
+                break
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
 
 def statements(script: str) -> list[str]:
