@@ -6,8 +6,10 @@
                                     # the same on PostgreSQL: a fresh database on that
                                     # server for each run, dropped at the end
 
-Everything runs in this process, on one event loop: the mock upstream (1 s latency per image,
-single-colour 1024x1024 PNGs, streaming with 2 partial previews, as the default settings ask),
+Everything runs in this process, on one event loop (uvloop where installed, as `drawbridge run`
+runs; `--event-loop asyncio` for asyncio's; `--before` revisions ran on asyncio's): the mock
+upstream (1 s latency per image, single-colour 1024x1024 PNGs, streaming with 2 partial
+previews, as the default settings ask),
 `Services.create` over a fresh SQLite file with provider concurrency 50, and one
 `RecordingChat` per command, driven through `plugins.dispatch.dispatch` as an adapter would
 (users spread over 10 group chats). The baseline is the ideal, jobs / concurrency x latency:
@@ -522,7 +524,7 @@ def run_once(args: argparse.Namespace, users: int, name: str, spread: float) -> 
         url, drop = postgres_database(args.database_url, f"dload_{os.getpid()}_{name}")
     try:
         with tempfile.TemporaryDirectory(prefix="drawbridge-bench-") as tmp:
-            outcome = asyncio.run(
+            outcome = run_on_loop(
                 run(
                     users,
                     args.per_user,
@@ -532,7 +534,8 @@ def run_once(args: argparse.Namespace, users: int, name: str, spread: float) -> 
                     spread,
                     Path(tmp),
                     url,
-                )
+                ),
+                args.event_loop,
             )
     finally:
         if drop is not None:
@@ -540,11 +543,31 @@ def run_once(args: argparse.Namespace, users: int, name: str, spread: float) -> 
     return summarize(name, outcome, args.latency)
 
 
+def run_on_loop(main: Any, choice: str) -> Outcome:
+    """Run on the loop `drawbridge run` would (DRAWBRIDGE_EVENT_LOOP's `choice`); a revision
+    from before the setting ran on asyncio's."""
+    try:
+        from bot import event_loop
+    except ImportError:
+        outcome: Outcome = asyncio.run(main)
+        return outcome
+    result: Outcome = event_loop.run(main, choice)
+    return result
+
+
 def run_before(args: argparse.Namespace, code: Path, name: str) -> Summary:
     """The same pattern with the bot as of `--before`: this script in a child process, the
     worktree's code first on its path; its figures come back as JSON."""
     argv = [sys.executable, __file__, "--code", str(code), "--only", name, "--json"]
-    for flag in ("users", "per_user", "latency", "concurrency", "spread", "database_url"):
+    for flag in (
+        "users",
+        "per_user",
+        "latency",
+        "concurrency",
+        "spread",
+        "database_url",
+        "event_loop",
+    ):
         value = getattr(args, flag)
         if value not in (None, ""):
             argv += [f"--{flag.replace('_', '-')}", str(value)]
@@ -605,6 +628,12 @@ def main() -> int:
         "--database-url", default="", help="postgresql://... (fresh databases are made there)"
     )
     parser.add_argument("--before", metavar="REV", help="also run the bot as of this revision")
+    parser.add_argument(
+        "--event-loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="as DRAWBRIDGE_EVENT_LOOP (auto: uvloop where installed, as drawbridge run)",
+    )
     parser.add_argument("--code", help=argparse.SUPPRESS)
     parser.add_argument("--only", choices=("burst", "paced"), help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)

@@ -175,9 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level)
     add_secrets(settings_secrets(settings), configured=True)
     if args.command == "run":
+        from bot import event_loop
         from bot.runner import run
 
-        return asyncio.run(run(settings))
+        try:
+            return event_loop.run(run(settings), settings.event_loop)
+        except StartupError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
     if args.command == "check":
         from bot.check import run_check
 

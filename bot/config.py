@@ -335,6 +335,10 @@ class Settings(BaseSettings):
     log_level: str = Field(
         default="INFO", validation_alias=AliasChoices("DRAWBRIDGE_LOG_LEVEL", "log_level")
     )
+    # auto: uvloop where installed (it is a dependency, except on Windows), else asyncio's.
+    event_loop: str = Field(
+        default="auto", validation_alias=AliasChoices("DRAWBRIDGE_EVENT_LOOP", "event_loop")
+    )
 
     # --- proxies: http://, https:// or socks5:// URLs, user:password@ allowed ---
     # The image API; empty: HTTPS_PROXY / NO_PROXY from the environment apply as usual.
@@ -577,6 +581,14 @@ class Settings(BaseSettings):
         if any(not g.isdigit() for g in value.replace(" ", "").split(",") if g):
             raise ValueError("must be comma-separated numeric guild ids, or empty for global")
         return value
+
+    @field_validator("event_loop")
+    @classmethod
+    def _event_loop(cls, value: str) -> str:
+        choice = value.strip().lower()
+        if choice not in ("auto", "asyncio", "uvloop"):
+            raise ValueError("must be auto, asyncio or uvloop")
+        return choice
 
     @field_validator("log_level")
     @classmethod

@@ -75,6 +75,13 @@ async def test_every_bad_setting_gets_its_own_line_and_no_value_is_echoed(
     assert "five" not in stderr and "Shangai" not in stderr
 
 
+async def test_an_unknown_event_loop_stops_run_with_exit_2_naming_it(tmp_path: Path) -> None:
+    code, stderr = await drawbridge(tmp_path, "run", DRAWBRIDGE_EVENT_LOOP="trio")
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[0].startswith("error: DRAWBRIDGE_EVENT_LOOP")
+    assert "auto, asyncio or uvloop" in stderr
+
+
 async def test_unparsable_providers_json_names_the_variable_without_its_keys(
     tmp_path: Path,
 ) -> None:

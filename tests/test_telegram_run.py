@@ -23,10 +23,13 @@ def with_buttons(call: ApiCall) -> bool:
     return "reply_markup" in call.fields
 
 
+@pytest.mark.parametrize("loop", ["", "asyncio"])
 async def test_drawbridge_run_serves_telegram_and_stops_on_sigterm(
-    fake: FakeTelegram, mock_upstream: MockUpstream, tmp_path: Path
+    fake: FakeTelegram, mock_upstream: MockUpstream, tmp_path: Path, loop: str
 ) -> None:
+    # Default (auto): uvloop, a dependency; DRAWBRIDGE_EVENT_LOOP=asyncio: asyncio's own.
     env = bot_env(
+        **({"DRAWBRIDGE_EVENT_LOOP": loop} if loop else {}),
         DRAWBRIDGE_DATA_DIR=str(tmp_path / "data"),
         DRAWBRIDGE_API_BASE=mock_upstream.base_url,
         DRAWBRIDGE_API_KEY="sk-test-subprocess-0000",
@@ -46,6 +49,7 @@ async def test_drawbridge_run_serves_telegram_and_stops_on_sigterm(
     finally:
         code = await bot.stop()
     assert code == 0
+    assert f"event loop: {loop or 'uvloop'}" in bot.log
     assert "telegram: stopped" in bot.log
     assert "Traceback" not in bot.log
     assert fake.token not in bot.log
