@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
-MAX_BATCH = 1024
+MAX_BATCH = 256
 """Keys asked in one statement at most."""
 
 

@@ -191,11 +191,11 @@ BATCHED: dict[str, str] = {
 COUNTED = frozenset(
     {SQL_MARK_RUNNING, SQL_MARK_UPSTREAM_DONE, SQL_MARK_CHARGE, SQL_FINISH_JOB, SQL_RELEASE_SLOT}
 )
-"""BATCHED statements run through `execute`: the batched form even for one call, since its
-rows back are what counts the rows changed."""
+"""BATCHED statements run through `execute`: the rows their batched form returns count the
+rows each call changed (a lone call runs the plain statement and counts its own)."""
 BATCHES_IN_FLIGHT = 2
 """Batches of one statement running at once; calls made meanwhile wait for the next one."""
-BATCH_SIZE = 1024
+BATCH_SIZE = 256
 
 
 CALL_TIMEOUT = 60.0
@@ -359,7 +359,11 @@ class PostgresEngine:
     ) -> None:
         try:
             async with asyncio.timeout(CALL_TIMEOUT):
-                if len(calls) == 1 and sql not in COUNTED:
+                if len(calls) == 1 and sql in COUNTED:
+                    # Alone: the plain statement (no arrays to unpack, no lock step).
+                    changed = _rowcount(await self._pool.execute(numbered(sql), *calls[0][0]))
+                    results = [[(1,)] * changed]
+                elif len(calls) == 1:
                     results = [list(await self._pool.fetch(numbered(sql), *calls[0][0]))]
                 else:
                     columns = [list(column) for column in zip(*(p for p, _ in calls), strict=True)]
