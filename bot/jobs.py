@@ -428,7 +428,9 @@ class JobRunner:
             # store round trip in between (the queue counts it until then).
             cls = eta_class(cred.primary.name, spec.size, spec.quality, spec.kind)
             estimate = await self._class_estimate(cls, job_id)
-            await self.store.reserve(
+            # What it leaves, for the price line: the reservation says (no read after it),
+            # each of a user's commands charged together its own figure.
+            left: int | None = await self.store.reserve(
                 job_id,
                 user_id=user.id,
                 cost=cost,
@@ -437,12 +439,8 @@ class JobRunner:
                 group_key=group_key,
                 group_cap=self.settings.group_daily_cap,
             )
-            # What is left once this job is charged, for the price line (read after the
-            # reservation, so exact even when the user's commands arrive together).
-            left = None
-            if not cred.own_key:
-                credits = await self.reads.credits(user.id, day, self.settings.daily_credits)
-                left = credits.total_left
+            if cred.own_key:
+                left = None
             if not self._accepting:
                 # Shutdown began while this job was being checked and charged: give it back
                 # now (the except below refunds) rather than start work nobody will wait for.

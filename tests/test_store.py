@@ -606,6 +606,30 @@ async def test_reserve_refuses_when_short_and_charges_nothing(store: Store, raw:
     assert assert_ledger_exact(raw)["reserved"] == 1
 
 
+async def test_a_reservation_says_what_it_left_as_a_credits_read_after_it_would(
+    store: Store,
+) -> None:
+    """The price line's "N left after this" comes from the reservation itself (PostgreSQL's
+    function since migration 12, SQLite's Python rule): today's allowance, then the balance,
+    the account's own allowance, one after another."""
+    user = await store.user("qq", "1")
+    await store.grant(user.id, 3)
+    left = []
+    for cost in (2, 4, 1):
+        job_id = await new_job(store, user.id)
+        left.append(
+            await store.reserve(job_id, user_id=user.id, cost=cost, day=DAY, daily_allowance=5)
+        )
+        assert left[-1] == (await store.credits(user.id, DAY, 5)).total_left
+    assert left == [6, 2, 1]  # 5 a day + 3: then 2 taken, 4 (3 of today's, 1 bought), 1
+    # Nothing free to draw with an own allowance of 0, from the balance alone.
+    other = await store.user("qq", "2")
+    await store.grant(other.id, 4)
+    await store.set_daily_allowance(other.id, 0)
+    job_id = await new_job(store, other.id)
+    assert await store.reserve(job_id, user_id=other.id, cost=3, day=DAY, daily_allowance=5) == 1
+
+
 async def test_refund_returns_exactly_what_was_taken(store: Store, raw: Raw) -> None:
     user = await store.user("qq", "1")
     await store.grant(user.id, 10)
@@ -859,7 +883,9 @@ async def test_calls_made_together_each_get_their_own_outcome(store: Store, raw:
         return_exceptions=True,
     )
     refused = [o for o in outcomes[:-1] if isinstance(o, InsufficientCreditsError)]
-    assert len(refused) == len(users) and all(o is None or o in refused for o in outcomes[:-1])
+    assert len(refused) == len(users)
+    # The rest went through, each saying what it left: 7 - 3, then 4 - 3.
+    assert sorted(o for o in outcomes[:-1] if o not in refused) == [1] * 6 + [4] * 6
     assert {tuple(sorted(o.params.items())) for o in refused} == {(("left", 1), ("needed", 3))}
     assert isinstance(outcomes[-1], ReservationError)
     committed = await asyncio.gather(*(store.commit(job) for job in jobs), store.commit(10**9))

@@ -288,8 +288,9 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
         daily_allowance: int,
         group_key: str | None = None,
         group_cap: int = 0,
-    ) -> None:
-        """Take `cost` credits for the job: today's free allowance first, then the balance.
+    ) -> int:
+        """Take `cost` credits for the job: today's free allowance first, then the balance;
+        returns the credits the user has left after it (allowance and balance).
 
         All or nothing, in one transaction. With `group_key`, `cost` also counts against the
         group's usage for `day`, and `group_cap > 0` (or the group's own lower cap, set with
@@ -319,9 +320,11 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
                 raise ledger.refusal(
                     outcome, job_id=job_id, user_id=user_id, cost=cost, number=number, detail=detail
                 )
-            return
+            if number is None:  # a function from before migration 12: never, once migrated
+                return (await self.credits(user_id, day, daily_allowance)).total_left
+            return int(number)
         for_update = self.for_update
-        await self._write(
+        return await self._write(
             lambda tx: ledger.reserve(
                 tx,
                 for_update,

@@ -117,9 +117,10 @@ async def reserve(
     daily_allowance: int,
     group_key: str | None,
     group_cap: int,
-) -> None:
-    # PostgreSQL runs this rule as one function, `drawbridge_reserve` (migration 11), line for
-    # line: a change here is a change there, and the store tests run both.
+) -> int:
+    """Reserve the job's cost; the credits left after it (refusals raise `refusal(...)`)."""
+    # PostgreSQL runs this rule as one function, `drawbridge_reserve` (migrations 11 and 12),
+    # line for line: a change here is a change there, and the store tests run both.
     # The account's row first: a second reservation of the same account (another task,
     # another process) waits here until this one commits, then reads what it left.
     linked = await tx.fetch("SELECT account_id FROM users WHERE id = ?" + for_update, user_id)
@@ -181,6 +182,7 @@ async def reserve(
             if sql is SQL_TAKE_GROUP:
                 raise refusal("group_cap", job_id=job_id, user_id=user_id, cost=cost, number=cap)
             raise refusal("insufficient", job_id=job_id, user_id=user_id, cost=cost, number=left)
+    return left - cost
 
 
 def refusal(

@@ -260,6 +260,13 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX reservations_open_by_user ON reservations (user_id) WHERE state = 'reserved';
     """,
+    # 12: a reservation says what it left (the price line's "N left after this" without a
+    # read behind it). Here the rule is Python (`ledger.reserve`): no change to the file. An
+    # index the store already has, so the version still moves in step with PostgreSQL's.
+    """
+    CREATE INDEX IF NOT EXISTS reservations_open_by_user
+        ON reservations (user_id) WHERE state = 'reserved';
+    """,
 )
 
 # PostgreSQL: the same migrations. Ids are BIGINT identities (`BY DEFAULT`, so `db copy`
@@ -632,6 +639,26 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
     $$;
     """,
 )
+
+
+def _reserve_saying_what_is_left(migration_11: str) -> str:
+    """PostgreSQL's 12: 11's `drawbridge_reserve`, whose 'ok' now carries the credits the
+    reservation left (`number`), as `ledger.reserve` returns them; every other line as in 11
+    (a migration is never edited, so this one is 11's text with that line added)."""
+    start = migration_11.index("    CREATE FUNCTION drawbridge_reserve(")
+    end = migration_11.index("    $$;", start) + len("    $$;")
+    function = migration_11[start:end]
+    ok = "        outcome := 'ok';"
+    assert function.count(ok) == 1
+    return (
+        function.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1).replace(
+            ok, "        number := v_left - p_cost;\n" + ok
+        )
+        + "\n"
+    )
+
+
+POSTGRES_MIGRATIONS += (_reserve_saying_what_is_left(POSTGRES_MIGRATIONS[10]),)
 
 assert len(POSTGRES_MIGRATIONS) == len(SQLITE_MIGRATIONS), "one migration per number on both"
 
