@@ -1,14 +1,15 @@
 """Store reads that many commands ask at the same moment, asked together.
 
 A burst of commands (issue 15: 500 at the same instant) asks the store the same few things
-for each command: who the user is, the group's rules, the credits left after the charge. On
+for each command: who the user is, the group's rules, and (an /edit before its downloads, a
+dry run or a costly job for its price) the credits left. On
 PostgreSQL each is a round trip through a pool of a few connections, so the last command
 waits for thousands of trips. Here every such read made while the previous batch is being
 answered waits for the next one, which asks them all at once: one statement for the users,
 one for the credits, one for the groups. A lone command costs one loop iteration
 more than a direct read.
 
-Every read is queued after whatever its command wrote before (its own reservation, say) and
+Every read is queued after whatever its command wrote before and
 answered by a statement that starts after it was queued, so it sees those writes: batching
 never makes a read staler than a direct one.
 """

@@ -349,7 +349,8 @@ class JobRunner:
         if user.has_key:
             return Quote(tier, quality, spec.n, 0, None)
         cost = self.cost(user, spec)
-        credits = await self.store.credits(
+        # Batched with the other commands' reads (a burst of dry runs or costly jobs).
+        credits = await self.reads.credits(
             user.id, today(self.settings), self.settings.daily_credits
         )
         return Quote(tier, quality, spec.n, cost, credits.total_left - cost)
@@ -532,7 +533,8 @@ class JobRunner:
         """
         if cost <= 0:
             return None
-        credits = await self.store.credits(user_id, day, self.settings.daily_credits)
+        # Batched with the other commands' reads (a burst of edits).
+        credits = await self.reads.credits(user_id, day, self.settings.daily_credits)
         if cost > credits.total_left:
             raise errors.InsufficientCreditsError(needed=cost, left=credits.total_left)
         cap = self.settings.group_daily_cap
