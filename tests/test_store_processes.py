@@ -387,6 +387,36 @@ async def test_slots_asked_for_together_are_taken_in_one_go_up_to_the_capacity(
     assert await a.acquire_slots("main", 4, []) == []
 
 
+async def test_a_slot_another_process_takes_meanwhile_sends_the_job_to_the_next_free_one(
+    open_store: OpenStore, store_url: str
+) -> None:
+    """PostgreSQL: B inserts slot 0 after A read the free slots and before A inserts it. A's
+    insert waits for B's, finds the slot taken (DO NOTHING), and tries slot 1, as one slot
+    at a time would; it does not give up while slots are free (the job would poll 50 ms)."""
+    if not store_url.startswith("postgresql"):
+        pytest.skip("SQLite writers take the file's lock first: nobody inserts meanwhile")
+    import asyncpg
+
+    a = await started(open_store, "qq")
+    b = await started(open_store, "telegram")
+    other = await asyncpg.connect(store_url)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute(
+            "INSERT INTO provider_slots (provider, slot, process_id, job_id, taken_at)"
+            " VALUES ('main', 0, $1, 9, 0)",
+            b.process_id,
+        )
+        taking = asyncio.ensure_future(a.acquire_slots("main", 3, [1]))
+        await asyncio.sleep(0.3)  # A has read slot 0 as free and waits on B's insert
+        assert not taking.done()
+        await tx.commit()
+        assert await taking == [1]
+    finally:
+        await other.close()
+
+
 async def test_a_process_never_frees_its_own_slots_for_a_late_heartbeat_of_its_own(
     open_store: OpenStore, raw: Raw
 ) -> None:

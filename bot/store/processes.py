@@ -190,26 +190,34 @@ class ProcessesMixin(StoreBase):
                     "SELECT slot FROM provider_slots WHERE provider = ?", provider
                 )
             }
-            free = [slot for slot in range(capacity) if slot not in taken][: len(job_ids)]
-            if not free:
-                return [None] * len(job_ids)
+            slots: list[int | None] = [None] * len(job_ids)
+            waiting = list(range(len(job_ids)))
             now = time.time()
-            # Another process may take one of these meanwhile: its row stays, ours is not
-            # written (DO NOTHING), and that job tries again later.
-            added = await tx.fetch(
-                "INSERT INTO provider_slots (provider, slot, process_id, job_id, taken_at)"
-                " VALUES "
-                + ", ".join("(?, ?, ?, ?, ?)" for _ in free)
-                + " ON CONFLICT (provider, slot) DO NOTHING RETURNING slot",
-                *(
-                    value
-                    for slot, job_id in zip(free, job_ids, strict=False)
-                    for value in (provider, slot, me, job_id, now)
-                ),
-            )
-            got = {int(row[0]) for row in added}
-            slots: list[int | None] = [slot if slot in got else None for slot in free]
-            return slots + [None] * (len(job_ids) - len(free))
+            # Another process may take a slot this one found free, meanwhile: its row stays,
+            # ours is not written (DO NOTHING), and the jobs left try the slots not tried yet,
+            # as one job at a time would.
+            while waiting:
+                free = [slot for slot in range(capacity) if slot not in taken][: len(waiting)]
+                if not free:
+                    break
+                taken.update(free)
+                added = await tx.fetch(
+                    "INSERT INTO provider_slots (provider, slot, process_id, job_id, taken_at)"
+                    " VALUES "
+                    + ", ".join("(?, ?, ?, ?, ?)" for _ in free)
+                    + " ON CONFLICT (provider, slot) DO NOTHING RETURNING slot",
+                    *(
+                        value
+                        for slot, index in zip(free, waiting, strict=False)
+                        for value in (provider, slot, me, job_ids[index], now)
+                    ),
+                )
+                got = {int(row[0]) for row in added}
+                for slot, index in zip(free, waiting, strict=False):
+                    if slot in got:
+                        slots[index] = slot
+                waiting = [index for index in waiting if slots[index] is None]
+            return slots
 
         return await self._write(take)
 
