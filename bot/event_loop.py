@@ -11,13 +11,11 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 from bot.startup import SETTINGS, StartupError
 
 T = TypeVar("T")
-
-CHOICES: Final = ("auto", "asyncio", "uvloop")
 
 
 def chosen(choice: str) -> str:

@@ -489,6 +489,7 @@ class JobRunner:
         if not position:
             ticket.launching = True
             self._launching += 1
+            self._launches_sent.clear()
         request = ImageRequest(
             prompt=spec.prompt,
             size=str(spec.size) if spec.size else None,
@@ -504,6 +505,9 @@ class JobRunner:
             self._run(ticket, cred, request, chat, lang, position, references, estimate),
             name=f"job-{job_id}",
         )
+        # However it ends (even cancelled before its first step), it no longer holds back
+        # the waiting jobs' status lines; sending its request releases them sooner.
+        ticket.task.add_done_callback(lambda _: self._launched(ticket))
         return job_id
 
     def _check_request(self, spec: JobSpec, extra: Sequence[bytes]) -> None:
@@ -671,7 +675,6 @@ class JobRunner:
                         self._tick(chat, sent_status, lang, ticket, slot_started, estimate)
                     )
                 result = await cred.chain.run(request, progress)
-                self._launched(ticket)
                 await sent_status()
                 upstream_seconds = time.monotonic() - slot_started
                 files = _out_files(job_id, result)
@@ -761,7 +764,6 @@ class JobRunner:
                     own_key=ticket.own_key,
                 )
         finally:
-            self._launched(ticket)
             if ticker is not None:
                 ticker.cancel()
             with contextlib.suppress(Exception):
@@ -1200,7 +1202,7 @@ class JobRunner:
         await self._ledger_write(job_id, "refusal", record)
 
     def _launched(self, ticket: _Ticket) -> None:
-        """A starting job's request is sent (or the job ended before it was)."""
+        """A starting job's request is sent (or the job ended before it was); once a job."""
         if ticket.launching:
             ticket.launching = False
             self._launching -= 1
@@ -1215,7 +1217,6 @@ class JobRunner:
         each) would otherwise go before the requests of the jobs that can start.
         """
         if self._launching:
-            self._launches_sent.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(LAUNCH_YIELD):
                     await self._launches_sent.wait()

@@ -320,8 +320,8 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
                 raise ledger.refusal(
                     outcome, job_id=job_id, user_id=user_id, cost=cost, number=number, detail=detail
                 )
-            if number is None:  # a function from before migration 12: never, once migrated
-                return (await self.credits(user_id, day, daily_allowance)).total_left
+            # 'ok' carries what the reservation left since migration 12 (applied at open).
+            assert number is not None, "drawbridge_reserve from before migration 12"
             return int(number)
         for_update = self.for_update
         return await self._write(

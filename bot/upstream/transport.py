@@ -21,7 +21,6 @@ which httpx honours only when it builds its transports itself) the client keeps 
 
 from __future__ import annotations
 
-import ssl
 import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any, Final
@@ -54,10 +53,10 @@ def direct_transport(proxy: str) -> AiohttpTransport | None:
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """Sends httpx requests with one `aiohttp.ClientSession` (opened at the first request)."""
 
-    def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self) -> None:
         # Made now, not at the first request: loading the CA bundle takes ~20 ms, which the
         # first jobs of a burst would wait for.
-        self._tls = tls or httpx.create_ssl_context()
+        self._tls = httpx.create_ssl_context()
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
