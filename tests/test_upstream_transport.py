@@ -123,6 +123,29 @@ async def test_a_relay_that_keeps_the_stream_open_after_done_does_not_hold_the_j
     assert elapsed < DRAIN_SECONDS + 1.0
 
 
+async def test_a_relay_that_drops_the_connection_after_done_still_gives_the_image() -> None:
+    # The body's end never comes: the connection is cut right after [DONE]. The image is in
+    # hand; reading the end is only for reusing the connection.
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        data = base64.b64encode(image_bytes()).decode()
+        event = {"type": "image_generation.completed", "b64_json": data, "size": "64x48"}
+        await response.write(f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode())
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    async with serving(web.post("/v1/images/generations", handler)) as base:
+        client = UpstreamClient(make_provider(base.removesuffix("/"), stream=True))
+        try:
+            result = await client.generate(ImageRequest("a comet"), None)
+        finally:
+            await client.aclose()
+    assert len(result.images) == 1
+
+
 # --- the transport's failures, as httpx's own ---
 
 
