@@ -50,6 +50,33 @@ async def test_a_draw_in_a_group_reads_its_rules_once_and_no_credits(
     assert "4 left after this" in chat.everything()
 
 
+async def test_a_group_command_reads_its_rules_beside_its_user_not_after(
+    settings_factory: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The user read waits until the rules have been asked for: read one after the other,
+    # they never would be, and the command fails on the 2 s timeout.
+    rules_asked = asyncio.Event()
+    read_rules, read_users = Store.group_rules_of, Store.users_found
+
+    async def rules_of(self: Store, keys: Any) -> Any:
+        rules_asked.set()
+        return await read_rules(self, keys)
+
+    async def users_found(self: Store, keys: Any) -> Any:
+        await asyncio.wait_for(rules_asked.wait(), 2)
+        return await read_users(self, keys)
+
+    monkeypatch.setattr(Store, "group_rules_of", rules_of)
+    monkeypatch.setattr(Store, "users_found", users_found)  # before the batcher binds it
+    services = await Services.create(settings_factory())
+    try:
+        inv = invocation("draw", "a fox", chat_id="g1", is_private=False)
+        chat = await run_command(services, inv)
+    finally:
+        await services.close()
+    assert chat.results()
+
+
 async def test_commands_arriving_together_say_what_is_left_after_their_charges(
     settings_factory: Callable[..., Settings],
 ) -> None:
