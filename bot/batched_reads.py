@@ -17,60 +17,12 @@ never makes a read staler than a direct one.
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Awaitable, Callable, Hashable
 from datetime import date
-from typing import Generic, TypeVar
+from typing import cast
 
+from bot.batching import Batcher
 from bot.groups import GroupRules
 from bot.store import Credits, NotFoundError, StorePort, User
-
-log = logging.getLogger(__name__)
-
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
-
-MAX_BATCH = 256
-"""Keys asked in one statement at most."""
-
-
-class Batcher(Generic[K, V]):
-    """Calls queued while a batch is answered go in the next; each distinct key asked once."""
-
-    def __init__(self, fetch: Callable[[list[K]], Awaitable[dict[K, V]]]) -> None:
-        self._fetch = fetch
-        self._queue: list[tuple[K, asyncio.Future[V | None]]] = []
-        self._draining: asyncio.Task[None] | None = None
-
-    async def get(self, key: K) -> V | None:
-        """The value for `key` (None when the store has none)."""
-        future: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
-        self._queue.append((key, future))
-        if self._draining is None:
-            self._draining = asyncio.create_task(self._drain(), name="batched-reads")
-        return await future
-
-    async def _drain(self) -> None:
-        try:
-            while self._queue:
-                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                try:
-                    found = await self._fetch(list(dict.fromkeys(key for key, _ in batch)))
-                except Exception as error:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(error)
-                    continue
-                except BaseException:
-                    for _, future in [*batch, *self._queue]:
-                        future.cancel()
-                    self._queue = []
-                    raise
-                for key, future in batch:
-                    if not future.done():
-                        future.set_result(found.get(key))
-        finally:
-            self._draining = None
 
 
 class BatchedReads:
@@ -100,8 +52,11 @@ class BatchedReads:
 
     async def group_rules(self, group_key: str) -> GroupRules:
         """`Store.group_rules`."""
-        rules = await self._rules.get(group_key)
-        return rules if rules is not None else GroupRules()
+        return await self.ask_group_rules(group_key)
+
+    def ask_group_rules(self, group_key: str) -> asyncio.Future[GroupRules]:
+        """`group_rules`, asked now: the future answers it (see `Batcher.ask`)."""
+        return cast("asyncio.Future[GroupRules]", self._rules.ask(group_key))
 
     async def credits(self, user_id: int, day: date, daily_allowance: int) -> Credits:
         """`Store.credits` (raises `NotFoundError` for a user that does not exist)."""
@@ -111,8 +66,10 @@ class BatchedReads:
         return credits
 
     async def _group_rules(self, keys: list[str]) -> dict[str, GroupRules]:
-        # A burst comes from a few groups: one statement for all of them.
-        return await self.store.group_rules_of(keys)
+        # A burst comes from a few groups: one statement for all of them. A group without
+        # rules of its own has the defaults.
+        found = await self.store.group_rules_of(keys)
+        return {key: found.get(key) or GroupRules() for key in keys}
 
     async def _credits_of(
         self, keys: list[tuple[int, date, int]]

@@ -29,7 +29,8 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 from bot import errors, validation
-from bot.batched_reads import BatchedReads, Batcher
+from bot.batched_reads import BatchedReads
+from bot.batching import Batcher
 from bot.chat import Chat, ImageSource, Invocation, MessageRef, OutFile, ResultMeta
 from bot.config import ProviderConfig, Settings
 from bot.eta import Estimate, EtaBook, clock, eta_class, queue_factor

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from bot import errors
@@ -60,16 +59,16 @@ async def dispatch(inv: Invocation, chat: Chat, services: Services) -> None:
         log.debug("%s /%s: not answering in %s", inv.platform, inv.command, inv.space)
         return
     reads = services.jobs.reads
-    if inv.group_id is None:
-        user, rules = await reads.user(inv.platform, inv.user_id, inv.user_name), []
-    else:
-        # The group's rules do not depend on who asks: read beside the user, not after, so
-        # a burst's commands take one store step fewer before their job is charged.
-        user, found = await asyncio.gather(
-            reads.user(inv.platform, inv.user_id, inv.user_name),
-            reads.group_rules(inv.group_id),
-        )
-        rules = [found]
+    # The group's rules do not depend on who asks: asked beside the user, not after, so a
+    # burst's commands take one store step fewer before their job is charged.
+    rules_read = None if inv.group_id is None else reads.ask_group_rules(inv.group_id)
+    try:
+        user = await reads.user(inv.platform, inv.user_id, inv.user_name)
+        rules = [] if rules_read is None else [await rules_read]
+    except BaseException:
+        if rules_read is not None and not rules_read.cancel() and not rules_read.cancelled():
+            rules_read.exception()  # answered with an error too: the user read's is the one
+        raise
     lang = user.lang or normalize_lang(inv.locale, services.settings.default_lang)
     ctx = Context(inv, chat, services, user, lang, rules)
     spec = find_command(inv.command)

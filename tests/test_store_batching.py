@@ -332,3 +332,201 @@ async def test_a_bursts_job_updates_made_together_land_as_made_one_by_one(
             True,
             True,
         ), (n, rows[job])
+
+
+# --- reservations asked together (`ledger.reserve_many`) ---
+
+
+async def reservation_scenario(store: Store) -> list[tuple[int, int, int, dict[str, Any]]]:
+    """Users, groups and jobs on which every outcome of a reservation shows up; the asks, in
+    order: (job, user, cost, reserve's other arguments)."""
+    a = (await store.user("qq", "a")).id
+    b = (await store.user("qq", "b")).id
+    c = (await store.user("qq", "c")).id
+    d = (await store.user("qq", "d")).id
+    linked = (await store.user("tg", "a-too")).id
+    await store.grant(a, 2, by_user_id=None, note="")
+    await store.set_daily_allowance(b, 1)  # b's own allowance replaces the configured 3
+    await store.set_group_rule("g1", "cap", 3)  # g1's own cap; g2 has the global one only
+    await store.link(await store.create_link_code(a), linked, DAY)  # raises if refused
+    plain, g1, g2 = {}, {"group_key": "g1"}, {"group_key": "g2", "group_cap": 2}
+    later = {"day": date(2025, 3, 2)}
+    asks: list[tuple[int, int, int, dict[str, Any]]] = []
+    for user, cost, where in [
+        (a, 2, plain),  # allowance
+        (a, 2, plain),  # the allowance's last credit and one of the balance
+        (a, 2, plain),  # insufficient: 1 left
+        (a, 1, plain),  # the balance's last
+        (a, 1, later),  # another day, another allowance
+        (a, 0, plain),  # free (own key): still reserved, nothing taken
+        (b, 1, g1),
+        (b, 1, g1),  # insufficient: b's own allowance is 1
+        (c, 1, g1),
+        (c, 2, g1),  # over g1's own cap of 3
+        (c, 1, g1),
+        (d, 1, g2),
+        (d, 2, g2),  # over the global cap of 2
+        (d, 1, g2),
+    ]:
+        job = await new_job(store, user, group_key=where.get("group_key"))
+        asks.append((job, user, cost, where))
+    done = await new_job(store, a)
+    await store.finish_job(done, status="failed", error_kind="x")
+    reserved = await new_job(store, b)
+    await store.reserve(reserved, user_id=b, cost=0, day=DAY, daily_allowance=3)
+    asks += [
+        (asks[0][0], a, 1, plain),  # the same job again, in the same batch
+        (reserved, b, 1, plain),  # reserved before
+        (done, a, 1, plain),  # not queued
+        (asks[6][0], a, 1, plain),  # b's job
+        (10_000, a, 1, plain),  # no such job
+        (await new_job(store, linked), linked, 1, plain),  # linked into a: a's row pays
+    ]
+    return asks
+
+
+async def reserve_asks(
+    store: Store, asks: list[tuple[int, int, int, dict[str, Any]]], *, together: bool
+) -> list[str]:
+    async def one(job: int, user: int, cost: int, where: dict[str, Any]) -> str:
+        day = where.get("day", DAY)
+        others = {k: v for k, v in where.items() if k != "day"}
+        try:
+            left = await store.reserve(
+                job, user_id=user, cost=cost, day=day, daily_allowance=3, **others
+            )
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"
+        return f"left {left}"
+
+    if together:
+        return list(await asyncio.gather(*(one(*ask) for ask in asks)))
+    return [await one(*ask) for ask in asks]
+
+
+def money_rows(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    from tests.databases import Raw
+
+    raw = Raw(url)
+    try:
+        return {
+            "users": raw.query("SELECT id, granted FROM users ORDER BY id"),
+            "daily": raw.query("SELECT user_id, day, used FROM daily_usage ORDER BY 1, 2"),
+            "groups": raw.query(
+                "SELECT group_key, day, used FROM group_usage WHERE used > 0 ORDER BY 1, 2"
+            ),
+            "reservations": raw.query(
+                "SELECT job_id, user_id, daily_amount, balance_amount, day, group_key, state"
+                " FROM reservations ORDER BY job_id"
+            ),
+            "ledger": raw.query(
+                "SELECT job_id, user_id, kind, daily_amount, balance_amount, day, note"
+                " FROM ledger ORDER BY id"
+            ),
+        }
+    finally:
+        raw.close()
+
+
+async def test_reservations_asked_together_are_decided_as_made_one_by_one(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bot.store import ledger
+    from tests.databases import database_url
+
+    engine = "postgresql" if store_url.startswith("postgresql") else "sqlite"
+    batches: list[int] = []
+    reserve_many = ledger.reserve_many
+
+    async def counted(tx: Tx, dialect: Any, asks: Any) -> Any:
+        decided = await reserve_many(tx, dialect, asks)
+        batches.append(len(asks))  # and not refused by the database: no one-by-one retry
+        return decided
+
+    monkeypatch.setattr(ledger, "reserve_many", counted)
+    async with database_url(engine, tmp_path / "alone") as alone_url:
+        outcomes = {}
+        for url, together in [(store_url, True), (alone_url, False)]:
+            store = await Store.connect(url, keybox=KeyBox.load(tmp_path))
+            try:
+                asks = await reservation_scenario(store)
+                outcomes[together] = await reserve_asks(store, asks, together=together)
+            finally:
+                await store.close()
+        assert batches == [len(asks)], "the asks made together went in one transaction"
+        assert outcomes[True] == outcomes[False]
+        assert money_rows(store_url) == money_rows(alone_url)
+    said = outcomes[True]
+    assert said[:6] == [
+        "left 3",
+        "left 1",
+        "InsufficientCreditsError: insufficient_credits",
+        "left 0",
+        "left 2",
+        "left 0",
+    ]
+    assert said[7] == said[2] and said[9].startswith("GroupCapReachedError")
+    assert said[12].startswith("GroupCapReachedError") and said[13] == "left 1"
+    assert [s.split(":")[0] for s in said[14:]] == [
+        "ReservationError",  # the same job again
+        "ReservationError",  # reserved before
+        "ReservationError",  # not queued
+        "ReservationError",  # someone else's job
+        "NotFoundError",
+        "ReservationError",  # linked
+    ]
+
+
+async def test_reservations_whose_batch_fails_are_made_one_by_one_and_nothing_half_written(
+    store: Store, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asks = await reservation_scenario(store)
+    from bot.store.sqlite import SqliteTx
+
+    tx_type: Any = pg.PostgresTx if store_url.startswith("postgresql") else SqliteTx
+    execute_many = tx_type.execute_many
+    failed = []
+
+    def failing(self: Any, sql: str, rows: Any) -> Any:
+        # The batch's last write refuses (as a concurrent writer's row could make it).
+        if sql is SQL_INSERT_LEDGER and not failed:
+            failed.append(len(rows))
+            raise sqlite3.IntegrityError("refused under us")
+        return execute_many(self, sql, rows)
+
+    monkeypatch.setattr(tx_type, "execute_many", failing)
+    said = await reserve_asks(store, asks, together=True)
+    assert failed, "the batch's ledger write ran, and failed"
+    assert said[:6] == [
+        "left 3",
+        "left 1",
+        "InsufficientCreditsError: insufficient_credits",
+        "left 0",
+        "left 2",
+        "left 0",
+    ]
+    rows = money_rows(store_url)
+    # One reservation and one reserve row per reservation made: the failed batch left none.
+    made = [s for s in said if s.startswith("left")]
+    assert len(rows["reservations"]) == len(made) + 1  # and the one reserved beforehand
+    assert [r[2] for r in rows["ledger"]].count("reserve") == len(made) + 1
+
+
+async def test_a_reservation_whose_caller_is_cancelled_is_still_refunded_whole(
+    store: Store, store_url: str
+) -> None:
+    user = (await store.user("qq", "1")).id
+    jobs = [await new_job(store, user) for _ in range(3)]
+    asked = [
+        asyncio.ensure_future(store.reserve(job, user_id=user, cost=1, day=DAY, daily_allowance=3))
+        for job in jobs
+    ]
+    await asyncio.sleep(0)  # asked, in a batch not yet written
+    asked[1].cancel()
+    # The refund comes after the reservation it would otherwise have run before.
+    assert await store.refund(jobs[1], "cancelled") is True
+    # Each said what it left when made, together, before the refund.
+    assert [await asked[0], await asked[2]] == [2, 0]
+    rows = money_rows(store_url)
+    assert [r[-1] for r in rows["reservations"]] == ["reserved", "refunded", "reserved"]
+    assert rows["daily"] == [(user, DAY.isoformat(), 2)]

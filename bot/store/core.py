@@ -13,6 +13,7 @@ refunding.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 from cryptography.fernet import InvalidToken
 
+from bot.batching import Batcher
 from bot.secrets import KeyBox
 from bot.store import ledger
 from bot.store.accounts import AccountsMixin
@@ -56,6 +58,16 @@ log = logging.getLogger("bot.store")
 
 class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
     """Async access to drawbridge's database (see the package docstring for the rules)."""
+
+    def __init__(self, engine: Engine, keybox: KeyBox, admins: Set[tuple[str, str]]) -> None:
+        super().__init__(engine, keybox, admins)
+        # Reservations asked at the same moment, made together (`reserve`); each asked
+        # once (the key's first member numbers the calls) and, while in flight, by job.
+        self._reservations: Batcher[tuple[int, ledger.Ask], int | Exception] = Batcher(
+            self._reserve_batch
+        )
+        self._asked = 0
+        self._reserving: dict[int, set[asyncio.Future[int | Exception | None]]] = {}
 
     # --- lifecycle ---
 
@@ -298,17 +310,74 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
         `InsufficientCreditsError` (charging nothing), and `ReservationError` if the job was
         already reserved (charging nothing again). A cost of 0 (the user's own key) still
         records a reservation, so the job settles like any other.
+
+        Reservations asked at the same moment (a burst's commands) are made together, in one
+        transaction, each as if alone and in the order asked (`ledger.reserve_many`). A
+        caller cancelled meanwhile does not undo its reservation: `refund` waits for it.
         """
         if cost < 0:
             raise ValueError("cost must not be negative")
+        if self._closed:
+            raise StoreError("store is closed")
+        ask = ledger.Ask(
+            job_id, user_id, cost, day.isoformat(), daily_allowance, group_key, group_cap
+        )
+        self._asked += 1
+        answer = self._reservations.ask((self._asked, ask))
+        self._reserving.setdefault(job_id, set()).add(answer)
+        answer.add_done_callback(lambda done: self._reserved(job_id, done))
+        outcome = await asyncio.shield(answer)
+        if isinstance(outcome, Exception):
+            raise outcome
+        assert outcome is not None
+        return outcome
+
+    def _reserved(self, job_id: int, answer: asyncio.Future[int | Exception | None]) -> None:
+        answers = self._reserving.get(job_id)
+        if answers is not None:
+            answers.discard(answer)
+            if not answers:
+                del self._reserving[job_id]
+        if not answer.cancelled():
+            answer.exception()  # its caller may be gone: nobody else would retrieve it
+
+    async def _reserve_batch(
+        self, keys: list[tuple[int, ledger.Ask]]
+    ) -> dict[tuple[int, ledger.Ask], int | Exception]:
+        asks = [ask for _, ask in keys]
+        if len(asks) > 1:
+            dialect = self._engine.dialect
+            try:
+                outcomes = await self._write(lambda tx: ledger.reserve_many(tx, dialect, asks))
+                return dict(zip(keys, outcomes, strict=True))
+            except Exception:
+                # A write refused under us (another process's reservation of a group's first
+                # job, a lost connection): each one alone, so each error is its own.
+                log.debug("%d reservations together failed; one by one", len(asks), exc_info=True)
+        found: dict[tuple[int, ledger.Ask], int | Exception] = {}
+        for key, ask in zip(keys, asks, strict=True):
+            try:
+                found[key] = await self._reserve_alone(ask)
+            except Exception as error:
+                found[key] = error
+        return found
+
+    async def _reserve_alone(self, ask: ledger.Ask) -> int:
         dialect = self._engine.dialect
         if dialect.reserve_call is not None:
             # The same rule run server-side: one round trip instead of five on PostgreSQL.
-            params = (job_id, user_id, cost, day.isoformat(), daily_allowance, group_key)
+            params = (
+                ask.job_id,
+                ask.user_id,
+                ask.cost,
+                ask.iso_day,
+                ask.daily_allowance,
+                ask.group_key,
+                ask.group_cap,
+                time.time(),
+            )
             try:
-                rows = await self._write_one(
-                    dialect.reserve_call, (*params, group_cap, time.time())
-                )
+                rows = await self._write_one(dialect.reserve_call, params)
             except Exception as error:
                 refused = dialect.reserve_refused(error)
                 if refused is None:
@@ -318,7 +387,12 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
                 outcome, number, detail = rows[0]
             if outcome != "ok":
                 raise ledger.refusal(
-                    outcome, job_id=job_id, user_id=user_id, cost=cost, number=number, detail=detail
+                    outcome,
+                    job_id=ask.job_id,
+                    user_id=ask.user_id,
+                    cost=ask.cost,
+                    number=number,
+                    detail=detail,
                 )
             # 'ok' carries what the reservation left since migration 12 (applied at open).
             assert number is not None, "drawbridge_reserve from before migration 12"
@@ -328,13 +402,13 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
             lambda tx: ledger.reserve(
                 tx,
                 for_update,
-                job_id=job_id,
-                user_id=user_id,
-                cost=cost,
-                iso_day=day.isoformat(),
-                daily_allowance=daily_allowance,
-                group_key=group_key,
-                group_cap=group_cap,
+                job_id=ask.job_id,
+                user_id=ask.user_id,
+                cost=ask.cost,
+                iso_day=ask.iso_day,
+                daily_allowance=ask.daily_allowance,
+                group_key=ask.group_key,
+                group_cap=ask.group_cap,
             )
         )
 
@@ -362,8 +436,11 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
 
         The daily part goes back to the reservation's day (so it only helps the user if that
         day is still today), the balance part to the granted balance, and the group usage to
-        the group. Never twice: a refunded or committed reservation is final.
+        the group. Never twice: a refunded or committed reservation is final. A reservation
+        of the job still being made (its caller cancelled) is waited for first.
         """
+        if pending := self._reserving.get(job_id):
+            await asyncio.wait(list(pending))
         return await self._write(lambda tx: ledger.refund(tx, job_id, reason))
 
     async def mark_delivering(self, job_id: int, charge: int) -> None:

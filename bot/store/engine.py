@@ -13,8 +13,10 @@ The store's rules (reserve, commit, refund, link, recovery...) are written once,
 
 So both engines share every read-then-write decision; they differ only in connections,
 transactions, the schema's DDL and the few SQL functions named in `Dialect`. One exception:
-PostgreSQL runs a reservation as `drawbridge_reserve`, a server-side copy of `ledger.reserve`
-(`Dialect.reserve_call`), because there a round trip costs more than the rule's SQL does.
+PostgreSQL runs a lone reservation as `drawbridge_reserve`, a server-side copy of
+`ledger.reserve` (`Dialect.reserve_call`), because there a round trip costs more than the
+rule's SQL does. Reservations asked together run on both engines as `ledger.reserve_many`,
+one transaction for all of them; the store tests check all three decide alike.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ class Tx(Protocol):
 
     def execute(self, sql: str, *params: Any) -> Awaitable[int]:
         """Run a write statement; returns how many rows it changed."""
+        ...
+
+    def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> Awaitable[None]:
+        """Run one write statement once per row of parameters, in one step (nothing when
+        there are no rows). No row counts: for writes whose rows the rule has locked."""
         ...
 
     def writes(self, *statements: tuple[str, Sequence[Any]]) -> Awaitable[list[int]]:
@@ -72,6 +79,10 @@ class Dialect:
     # column `value` is each element: `json_elements("j.outputs", "o")`, then
     # `json_member("o.value", "width")`.
     json_elements: Callable[[str, str], str]
+    # The values of a JSON array parameter, as a subquery for `IN`: `id IN {json_ints}`
+    # with `json.dumps([1, 2])` as its parameter (one statement text however many values).
+    json_ints: str
+    json_texts: str
     # Appended to a SELECT that reads rows it will change (no-op where BEGIN IMMEDIATE
     # already holds the one write lock).
     for_update: str

@@ -29,12 +29,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
 from bot.errors import GroupCapReachedError, InsufficientCreditsError
 from bot.groups import effective_cap
-from bot.store.engine import Row, Tx
+from bot.store.engine import Dialect, Row, Tx
 from bot.store.model import (
     INTERRUPTED,
     Credits,
@@ -45,6 +47,8 @@ from bot.store.model import (
 )
 from bot.store.sql import (
     JOB_SELECT,
+    SQL_ADD_DAILY,
+    SQL_ADD_GROUP,
     SQL_INSERT_LEDGER,
     SQL_INSERT_RESERVATION,
     SQL_RESERVE_READ,
@@ -52,6 +56,7 @@ from bot.store.sql import (
     SQL_TAKE_BALANCE,
     SQL_TAKE_DAILY,
     SQL_TAKE_GROUP,
+    SQL_TAKE_LOCKED_BALANCE,
 )
 
 log = logging.getLogger("bot.store")
@@ -120,7 +125,8 @@ async def reserve(
 ) -> int:
     """Reserve the job's cost; the credits left after it (refusals raise `refusal(...)`)."""
     # PostgreSQL runs this rule as one function, `drawbridge_reserve` (migrations 11 and 12),
-    # line for line: a change here is a change there, and the store tests run both.
+    # line for line, and `reserve_many` decides many at once the same way: a change here is a
+    # change in both, and the store tests check all three decide alike.
     # The account's row first: a second reservation of the same account (another task,
     # another process) waits here until this one commits, then reads what it left.
     linked = await tx.fetch("SELECT account_id FROM users WHERE id = ?" + for_update, user_id)
@@ -183,6 +189,179 @@ async def reserve(
                 raise refusal("group_cap", job_id=job_id, user_id=user_id, cost=cost, number=cap)
             raise refusal("insufficient", job_id=job_id, user_id=user_id, cost=cost, number=left)
     return left - cost
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """One reservation asked for (`reserve`'s arguments)."""
+
+    job_id: int
+    user_id: int
+    cost: int
+    iso_day: str
+    daily_allowance: int
+    group_key: str | None
+    group_cap: int
+
+
+async def reserve_many(tx: Tx, dialect: Dialect, asks: Sequence[Ask]) -> list[int | Exception]:
+    """`reserve` for many jobs in one transaction, each decided as if they had run one after
+    another in this order: what each left, or the refusal it raises alone.
+
+    The rows are read once for all of them and the writes go table by table, so a batch of
+    a burst's reservations costs a dozen statements instead of eight each. The decisions are
+    read-then-write, which is exact only because nothing else can write those rows until
+    this commits: every account's row is locked (then its daily usage, then the groups'
+    usage, in key order: the order every rule takes them), and PostgreSQL first gives each
+    group's usage of the day a row to lock (another process's reservation could otherwise
+    insert it meanwhile). SQLite's BEGIN IMMEDIATE already shuts every other writer out.
+    Anything unexpected raises, rolling the whole batch back.
+    """
+    users = sorted({ask.user_id for ask in asks})
+    days = sorted({ask.iso_day for ask in asks})
+    groups = sorted({ask.group_key for ask in asks if ask.group_key})
+    lock = dialect.for_update
+    ints, texts = dialect.json_ints, dialect.json_texts
+    accounts = {
+        row[0]: (row[1], row[2], row[3])
+        for row in await tx.fetch(
+            f"SELECT id, account_id, granted, daily_allowance FROM users WHERE id IN {ints}"
+            f" ORDER BY id{lock}",
+            _json(users),
+        )
+    }
+    daily_used = {
+        (row[0], row[1]): row[2]
+        for row in await tx.fetch(
+            f"SELECT user_id, day, used FROM daily_usage WHERE user_id IN {ints}"
+            f" AND day IN {texts} ORDER BY user_id, day{lock}",
+            _json(users),
+            _json(days),
+        )
+    }
+    group_used: dict[tuple[str, str], int] = {}
+    own_caps: dict[str, int | None] = {}
+    if groups:
+        if lock:
+            await tx.execute_many(
+                "INSERT INTO group_usage (group_key, day, used) VALUES (?, ?, 0)"
+                " ON CONFLICT (group_key, day) DO NOTHING",
+                [(g, d) for g in groups for d in days],
+            )
+        for row in await tx.fetch(
+            f"SELECT group_key, day, used FROM group_usage WHERE group_key IN {texts}"
+            f" AND day IN {texts} ORDER BY group_key, day{lock}",
+            _json(groups),
+            _json(days),
+        ):
+            group_used[(row[0], row[1])] = row[2]
+        for row in await tx.fetch(
+            f"SELECT group_key, cap FROM group_rules WHERE group_key IN {texts}", _json(groups)
+        ):
+            own_caps[row[0]] = row[1]
+    jobs = {
+        row[0]: (row[1], row[2], row[3])
+        for row in await tx.fetch(
+            "SELECT j.id, j.user_id, j.status, r.state FROM jobs AS j"
+            f" LEFT JOIN reservations AS r ON r.job_id = j.id WHERE j.id IN {ints}",
+            _json(sorted({ask.job_id for ask in asks})),
+        )
+    }
+
+    outcomes: list[int | Exception] = []
+    taken_balance: dict[int, int] = {}
+    taken_daily: dict[tuple[int, str], int] = {}
+    taken_group: dict[tuple[str, str], int] = {}
+    reserved: list[tuple[Any, ...]] = []
+    now = time.time()
+    for ask in asks:
+        job_id, user_id, cost = ask.job_id, ask.user_id, ask.cost
+        account = accounts.get(user_id)
+        job = jobs.get(job_id)
+        if account is not None and account[0] is not None:
+            outcomes.append(_refused(ask, "linked"))
+            continue
+        if account is None or job is None:
+            outcomes.append(_refused(ask, "not_found"))
+            continue
+        owner, status, state = job
+        _, balance, own_allowance = account
+        if owner != user_id:
+            outcomes.append(_refused(ask, "owner", number=owner))
+            continue
+        if state is not None:
+            outcomes.append(_refused(ask, "reserved", detail=state))
+            continue
+        if status != "queued":
+            outcomes.append(_refused(ask, "status", detail=status))
+            continue
+        day_key = (user_id, ask.iso_day)
+        group = (ask.group_key, ask.iso_day) if ask.group_key else None
+        cap = (
+            effective_cap(ask.group_cap, own_caps.get(ask.group_key or ""))
+            if group
+            else ask.group_cap
+        )
+        used = group_used.get(group, 0) if group else 0
+        if group and cap > 0 and used + cost > cap:
+            outcomes.append(_refused(ask, "group_cap", number=cap))
+            continue
+        allowance = max(0, ask.daily_allowance if own_allowance is None else own_allowance)
+        credits = Credits(allowance, daily_used.get(day_key, 0), balance)
+        left = credits.total_left
+        if cost > left:
+            outcomes.append(_refused(ask, "insufficient", number=left))
+            continue
+        daily_part = min(cost, credits.daily_left)
+        balance_part = cost - daily_part
+        # What the next ask of this account, day or group sees.
+        accounts[user_id] = (None, balance - balance_part, own_allowance)
+        daily_used[day_key] = credits.daily_used + daily_part
+        taken_balance[user_id] = taken_balance.get(user_id, 0) + balance_part
+        taken_daily[day_key] = taken_daily.get(day_key, 0) + daily_part
+        if group and cost:
+            group_used[group] = used + cost
+            taken_group[group] = taken_group.get(group, 0) + cost
+        jobs[job_id] = (owner, status, "reserved")
+        reserved.append((job_id, user_id, daily_part, balance_part, ask.iso_day, ask.group_key))
+        outcomes.append(left - cost)
+
+    # The writes, each table's in key order. The rows are locked and their values were read
+    # in this transaction: plain increments, and the tables' CHECKs (granted >= 0, used >= 0)
+    # stand behind them.
+    await tx.execute_many(
+        SQL_TAKE_LOCKED_BALANCE,
+        [(amount, user) for user, amount in sorted(taken_balance.items()) if amount],
+    )
+    await tx.execute_many(
+        SQL_ADD_DAILY,
+        [(user, day, amount) for (user, day), amount in sorted(taken_daily.items()) if amount],
+    )
+    await tx.execute_many(
+        SQL_ADD_GROUP,
+        [(group, day, amount) for (group, day), amount in sorted(taken_group.items())],
+    )
+    await tx.execute_many(SQL_INSERT_RESERVATION, reserved)
+    await tx.execute_many(
+        SQL_INSERT_LEDGER,
+        [
+            (job, user, "reserve", daily, bal, day, now, "", None)
+            for job, user, daily, bal, day, _ in reserved
+        ],
+    )
+    return outcomes
+
+
+def _refused(
+    ask: Ask, outcome: str, number: int | None = None, detail: str | None = None
+) -> Exception:
+    return refusal(
+        outcome, job_id=ask.job_id, user_id=ask.user_id, cost=ask.cost, number=number, detail=detail
+    )
+
+
+def _json(values: Sequence[Any]) -> str:
+    return json.dumps(list(values), ensure_ascii=False, separators=(",", ":"))
 
 
 def refusal(

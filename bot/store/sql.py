@@ -58,6 +58,19 @@ SQL_TAKE_GROUP = """
     ON CONFLICT (group_key, day) DO UPDATE SET used = group_usage.used + excluded.used
     WHERE ?4 <= 0 OR group_usage.used + excluded.used <= ?4
 """
+# `ledger.reserve_many`'s writes, on rows it has locked (PostgreSQL runs each for many rows
+# in one statement: postgres.MANY). params: amount, user_id
+SQL_TAKE_LOCKED_BALANCE = "UPDATE users SET granted = granted - ? WHERE id = ?"
+# params: user_id, day, amount
+SQL_ADD_DAILY = """
+    INSERT INTO daily_usage (user_id, day, used) VALUES (?, ?, ?)
+    ON CONFLICT (user_id, day) DO UPDATE SET used = daily_usage.used + excluded.used
+"""
+# params: group_key, day, amount
+SQL_ADD_GROUP = """
+    INSERT INTO group_usage (group_key, day, used) VALUES (?, ?, ?)
+    ON CONFLICT (group_key, day) DO UPDATE SET used = group_usage.used + excluded.used
+"""
 SQL_INSERT_RESERVATION = """
     INSERT INTO reservations (job_id, user_id, daily_amount, balance_amount, day, group_key, state)
     VALUES (?, ?, ?, ?, ?, ?, 'reserved')

@@ -53,6 +53,8 @@ DIALECT = Dialect(
     hour_of=lambda column: f"CAST({column} / 3600 AS INTEGER) * 3600",
     json_merge=lambda column, param: f"json_patch({column}, {param})",
     json_elements=lambda column, alias: f"json_each({column}) AS {alias}",
+    json_ints="(SELECT value FROM json_each(?))",
+    json_texts="(SELECT value FROM json_each(?))",
     for_update="",
 )
 
@@ -75,6 +77,11 @@ class SqliteTx:
 
     def execute(self, sql: str, *params: Any) -> Ready:
         return Ready(self.con.execute(sql, params).rowcount)
+
+    def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> Ready:
+        if rows:
+            self.con.executemany(sql, rows)
+        return Ready(None)
 
     def writes(self, *statements: tuple[str, Sequence[Any]]) -> Ready:
         return Ready([self.con.execute(sql, tuple(params)).rowcount for sql, params in statements])

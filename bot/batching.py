@@ -1,0 +1,65 @@
+"""Calls that many tasks make at the same moment, answered together (see `Batcher`).
+
+A burst of commands (issue 15: 500 at the same instant) asks the store the same few things
+for each command. Asked one by one, the last command waits for every trip before its own;
+asked together, a burst costs a handful. Used for the intake's reads
+(`bot.batched_reads`), the provider slots a burst's jobs take, and its reservations
+(`Store.reserve`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+MAX_BATCH = 256
+"""Keys asked in one statement at most."""
+
+
+class Batcher(Generic[K, V]):
+    """Calls queued while a batch is answered go in the next; each distinct key asked once."""
+
+    def __init__(self, fetch: Callable[[list[K]], Awaitable[dict[K, V]]]) -> None:
+        self._fetch = fetch
+        self._queue: list[tuple[K, asyncio.Future[V | None]]] = []
+        self._draining: asyncio.Task[None] | None = None
+
+    async def get(self, key: K) -> V | None:
+        """The value for `key` (None when the store has none)."""
+        return await self.ask(key)
+
+    def ask(self, key: K) -> asyncio.Future[V | None]:
+        """`get`, asked now and answered by the future (no task: a burst's commands ask
+        several things at once for the price of one step). A caller that gives up on the
+        answer cancels the future."""
+        future: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
+        self._queue.append((key, future))
+        if self._draining is None:
+            self._draining = asyncio.create_task(self._drain(), name="batched-reads")
+        return future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                try:
+                    found = await self._fetch(list(dict.fromkeys(key for key, _ in batch)))
+                except Exception as error:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                except BaseException:
+                    for _, future in [*batch, *self._queue]:
+                        future.cancel()
+                    self._queue = []
+                    raise
+                for key, future in batch:
+                    if not future.done():
+                        future.set_result(found.get(key))
+        finally:
+            self._draining = None
