@@ -166,6 +166,7 @@ async def run(
         **({"database_url": database_url} if database_url else {}),
     )
     services = await Services.create(settings)
+    settle_heap()
     try:
         commands = [
             Command(
@@ -219,6 +220,16 @@ async def run(
         rss_peak=rss_peak,
         problems=problems,
     )
+
+
+def settle_heap() -> None:
+    """What `drawbridge run` does with the garbage collector once ready (`bot.heap`); a
+    revision from before it left Python's defaults."""
+    try:
+        from bot import heap
+    except ImportError:
+        return
+    heap.settle()
 
 
 def ideal_total(arrivals: Sequence[float], concurrency: int, latency: float) -> float:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
+from bot import heap
 from bot.config import Settings
 from bot.i18n import t
 from bot.logs import add_secrets, settings_secrets
@@ -89,6 +90,7 @@ async def run(settings: Settings) -> int:
             log.info("%s ready", name)
         else:
             log.info("drawbridge ready: %s", ", ".join(names))
+            heap.settle()
             announcing = asyncio.create_task(
                 announce_recovered(services, started, services.recovered)
             )

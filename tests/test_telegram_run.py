@@ -50,6 +50,8 @@ async def test_drawbridge_run_serves_telegram_and_stops_on_sigterm(
         code = await bot.stop()
     assert code == 0
     assert f"event loop: {loop or 'uvloop'}" in bot.log
+    # Ready, startup's objects leave the collector's scans (bot.heap), and drawing still works.
+    assert "startup objects frozen, collector thresholds 50000/20/100" in bot.log
     assert "telegram: stopped" in bot.log
     assert "Traceback" not in bot.log
     assert fake.token not in bot.log
