@@ -33,22 +33,18 @@ class BatchedReads:
         self._users: Batcher[tuple[str, str], User] = Batcher(store.users_found)
         self._rules: Batcher[str, GroupRules] = Batcher(self._group_rules)
         self._credits: Batcher[tuple[int, date, int], Credits] = Batcher(self._credits_of)
-        # Users being created (or renamed) now: the other commands of a new user in the same
-        # burst wait for that one write instead of each making its own.
-        self._creating: dict[tuple[str, str, str], asyncio.Future[User]] = {}
+        # Users to create (or rename) now: a burst's new users in one write, each once.
+        self._made: Batcher[tuple[str, str, str], User] = Batcher(store.users_made)
 
     async def user(self, platform: str, platform_user_id: str, name: str = "") -> User:
         """`Store.user`: get or create the user, refreshing its display name."""
         found = await self._users.get((platform, platform_user_id))
         if found is not None and (not name or found.name == name):
             return found
-        key = (platform, platform_user_id, name)
-        pending = self._creating.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(self.store.user(platform, platform_user_id, name))
-            self._creating[key] = pending
-            pending.add_done_callback(lambda _: self._creating.pop(key, None))
-        return await asyncio.shield(pending)
+        made = await self._made.get((platform, platform_user_id, name))
+        if made is None:  # cannot be: the write makes every user it is asked for
+            raise NotFoundError(f"no user {platform}:{platform_user_id} after creating it")
+        return made
 
     async def group_rules(self, group_key: str) -> GroupRules:
         """`Store.group_rules`."""

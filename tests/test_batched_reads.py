@@ -101,3 +101,49 @@ async def test_a_new_users_commands_together_create_it_once(store: Store) -> Non
     # A new display name is still written, as `Store.user` does.
     renamed = await reads.user("qq", "new", "nova 2")
     assert renamed.name == "nova 2" and renamed.id == got[0].id
+
+
+async def test_users_made_creates_and_renames_as_user_does(store: Store) -> None:
+    known = await store.user("qq", "1", "alice")
+    admin = await store.user("qq", "10001", "boss")
+    linked = await store.user("telegram", "7", "al")
+    await store.link(await store.create_link_code(known.id), linked.identity_id, DAY)
+
+    made = await store.users_made(
+        [
+            ("qq", "1", "alice 2"),  # renamed
+            ("qq", "10001", ""),  # an empty name keeps the stored one
+            ("telegram", "7", "al"),  # linked: its account's id, money and key
+            ("qq", "2", "new"),
+            ("discord", "2", "other platform, same id"),
+            ("qq", "2", "new"),
+        ]
+    )
+
+    for (platform, uid, name), user in made.items():
+        assert user == await store.user(platform, uid), (platform, uid)
+    assert made[("qq", "1", "alice 2")].name == "alice 2"
+    assert made[("qq", "10001", "")].name == "boss" and made[("qq", "10001", "")].role == "admin"
+    assert made[("telegram", "7", "al")].id == known.id
+    assert made[("qq", "2", "new")].id != made[("discord", "2", "other platform, same id")].id
+    assert admin.id == made[("qq", "10001", "")].id
+    assert await store.users_made([]) == {}
+
+
+async def test_a_bursts_new_users_are_made_in_one_write(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[int] = []
+    users_made = store.users_made
+
+    async def counted(keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], object]:
+        writes.append(len(keys))
+        return await users_made(keys)  # type: ignore[return-value]
+
+    monkeypatch.setattr(store, "users_made", counted)
+    reads = BatchedReads(store)
+    got = await asyncio.gather(*(reads.user("qq", str(i % 20), f"n{i % 20}") for i in range(100)))
+
+    assert writes == [20]  # 100 commands of 20 new users: one write
+    assert [u.name for u in got] == [f"n{i % 20}" for i in range(100)]
+    assert len({u.id for u in got}) == 20

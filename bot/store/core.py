@@ -47,9 +47,11 @@ from bot.store.sql import (
     JOB_SELECT,
     SQL_FINISH_JOB,
     SQL_INSERT_JOB,
+    SQL_MAKE_USER,
     SQL_MARK_CHARGE,
     SQL_MARK_RUNNING,
     SQL_MARK_UPSTREAM_DONE,
+    SQL_USERS_OF,
     USER_SELECT,
 )
 
@@ -110,17 +112,7 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
             # One statement, so atomic without a transaction; also right when another process
             # created the same user a moment ago.
             created = await tx.fetch(
-                """
-                INSERT INTO users (platform, platform_user_id, name, created_at)
-                VALUES (?, ?, ?, ?)
-                ON CONFLICT (platform, platform_user_id) DO UPDATE
-                SET name = CASE WHEN excluded.name <> '' THEN excluded.name ELSE users.name END
-                RETURNING id
-                """,
-                platform,
-                platform_user_id,
-                name,
-                time.time(),
+                SQL_MAKE_USER + " RETURNING id", platform, platform_user_id, name, time.time()
             )
             # Read back with its account (a linked identity whose name changed).
             return (await tx.fetch(USER_SELECT + " WHERE i.id = ?", created[0][0]))[0]
@@ -655,11 +647,40 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
         unique = list(dict.fromkeys(keys))
         if not unique:
             return {}
-        where = " OR ".join(["(i.platform = ? AND i.platform_user_id = ?)"] * len(unique))
-        rows = await self._read(
-            USER_SELECT + " WHERE " + where, [value for key in unique for value in key]
-        )
+        rows = []
+        # One statement text however many users (PostgreSQL prepares it once), a read per
+        # platform the batch holds (one, nearly always).
+        for platform in dict.fromkeys(platform for platform, _ in unique):
+            ids = [uid for p, uid in unique if p == platform]
+            rows += await self._read(
+                SQL_USERS_OF + self._engine.dialect.json_texts, (platform, dumps(ids))
+            )
         return {(row["platform"], row["platform_user_id"]): self._user(row) for row in rows}
+
+    async def users_made(
+        self, keys: list[tuple[str, str, str]]
+    ) -> dict[tuple[str, str, str], User]:
+        """`user` for many `(platform, platform user id, name)` at once: each created, or its
+        name refreshed, as `user` would, in one transaction (a burst of new users)."""
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return {}
+        now = time.time()
+        texts = self._engine.dialect.json_texts
+
+        async def make(tx: Tx) -> list[Any]:
+            await tx.execute_many(SQL_MAKE_USER, [(*key, now) for key in unique])
+            rows: list[Any] = []
+            for platform in dict.fromkeys(platform for platform, _, _ in unique):
+                ids = list(dict.fromkeys(uid for p, uid, _ in unique if p == platform))
+                rows += await tx.fetch(SQL_USERS_OF + texts, platform, dumps(ids))
+            return rows
+
+        made = {
+            (row["platform"], row["platform_user_id"]): self._user(row)
+            for row in await self._write(make)
+        }
+        return {key: made[key[:2]] for key in unique if key[:2] in made}
 
     async def credits_of(
         self, user_ids: list[int], day: date, daily_allowance: int

@@ -94,6 +94,18 @@ USER_SELECT = """
     FROM users AS i JOIN users AS a ON a.id = COALESCE(i.account_id, i.id)
 """
 
+# params: platform, platform_user_id, name, created_at. A new user, or a known one's display
+# name refreshed (an empty name keeps the stored one).
+SQL_MAKE_USER = """
+    INSERT INTO users (platform, platform_user_id, name, created_at)
+    VALUES (?, ?, ?, ?)
+    ON CONFLICT (platform, platform_user_id) DO UPDATE
+    SET name = CASE WHEN excluded.name <> '' THEN excluded.name ELSE users.name END
+"""
+# The users of one platform by their ids there; params: platform, then the ids as a JSON
+# array, for the dialect's `json_texts` appended.
+SQL_USERS_OF = USER_SELECT + " WHERE i.platform = ? AND i.platform_user_id IN "
+
 JOB_SELECT = """
     SELECT j.*, r.state AS ledger_state,
            COALESCE(r.daily_amount + r.balance_amount, 0) AS cost,
