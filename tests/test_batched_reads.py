@@ -120,7 +120,7 @@ async def test_users_made_creates_and_renames_as_user_does(store: Store) -> None
         ]
     )
 
-    for (platform, uid, name), user in made.items():
+    for (platform, uid, _), user in made.items():
         assert user == await store.user(platform, uid), (platform, uid)
     assert made[("qq", "1", "alice 2")].name == "alice 2"
     assert made[("qq", "10001", "")].name == "boss" and made[("qq", "10001", "")].role == "admin"

@@ -484,17 +484,17 @@ async def test_reservations_whose_batch_fails_are_made_one_by_one_and_nothing_ha
     from bot.store.sqlite import SqliteTx
 
     tx_type: Any = pg.PostgresTx if store_url.startswith("postgresql") else SqliteTx
-    execute_many = tx_type.execute_many
+    writes_many = tx_type.writes_many
     failed = []
 
-    def failing(self: Any, sql: str, rows: Any) -> Any:
-        # The batch's last write refuses (as a concurrent writer's row could make it).
-        if sql is SQL_INSERT_LEDGER and not failed:
-            failed.append(len(rows))
+    def failing(self: Any, *steps: Any) -> Any:
+        # The batch's writes refuse (as a concurrent writer's row could make them).
+        if any(sql is SQL_INSERT_LEDGER for sql, _ in steps) and not failed:
+            failed.append(len(steps))
             raise sqlite3.IntegrityError("refused under us")
-        return execute_many(self, sql, rows)
+        return writes_many(self, *steps)
 
-    monkeypatch.setattr(tx_type, "execute_many", failing)
+    monkeypatch.setattr(tx_type, "writes_many", failing)
     said = await reserve_asks(store, asks, together=True)
     assert failed, "the batch's ledger write ran, and failed"
     assert said[:6] == [

@@ -48,6 +48,13 @@ class Tx(Protocol):
         there are no rows). No row counts: for writes whose rows the rule has locked."""
         ...
 
+    def writes_many(self, *steps: tuple[str, Sequence[Sequence[Any]]]) -> Awaitable[None]:
+        """`execute_many` for each `(statement, rows)`, in order, as one step: PostgreSQL
+        sends them in one round trip where it has each one's many-row form, as one statement
+        of data-modifying CTEs (each sees the database as it was before the step, so no two
+        may touch the same row)."""
+        ...
+
     def writes(self, *statements: tuple[str, Sequence[Any]]) -> Awaitable[list[int]]:
         """Run these write statements (no RETURNING) as one step; how many rows each changed.
 

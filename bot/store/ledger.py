@@ -329,25 +329,27 @@ async def reserve_many(tx: Tx, dialect: Dialect, asks: Sequence[Ask]) -> list[in
     # The writes, each table's in key order. The rows are locked and their values were read
     # in this transaction: plain increments, and the tables' CHECKs (granted >= 0, used >= 0)
     # stand behind them.
-    await tx.execute_many(
-        SQL_TAKE_LOCKED_BALANCE,
-        [(amount, user) for user, amount in sorted(taken_balance.items()) if amount],
-    )
-    await tx.execute_many(
-        SQL_ADD_DAILY,
-        [(user, day, amount) for (user, day), amount in sorted(taken_daily.items()) if amount],
-    )
-    await tx.execute_many(
-        SQL_ADD_GROUP,
-        [(group, day, amount) for (group, day), amount in sorted(taken_group.items())],
-    )
-    await tx.execute_many(SQL_INSERT_RESERVATION, reserved)
-    await tx.execute_many(
-        SQL_INSERT_LEDGER,
-        [
-            (job, user, "reserve", daily, bal, day, now, "", None)
-            for job, user, daily, bal, day, _ in reserved
-        ],
+    await tx.writes_many(
+        (
+            SQL_TAKE_LOCKED_BALANCE,
+            [(amount, user) for user, amount in sorted(taken_balance.items()) if amount],
+        ),
+        (
+            SQL_ADD_DAILY,
+            [(user, day, amount) for (user, day), amount in sorted(taken_daily.items()) if amount],
+        ),
+        (
+            SQL_ADD_GROUP,
+            [(group, day, amount) for (group, day), amount in sorted(taken_group.items())],
+        ),
+        (SQL_INSERT_RESERVATION, reserved),
+        (
+            SQL_INSERT_LEDGER,
+            [
+                (job, user, "reserve", daily, bal, day, now, "", None)
+                for job, user, daily, bal, day, _ in reserved
+            ],
+        ),
     )
     return outcomes
 

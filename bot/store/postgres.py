@@ -246,6 +246,7 @@ CALL_TIMEOUT = 60.0
 MIGRATION_LOCK = 0x64726177  # "draw"
 
 _PLACEHOLDER = re.compile(r"\?(\d*)|'(?:[^']|'')*'")
+_NUMBERED = re.compile(r"\$(\d+)")
 
 
 @lru_cache(maxsize=1024)
@@ -268,6 +269,23 @@ def fused(statements: tuple[tuple[str, int], ...]) -> str:
         offset += count
     counts = ", ".join(f"(SELECT COUNT(*) FROM w{index})" for index in range(len(statements)))
     return "WITH " + ",\n".join(parts) + "\nSELECT " + counts
+
+
+@lru_cache(maxsize=64)
+def fused_many(statements: tuple[str, ...]) -> str:
+    """`MANY` forms of these statements as one statement of data-modifying CTEs; their
+    array parameters follow on, as in `fused`."""
+    parts = []
+    offset = 0
+    for index, sql in enumerate(statements):
+        many = MANY[sql].strip()
+
+        def shifted(match: re.Match[str], by: int = offset) -> str:
+            return f"${int(match.group(1)) + by}"
+
+        parts.append(f"w{index} AS ({_NUMBERED.sub(shifted, many)})")
+        offset += max(int(n) for n in _NUMBERED.findall(many))
+    return "WITH " + ",\n".join(parts) + "\nSELECT 1"
 
 
 def _renumbered(sql: str, offset: int) -> str:
@@ -314,6 +332,17 @@ class PostgresTx:
             await self.con.executemany(numbered(sql), rows)
         else:
             await self.con.execute(many, *(list(column) for column in zip(*rows, strict=True)))
+
+    async def writes_many(self, *steps: tuple[str, Sequence[Sequence[Any]]]) -> None:
+        steps = tuple((sql, rows) for sql, rows in steps if rows)
+        if len(steps) < 2 or not all(sql in MANY for sql, _ in steps):
+            for sql, rows in steps:
+                await self.execute_many(sql, rows)
+            return
+        await self.con.execute(
+            fused_many(tuple(sql for sql, _ in steps)),
+            *(list(column) for _, rows in steps for column in zip(*rows, strict=True)),
+        )
 
     async def writes(self, *statements: tuple[str, Sequence[Any]]) -> list[int]:
         if len(statements) == 1:

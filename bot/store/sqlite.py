@@ -83,6 +83,12 @@ class SqliteTx:
             self.con.executemany(sql, rows)
         return Ready(None)
 
+    def writes_many(self, *steps: tuple[str, Sequence[Sequence[Any]]]) -> Ready:
+        for sql, rows in steps:
+            if rows:
+                self.con.executemany(sql, rows)
+        return Ready(None)
+
     def writes(self, *statements: tuple[str, Sequence[Any]]) -> Ready:
         return Ready([self.con.execute(sql, tuple(params)).rowcount for sql, params in statements])
 
