@@ -376,17 +376,24 @@ class JobRunner:
         own_key = await self.store.get_api_key(user.id) if user.has_key else None
         if own_key:
             add_secrets([own_key])
-        job_id = await self.store.create_job(
-            user_id=user.id,
-            platform=inv.platform,
-            chat_id=inv.chat_id,
-            group_key=inv.group_id,
-            kind=spec.kind,
-            prompt=spec.prompt,
-            options=spec.options(),
-            ref_count=len(spec.references) + len(extra_references),
-            own_key=bool(own_key),
-        )
+        job: dict[str, Any] = {
+            "user_id": user.id,
+            "platform": inv.platform,
+            "chat_id": inv.chat_id,
+            "group_key": inv.group_id,
+            "kind": spec.kind,
+            "prompt": spec.prompt,
+            "options": spec.options(),
+            "ref_count": len(spec.references) + len(extra_references),
+            "own_key": bool(own_key),
+        }
+        # An /edit's job row is written first: its images are downloaded (and may fail)
+        # before it is charged. Any other job is written with its charge, in one store step
+        # (`Store.open_job`); refused before that, its row is written saying why.
+        job_id: int | None = None
+        opening: asyncio.Future[tuple[int, int | Exception]] | None = None
+        if spec.kind == "edit":
+            job_id = await self.store.create_job(**job)
         # Count the job against the user's and the queue's limits before any await, so two
         # commands arriving together cannot both slip under a limit. Everything that can refuse
         # the job without looking at its images runs before any reference is downloaded.
@@ -432,15 +439,32 @@ class JobRunner:
             estimate = await self._class_estimate(cls, job_id)
             # What it leaves, for the price line: the reservation says (no read after it),
             # each of a user's commands charged together its own figure.
-            left: int | None = await self.store.reserve(
-                job_id,
-                user_id=user.id,
-                cost=cost,
-                day=day,
-                daily_allowance=self.settings.daily_credits,
-                group_key=group_key,
-                group_cap=self.settings.group_daily_cap,
-            )
+            left: int | None
+            if job_id is None:
+                opening = asyncio.ensure_future(
+                    self.store.open_job(
+                        **job,
+                        cost=cost,
+                        day=day,
+                        daily_allowance=self.settings.daily_credits,
+                        charged_group=group_key,
+                        group_cap=self.settings.group_daily_cap,
+                    )
+                )
+                job_id, outcome = await asyncio.shield(opening)
+                if isinstance(outcome, Exception):
+                    raise outcome
+                left = outcome
+            else:
+                left = await self.store.reserve(
+                    job_id,
+                    user_id=user.id,
+                    cost=cost,
+                    day=day,
+                    daily_allowance=self.settings.daily_credits,
+                    group_key=group_key,
+                    group_cap=self.settings.group_daily_cap,
+                )
             if cred.own_key:
                 left = None
             if not self._accepting:
@@ -454,11 +478,12 @@ class JobRunner:
             detail = exc.detail[:500] if isinstance(exc, errors.DrawbridgeError) else None
             # Cancelled mid-reserve, the shielded reservation may still have committed: a
             # refund is a no-op when nothing was reserved, and exact when something was.
-            await asyncio.shield(self._settle_refused(job_id, kind, detail))
+            await asyncio.shield(self._settle_refused(job_id, kind, detail, opening, job))
             raise
         finally:
             if admitted:
                 self._intake_settled()
+        assert job_id is not None  # written by now: created, or opened with its charge
 
         quote = Quote(
             spec.size.tier if spec.size else "auto",
@@ -990,7 +1015,7 @@ class JobRunner:
         estimate = await self._class_estimate(ticket.eta_class, ticket.job_id)
         return self._in_queue(ticket, estimate, position)
 
-    async def _class_estimate(self, cls: str, job_id: int) -> Estimate | None:
+    async def _class_estimate(self, cls: str, job_id: int | None) -> Estimate | None:
         """The estimate for one job of a class (a store that cannot be read: none).
 
         Estimates are a courtesy: they never fail a job.
@@ -998,7 +1023,7 @@ class JobRunner:
         try:
             return await self.eta.estimate(cls)
         except Exception:
-            log.debug("job %s: no estimate", job_id, exc_info=True)
+            log.debug("job %s: no estimate for %s", job_id or "(new)", cls, exc_info=True)
             return None
 
     def _in_queue(
@@ -1190,17 +1215,43 @@ class JobRunner:
         """Refuse new jobs from now on (shutdown has begun)."""
         self._accepting = False
 
-    async def _settle_refused(self, job_id: int, kind: str, detail: str | None) -> None:
-        """Record a job that never started, returning any credits it had reserved."""
+    async def _settle_refused(
+        self,
+        job_id: int | None,
+        kind: str,
+        detail: str | None,
+        opening: Awaitable[tuple[int, int | Exception]] | None = None,
+        job: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a job that never started, returning any credits it had reserved.
+
+        A job refused before its row was written (`job_id` None) gets one now, saying why;
+        one whose `opening` (`Store.open_job`) was under way when it was cancelled is
+        settled once that is over, whatever it wrote.
+        """
+        if job_id is None and opening is not None:
+            try:
+                job_id, _ = await opening
+            except Exception:
+                job_id = None  # nothing written
+        if job_id is None:
+            if job is None:
+                return
+            try:
+                job_id = await self.store.create_job(**job)
+            except Exception as exc:
+                log.error("a refused job could not be recorded (%r)", exc)
+                return
+        refused = job_id
 
         async def record() -> None:
-            await self.store.refund(job_id, kind)
+            await self.store.refund(refused, kind)
             await self.store.finish_job(
-                job_id, status="failed", error_kind=kind, error_detail=detail
+                refused, status="failed", error_kind=kind, error_detail=detail
             )
 
         # The original refusal matters more than this record; recovery settles it otherwise.
-        await self._ledger_write(job_id, "refusal", record)
+        await self._ledger_write(refused, "refusal", record)
 
     def _launched(self, ticket: _Ticket) -> None:
         """A starting job's request is sent (or the job ended before it was); once a job."""

@@ -15,7 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
+from bot import errors
 from bot.config import Settings
+from bot.jobs import JobSpec, today
 from bot.services import Services
 from bot.store import Store
 from plugins.dispatch import dispatch
@@ -40,13 +42,21 @@ async def test_a_draw_in_a_group_reads_its_rules_once_and_no_credits(
     services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = count_calls(
-        monkeypatch, "group_rules_of", "credits_of", "credits", "group_used", "reserve"
+        monkeypatch,
+        "group_rules_of",
+        "credits_of",
+        "credits",
+        "group_used",
+        "create_job",
+        "reserve",
+        "open_job",
     )
     chat = await run_command(services, invocation("draw", "a fox", chat_id="g1", is_private=False))
 
     assert chat.results()
-    # The reservation says what it left: no credits read at all.
-    assert calls == ["group_rules_of", "reserve"]
+    # The reservation says what it left: no credits read at all. And the job is written with
+    # its charge, in one step.
+    assert calls == ["group_rules_of", "open_job"]
     assert "4 left after this" in chat.everything()
 
 
@@ -103,11 +113,11 @@ async def test_a_draw_nobody_can_pay_for_is_refused_by_the_reservation_alone(
 ) -> None:
     services = await Services.create(settings_factory(daily_credits=0))
     try:
-        calls = count_calls(monkeypatch, "credits", "credits_of", "reserve")
+        calls = count_calls(monkeypatch, "credits", "credits_of", "reserve", "open_job")
         chat = await run_command(services, invocation("draw", "a fox"))
 
         assert "Not enough credits: this needs 1, you have 0" in chat.last_text()
-        assert calls == ["reserve"]
+        assert calls == ["open_job"]
         job = await services.store.job(1)
         assert job is not None
         assert (job.status, job.error_kind) == ("failed", "insufficient_credits")
@@ -223,3 +233,59 @@ async def test_jobs_that_wait_say_so_after_the_starting_jobs_sent_their_requests
         await services.close()
     # Before: the three "Queued" lines went first, and the two requests after them.
     assert order[:5] == ["request", "request", "queued", "queued", "queued"], order
+
+
+# --- a draw's job written with its charge (`Store.open_job`) ---
+
+
+async def test_a_draw_refused_before_its_charge_still_has_a_job_row_saying_why(
+    services: Services,
+) -> None:
+    user = await services.store.user("test", "u1")
+    await services.store.set_role(user.id, "banned")
+    user = await services.store.user("test", "u1")
+    inv = invocation("draw", "a fox")
+    spec = JobSpec(kind="draw", prompt="a fox")
+
+    with pytest.raises(errors.BannedError):
+        await services.jobs.submit(inv=inv, user=user, chat=RecordingChat(), spec=spec, lang="en")
+
+    job = await services.store.job(1)
+    assert job is not None
+    assert (job.status, job.error_kind, job.kind, job.prompt) == (
+        "failed",
+        "banned",
+        "draw",
+        "a fox",
+    )
+    assert job.ledger_state is None  # never charged
+
+
+async def test_a_draw_cancelled_while_its_job_is_written_and_charged_is_settled(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked, go_on = asyncio.Event(), asyncio.Event()
+    open_job = Store.open_job
+
+    async def slow_open_job(self: Store, **fields: Any) -> Any:
+        asked.set()
+        await go_on.wait()  # the caller is cancelled meanwhile; the write goes on
+        return await open_job(self, **fields)
+
+    monkeypatch.setattr(Store, "open_job", slow_open_job)
+    command = asyncio.create_task(dispatch(invocation("draw", "a fox"), RecordingChat(), services))
+    await asyncio.wait_for(asked.wait(), 5)
+    command.cancel()
+    await asyncio.sleep(0.05)
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await command
+    await services.jobs.wait_idle()
+
+    # The job it wrote (one row, not a second one for the refusal) is failed and refunded.
+    user = await services.store.user("test", "u1")
+    job = await services.store.job(1)
+    assert job is not None and job.status == "failed" and job.ledger_state == "refunded"
+    assert await services.store.job(2) is None
+    credits = await services.store.credits(user.id, today(services.settings), 5)
+    assert credits.total_left == 5

@@ -530,3 +530,78 @@ async def test_a_reservation_whose_caller_is_cancelled_is_still_refunded_whole(
     rows = money_rows(store_url)
     assert [r[-1] for r in rows["reservations"]] == ["reserved", "refunded", "reserved"]
     assert rows["daily"] == [(user, DAY.isoformat(), 2)]
+
+
+async def test_jobs_opened_together_are_written_and_charged_as_one_by_one(
+    store_url: str, tmp_path: Path
+) -> None:
+    """`Store.open_job`: a job written with its charge, many in one transaction when asked
+    together, each as `create_job` then `reserve` would, refusals leaving the job queued."""
+    from tests.databases import Raw, database_url
+
+    async def scenario(store: Store, together: bool) -> list[str]:
+        a = (await store.user("qq", "a")).id
+        b = (await store.user("qq", "b")).id
+        before = await new_job(store, a)  # a job written first (an /edit's), reserved below
+
+        def opened(user: int, cost: int, group: str | None) -> Any:
+            return store.open_job(
+                user_id=user,
+                platform="qq",
+                chat_id="g1" if group else "c",
+                group_key=group,
+                kind="draw",
+                prompt=f"a fox for {cost}",
+                options={"n": cost},
+                ref_count=0,
+                own_key=False,
+                cost=cost,
+                day=DAY,
+                daily_allowance=3,
+                charged_group=group,
+                group_cap=1,
+            )
+
+        calls = [
+            lambda: opened(a, 2, None),
+            lambda: store.reserve(before, user_id=a, cost=1, day=DAY, daily_allowance=3),
+            lambda: opened(a, 1, None),  # insufficient by now: the job stays, queued
+            lambda: opened(b, 1, "g1"),
+            lambda: opened(b, 1, "g1"),  # over the group's cap of 1
+        ]
+        if together:
+            results = await asyncio.gather(*(call() for call in calls))
+        else:
+            results = [await call() for call in calls]
+        return [repr(r) if not isinstance(r, tuple) else f"{r[0]}: {r[1]!r}" for r in results]
+
+    said = {}
+    async with database_url(
+        "postgresql" if store_url.startswith("postgresql") else "sqlite", tmp_path / "alone"
+    ) as alone_url:
+        for url, together in [(store_url, True), (alone_url, False)]:
+            store = await Store.connect(url, keybox=KeyBox.load(tmp_path))
+            try:
+                said[together] = await scenario(store, together)
+            finally:
+                await store.close()
+        assert said[True] == said[False]
+        assert money_rows(store_url) == money_rows(alone_url)
+        jobs = []
+        for url in (store_url, alone_url):
+            raw = Raw(url)
+            try:
+                jobs.append(
+                    raw.query(
+                        "SELECT id, user_id, chat_id, group_key, kind, prompt, options, status,"
+                        " process_id FROM jobs ORDER BY id"
+                    )
+                )
+            finally:
+                raw.close()
+        assert jobs[0] == jobs[1]
+    assert said[True][0] == "2: 1"  # job 2, 1 credit left
+    assert said[True][1] == "0"  # the job written first: 0 left
+    assert said[True][2].startswith("3: InsufficientCreditsError")
+    assert said[True][3] == "4: 2" and said[True][4].startswith("5: GroupCapReachedError")
+    assert [row[7] for row in jobs[0]] == ["queued"] * 5  # refused ones too: the caller settles

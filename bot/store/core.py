@@ -18,8 +18,10 @@ import json
 import logging
 import time
 from collections.abc import Set
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from datetime import time as dt_time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from bot.secrets import KeyBox
 from bot.store import ledger
 from bot.store.accounts import AccountsMixin
 from bot.store.console import ConsoleMixin
-from bot.store.engine import Engine, Tx
+from bot.store.engine import Dialect, Engine, Tx
 from bot.store.ledger import dumps, job_from_row
 from bot.store.model import (
     FINAL_STATUSES,
@@ -65,11 +67,11 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
         super().__init__(engine, keybox, admins)
         # Reservations asked at the same moment, made together (`reserve`); each asked
         # once (the key's first member numbers the calls) and, while in flight, by job.
-        self._reservations: Batcher[tuple[int, ledger.Ask], int | Exception] = Batcher(
-            self._reserve_batch
-        )
+        self._reservations: Batcher[
+            tuple[int, ledger.Ask], tuple[int, int | Exception] | Exception
+        ] = Batcher(self._reserve_batch)
         self._asked = 0
-        self._reserving: dict[int, set[asyncio.Future[int | Exception | None]]] = {}
+        self._reserving: dict[int, set[asyncio.Future[Any]]] = {}
 
     # --- lifecycle ---
 
@@ -262,25 +264,74 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
         own_key: bool,
     ) -> int:
         """Record a new queued job (this process's, see `start_process`); returns its id."""
+        row = self._new_job(
+            user_id, platform, chat_id, group_key, kind, prompt, options, ref_count, own_key
+        )
+        rows = await self._fetch_write(SQL_INSERT_JOB, row)
+        return int(rows[0][0])
+
+    def _new_job(
+        self,
+        user_id: int,
+        platform: str,
+        chat_id: str,
+        group_key: str | None,
+        kind: str,
+        prompt: str,
+        options: dict[str, Any],
+        ref_count: int,
+        own_key: bool,
+    ) -> tuple[Any, ...]:
+        """SQL_INSERT_JOB's parameters for a new queued job of this process."""
         if kind not in JOB_KINDS:
             raise ValueError(f"unknown job kind {kind!r}")
-        rows = await self._fetch_write(
-            SQL_INSERT_JOB,
-            (
-                user_id,
-                platform,
-                chat_id,
-                group_key,
-                kind,
-                prompt,
-                dumps(options),
-                ref_count,
-                int(own_key),
-                time.time(),
-                self.process_id,
-            ),
+        return (
+            user_id,
+            platform,
+            chat_id,
+            group_key,
+            kind,
+            prompt,
+            dumps(options),
+            ref_count,
+            int(own_key),
+            time.time(),
+            self.process_id,
         )
-        return int(rows[0][0])
+
+    async def open_job(
+        self,
+        *,
+        user_id: int,
+        platform: str,
+        chat_id: str,
+        group_key: str | None,
+        kind: str,
+        prompt: str,
+        options: dict[str, Any],
+        ref_count: int,
+        own_key: bool,
+        cost: int,
+        day: date,
+        daily_allowance: int,
+        charged_group: str | None = None,
+        group_cap: int = 0,
+    ) -> tuple[int, int | Exception]:
+        """`create_job` and `reserve` in one transaction: the new job's id, and what the
+        reservation left or the refusal `reserve` would raise (the job then stays queued,
+        for the caller to record why). `charged_group` is `reserve`'s `group_key`.
+
+        A job that needs nothing between the two (no image to download) costs one store
+        step instead of two, and one transaction for a burst's commands asked together.
+        Raises (recording nothing) only when the job itself could not be written.
+        """
+        row = self._new_job(
+            user_id, platform, chat_id, group_key, kind, prompt, options, ref_count, own_key
+        )
+        ask = ledger.Ask(
+            0, user_id, cost, day.isoformat(), daily_allowance, charged_group, group_cap, row
+        )
+        return await self._ask_reservation(ask)
 
     async def reserve(
         self,
@@ -307,24 +358,34 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
         transaction, each as if alone and in the order asked (`ledger.reserve_many`). A
         caller cancelled meanwhile does not undo its reservation: `refund` waits for it.
         """
-        if cost < 0:
-            raise ValueError("cost must not be negative")
-        if self._closed:
-            raise StoreError("store is closed")
         ask = ledger.Ask(
             job_id, user_id, cost, day.isoformat(), daily_allowance, group_key, group_cap
         )
+        _, outcome = await self._ask_reservation(ask)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def _ask_reservation(self, ask: ledger.Ask) -> tuple[int, int | Exception]:
+        """Queue `ask` with the reservations asked at this moment: its job's id and what it
+        left, or its refusal. Raises when its new job could not be written."""
+        if ask.cost < 0:
+            raise ValueError("cost must not be negative")
+        if self._closed:
+            raise StoreError("store is closed")
         self._asked += 1
         answer = self._reservations.ask((self._asked, ask))
-        self._reserving.setdefault(job_id, set()).add(answer)
-        answer.add_done_callback(lambda done: self._reserved(job_id, done))
+        if ask.job is None:
+            # A refund of this job waits for the answer (its caller may be cancelled first).
+            self._reserving.setdefault(ask.job_id, set()).add(answer)
+        answer.add_done_callback(lambda done: self._reserved(ask.job_id, done))
         outcome = await asyncio.shield(answer)
         if isinstance(outcome, Exception):
             raise outcome
         assert outcome is not None
         return outcome
 
-    def _reserved(self, job_id: int, answer: asyncio.Future[int | Exception | None]) -> None:
+    def _reserved(self, job_id: int, answer: asyncio.Future[Any]) -> None:
         answers = self._reserving.get(job_id)
         if answers is not None:
             answers.discard(answer)
@@ -335,23 +396,29 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
 
     async def _reserve_batch(
         self, keys: list[tuple[int, ledger.Ask]]
-    ) -> dict[tuple[int, ledger.Ask], int | Exception]:
+    ) -> dict[tuple[int, ledger.Ask], tuple[int, int | Exception] | Exception]:
         asks = [ask for _, ask in keys]
         if len(asks) > 1:
-            dialect = self._engine.dialect
             try:
-                outcomes = await self._write(lambda tx: ledger.reserve_many(tx, dialect, asks))
-                return dict(zip(keys, outcomes, strict=True))
+                decided = await self._write(partial(_open_and_reserve, self._engine.dialect, asks))
+                return dict(zip(keys, decided, strict=True))
             except Exception:
                 # A write refused under us (another process's reservation of a group's first
                 # job, a lost connection): each one alone, so each error is its own.
                 log.debug("%d reservations together failed; one by one", len(asks), exc_info=True)
-        found: dict[tuple[int, ledger.Ask], int | Exception] = {}
+        found: dict[tuple[int, ledger.Ask], tuple[int, int | Exception] | Exception] = {}
         for key, ask in zip(keys, asks, strict=True):
             try:
-                found[key] = await self._reserve_alone(ask)
+                if ask.job is not None:
+                    rows = await self._fetch_write(SQL_INSERT_JOB, ask.job)
+                    ask = replace(ask, job_id=int(rows[0][0]), job=None)
             except Exception as error:
-                found[key] = error
+                found[key] = error  # no job: nothing to say it was refused on
+                continue
+            try:
+                found[key] = (ask.job_id, await self._reserve_alone(ask))
+            except Exception as error:
+                found[key] = (ask.job_id, error)
         return found
 
     async def _reserve_alone(self, ask: ledger.Ask) -> int:
@@ -705,6 +772,21 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
             )
             for row in rows
         }
+
+
+async def _open_and_reserve(
+    dialect: Dialect, asks: list[ledger.Ask], tx: Tx
+) -> list[tuple[int, int | Exception]]:
+    """Write the asks' new jobs (`Store.open_job`), then reserve for all of them, in one
+    transaction: each job's id, and what its reservation left or why it was refused."""
+    asks = list(asks)  # its own copy: a batch rolled back is retried from the asks as asked
+    new = [index for index, ask in enumerate(asks) if ask.job is not None]
+    if new:
+        made = await tx.fetch_many(SQL_INSERT_JOB, [asks[i].job or () for i in new])
+        for index, rows in zip(new, made, strict=True):
+            asks[index] = replace(asks[index], job_id=int(rows[0][0]), job=None)
+    decided = await ledger.reserve_many(tx, dialect, asks)
+    return [(ask.job_id, outcome) for ask, outcome in zip(asks, decided, strict=True)]
 
 
 async def open_engine(url: str, *, migrate: bool = True) -> Engine:

@@ -43,6 +43,11 @@ class Tx(Protocol):
         """Run a write statement; returns how many rows it changed."""
         ...
 
+    def fetch_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> Awaitable[list[list[Row]]]:
+        """`fetch` once per row of parameters (a RETURNING write), as one step where the
+        engine can (PostgreSQL's BATCHED forms); each row's result, in order."""
+        ...
+
     def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> Awaitable[None]:
         """Run one write statement once per row of parameters, in one step (nothing when
         there are no rows). No row counts: for writes whose rows the rule has locked."""

@@ -202,6 +202,8 @@ class Ask:
     daily_allowance: int
     group_key: str | None
     group_cap: int
+    # A job to write first (SQL_INSERT_JOB's parameters; `Store.open_job`), job_id 0 until.
+    job: tuple[Any, ...] | None = None
 
 
 async def reserve_many(tx: Tx, dialect: Dialect, asks: Sequence[Ask]) -> list[int | Exception]:

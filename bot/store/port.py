@@ -70,6 +70,24 @@ class StorePort(Protocol):
         ref_count: int,
         own_key: bool,
     ) -> int: ...
+    async def open_job(
+        self,
+        *,
+        user_id: int,
+        platform: str,
+        chat_id: str,
+        group_key: str | None,
+        kind: str,
+        prompt: str,
+        options: dict[str, Any],
+        ref_count: int,
+        own_key: bool,
+        cost: int,
+        day: date,
+        daily_allowance: int,
+        charged_group: str | None = None,
+        group_cap: int = 0,
+    ) -> tuple[int, int | Exception]: ...
     async def mark_running(self, job_id: int, provider: str) -> None: ...
     async def mark_upstream_done(self, job_id: int, eta_class: str) -> None: ...
     async def mark_delivering(self, job_id: int, charge: int) -> None: ...

@@ -324,6 +324,15 @@ class PostgresTx:
     async def execute(self, sql: str, *params: Any) -> int:
         return _rowcount(await self.con.execute(numbered(sql), *params))
 
+    async def fetch_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> list[list[Row]]:
+        if sql not in BATCHED or len(rows) < 2:
+            return [await self.fetch(sql, *params) for params in rows]
+        results: list[list[Row]] = [[] for _ in rows]
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        for row in await self.con.fetch(BATCHED[sql], *columns):
+            results[row[0] - 1].append(tuple(row)[1:])
+        return results
+
     async def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if not rows:
             return

@@ -78,6 +78,9 @@ class SqliteTx:
     def execute(self, sql: str, *params: Any) -> Ready:
         return Ready(self.con.execute(sql, params).rowcount)
 
+    def fetch_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> Ready:
+        return Ready([self.con.execute(sql, tuple(params)).fetchall() for params in rows])
+
     def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> Ready:
         if rows:
             self.con.executemany(sql, rows)
