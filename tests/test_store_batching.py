@@ -385,6 +385,17 @@ async def reservation_scenario(store: Store) -> list[tuple[int, int, int, dict[s
     return asks
 
 
+# What `reservation_scenario`'s first six asks, all the account a's, say.
+A_SAYS = [
+    "left 3",
+    "left 1",
+    "InsufficientCreditsError: insufficient_credits",
+    "left 0",
+    "left 2",
+    "left 0",
+]
+
+
 async def reserve_asks(
     store: Store, asks: list[tuple[int, int, int, dict[str, Any]]], *, together: bool
 ) -> list[str]:
@@ -457,14 +468,7 @@ async def test_reservations_asked_together_are_decided_as_made_one_by_one(
         assert outcomes[True] == outcomes[False]
         assert money_rows(store_url) == money_rows(alone_url)
     said = outcomes[True]
-    assert said[:6] == [
-        "left 3",
-        "left 1",
-        "InsufficientCreditsError: insufficient_credits",
-        "left 0",
-        "left 2",
-        "left 0",
-    ]
+    assert said[:6] == A_SAYS
     assert said[7] == said[2] and said[9].startswith("GroupCapReachedError")
     assert said[12].startswith("GroupCapReachedError") and said[13] == "left 1"
     assert [s.split(":")[0] for s in said[14:]] == [
@@ -497,14 +501,7 @@ async def test_reservations_whose_batch_fails_are_made_one_by_one_and_nothing_ha
     monkeypatch.setattr(tx_type, "writes_many", failing)
     said = await reserve_asks(store, asks, together=True)
     assert failed, "the batch's ledger write ran, and failed"
-    assert said[:6] == [
-        "left 3",
-        "left 1",
-        "InsufficientCreditsError: insufficient_credits",
-        "left 0",
-        "left 2",
-        "left 0",
-    ]
+    assert said[:6] == A_SAYS
     rows = money_rows(store_url)
     # One reservation and one reserve row per reservation made: the failed batch left none.
     made = [s for s in said if s.startswith("left")]
