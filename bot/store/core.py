@@ -456,20 +456,7 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
             # 'ok' carries what the reservation left since migration 12 (applied at open).
             assert number is not None, "drawbridge_reserve from before migration 12"
             return int(number)
-        for_update = self.for_update
-        return await self._write(
-            lambda tx: ledger.reserve(
-                tx,
-                for_update,
-                job_id=ask.job_id,
-                user_id=ask.user_id,
-                cost=ask.cost,
-                iso_day=ask.iso_day,
-                daily_allowance=ask.daily_allowance,
-                group_key=ask.group_key,
-                group_cap=ask.group_cap,
-            )
-        )
+        return await self._write(partial(ledger.reserve, for_update=self.for_update, ask=ask))
 
     async def commit(self, job_id: int, amount: int | None = None) -> bool:
         """Make the job's reservation final (spent); False if it is not reserved.

@@ -111,19 +111,25 @@ async def grant(
     return after
 
 
-async def reserve(
-    tx: Tx,
-    for_update: str,
-    *,
-    job_id: int,
-    user_id: int,
-    cost: int,
-    iso_day: str,
-    daily_allowance: int,
-    group_key: str | None,
-    group_cap: int,
-) -> int:
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """One reservation asked for (`reserve`'s arguments)."""
+
+    job_id: int
+    user_id: int
+    cost: int
+    iso_day: str
+    daily_allowance: int
+    group_key: str | None
+    group_cap: int
+    # A job to write first (SQL_INSERT_JOB's parameters; `Store.open_job`), job_id 0 until.
+    job: tuple[Any, ...] | None = None
+
+
+async def reserve(tx: Tx, for_update: str, ask: Ask) -> int:
     """Reserve the job's cost; the credits left after it (refusals raise `refusal(...)`)."""
+    job_id, user_id, cost, iso_day = ask.job_id, ask.user_id, ask.cost, ask.iso_day
+    daily_allowance, group_key, group_cap = ask.daily_allowance, ask.group_key, ask.group_cap
     # PostgreSQL runs this rule as one function, `drawbridge_reserve` (migrations 11 and 12),
     # line for line, and `reserve_many` decides many at once the same way: a change here is a
     # change in both, and the store tests check all three decide alike.
@@ -189,21 +195,6 @@ async def reserve(
                 raise refusal("group_cap", job_id=job_id, user_id=user_id, cost=cost, number=cap)
             raise refusal("insufficient", job_id=job_id, user_id=user_id, cost=cost, number=left)
     return left - cost
-
-
-@dataclass(frozen=True, slots=True)
-class Ask:
-    """One reservation asked for (`reserve`'s arguments)."""
-
-    job_id: int
-    user_id: int
-    cost: int
-    iso_day: str
-    daily_allowance: int
-    group_key: str | None
-    group_cap: int
-    # A job to write first (SQL_INSERT_JOB's parameters; `Store.open_job`), job_id 0 until.
-    job: tuple[Any, ...] | None = None
 
 
 async def reserve_many(tx: Tx, dialect: Dialect, asks: Sequence[Ask]) -> list[int | Exception]:

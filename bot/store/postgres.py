@@ -158,12 +158,6 @@ BATCHED: dict[str, str] = {
         )
         SELECT n, 1 FROM settled
     """,
-    DIALECT.reserve_call or "": """
-        SELECT n, outcome, number, detail
-        FROM drawbridge_reserve_many($1::bigint[], $2::bigint[], $3::integer[], $4::text[],
-                                     $5::integer[], $6::text[], $7::integer[],
-                                     $8::double precision[])
-    """,
     # A job's row through its life: each update locks its rows in id order first, so two
     # batches touching the same jobs (a job's charge and its upstream time, written side by
     # side) never hold one the other waits for.
