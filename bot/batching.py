@@ -42,6 +42,11 @@ class Batcher(Generic[K, V]):
             self._draining = asyncio.create_task(self._drain(), name="batched-reads")
         return future
 
+    async def drained(self) -> None:
+        """Wait until every call asked so far is answered."""
+        while self._draining is not None:
+            await asyncio.shield(self._draining)
+
     async def _drain(self) -> None:
         try:
             while self._queue:

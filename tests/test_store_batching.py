@@ -602,3 +602,19 @@ async def test_jobs_opened_together_are_written_and_charged_as_one_by_one(
     assert said[True][2].startswith("3: InsufficientCreditsError")
     assert said[True][3] == "4: 2" and said[True][4].startswith("5: GroupCapReachedError")
     assert [row[7] for row in jobs[0]] == ["queued"] * 5  # refused ones too: the caller settles
+
+
+async def test_closing_the_store_lets_the_reservations_already_asked_land(
+    store: Store, store_url: str
+) -> None:
+    user = (await store.user("qq", "1")).id
+    jobs = [await new_job(store, user) for _ in range(3)]
+    asked = [
+        asyncio.ensure_future(store.reserve(job, user_id=user, cost=1, day=DAY, daily_allowance=5))
+        for job in jobs
+    ]
+    await asyncio.sleep(0)  # asked, in a batch not yet written
+    await store.close()  # a shutdown: what was asked before it is made, not refused
+
+    assert [await a for a in asked] == [4, 3, 2]
+    assert [r[-1] for r in money_rows(store_url)["reservations"]] == ["reserved"] * 3

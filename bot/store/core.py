@@ -75,6 +75,12 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
 
     # --- lifecycle ---
 
+    async def close(self) -> None:
+        """Let reservations asked and transactions in flight finish, then close."""
+        if not self._closed:
+            await self._reservations.drained()
+        await super().close()
+
     @classmethod
     async def open(
         cls, path: Path, *, keybox: KeyBox, admins: Set[tuple[str, str]] = frozenset()
