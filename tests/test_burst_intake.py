@@ -87,6 +87,28 @@ async def test_a_group_command_reads_its_rules_beside_its_user_not_after(
     assert chat.results()
 
 
+async def test_a_failed_user_read_in_a_group_is_the_error_the_command_gets(
+    settings_factory: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The rules read beside it fails first: its error is retrieved, the user read's raised.
+    async def users_found(self: Store, keys: Any) -> Any:
+        await asyncio.sleep(0.05)
+        raise RuntimeError("the users table is gone")
+
+    async def rules_of(self: Store, keys: Any) -> Any:
+        raise RuntimeError("the rules table is gone")
+
+    monkeypatch.setattr(Store, "users_found", users_found)  # before the batcher binds it
+    monkeypatch.setattr(Store, "group_rules_of", rules_of)
+    services = await Services.create(settings_factory())
+    try:
+        inv = invocation("draw", "a fox", chat_id="g1", is_private=False)
+        with pytest.raises(RuntimeError, match="users table"):
+            await dispatch(inv, RecordingChat(), services)
+    finally:
+        await services.close()
+
+
 async def test_commands_arriving_together_say_what_is_left_after_their_charges(
     settings_factory: Callable[..., Settings],
 ) -> None:

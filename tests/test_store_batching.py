@@ -530,11 +530,22 @@ async def test_a_reservation_whose_caller_is_cancelled_is_still_refunded_whole(
 
 
 async def test_jobs_opened_together_are_written_and_charged_as_one_by_one(
-    store_url: str, tmp_path: Path
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`Store.open_job`: a job written with its charge, many in one transaction when asked
     together, each as `create_job` then `reserve` would, refusals leaving the job queued."""
+    from bot.store import ledger
     from tests.databases import Raw, database_url
+
+    batches: list[int] = []
+    reserve_many = ledger.reserve_many
+
+    async def counted(tx: Tx, dialect: Any, asks: Any) -> Any:
+        decided = await reserve_many(tx, dialect, asks)
+        batches.append(len(asks))  # and not refused by the database: no one-by-one retry
+        return decided
+
+    monkeypatch.setattr(ledger, "reserve_many", counted)
 
     async def scenario(store: Store, together: bool) -> list[str]:
         a = (await store.user("qq", "a")).id
@@ -582,6 +593,7 @@ async def test_jobs_opened_together_are_written_and_charged_as_one_by_one(
                 said[together] = await scenario(store, together)
             finally:
                 await store.close()
+        assert batches == [5], "the five asked together were written in one transaction"
         assert said[True] == said[False]
         assert money_rows(store_url) == money_rows(alone_url)
         jobs = []

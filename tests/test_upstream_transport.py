@@ -100,14 +100,19 @@ async def test_concurrent_jobs_reuse_their_connections_in_the_next_round(
     assert len({r.peer for r in sent}) == concurrency
 
 
+async def stream_to_done(request: web.Request) -> web.StreamResponse:
+    """A streamed answer up to its `[DONE]`: one completed image; how it ends is the caller's."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    data = base64.b64encode(image_bytes()).decode()
+    event = {"type": "image_generation.completed", "b64_json": data, "size": "64x48"}
+    await response.write(f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode())
+    return response
+
+
 async def test_a_relay_that_keeps_the_stream_open_after_done_does_not_hold_the_job() -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        data = base64.b64encode(image_bytes()).decode()
-        event = {"type": "image_generation.completed", "b64_json": data, "size": "64x48"}
-        await response.write(f"data: {json.dumps(event)}\n\n".encode())
-        await response.write(b"data: [DONE]\n\n")
+        response = await stream_to_done(request)
         await asyncio.sleep(10)  # the body's end never comes in time
         return response
 
@@ -127,11 +132,7 @@ async def test_a_relay_that_drops_the_connection_after_done_still_gives_the_imag
     # The body's end never comes: the connection is cut right after [DONE]. The image is in
     # hand; reading the end is only for reusing the connection.
     async def handler(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        data = base64.b64encode(image_bytes()).decode()
-        event = {"type": "image_generation.completed", "b64_json": data, "size": "64x48"}
-        await response.write(f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode())
+        response = await stream_to_done(request)
         await asyncio.sleep(0.05)
         assert request.transport is not None
         request.transport.close()
