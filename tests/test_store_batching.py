@@ -337,6 +337,23 @@ async def test_a_bursts_job_updates_made_together_land_as_made_one_by_one(
 # --- reservations asked together (`ledger.reserve_many`) ---
 
 
+def count_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of each batch of reservations `ledger.reserve_many` decided (and the database
+    took: a batch it refused, then made one by one, is not counted)."""
+    from bot.store import ledger
+
+    batches: list[int] = []
+    reserve_many = ledger.reserve_many
+
+    async def counted(tx: Tx, dialect: Any, asks: Any) -> Any:
+        decided = await reserve_many(tx, dialect, asks)
+        batches.append(len(asks))
+        return decided
+
+    monkeypatch.setattr(ledger, "reserve_many", counted)
+    return batches
+
+
 async def reservation_scenario(store: Store) -> list[tuple[int, int, int, dict[str, Any]]]:
     """Users, groups and jobs on which every outcome of a reservation shows up; the asks, in
     order: (job, user, cost, reserve's other arguments)."""
@@ -442,19 +459,10 @@ def money_rows(url: str) -> dict[str, list[tuple[Any, ...]]]:
 async def test_reservations_asked_together_are_decided_as_made_one_by_one(
     store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bot.store import ledger
     from tests.databases import database_url
 
     engine = "postgresql" if store_url.startswith("postgresql") else "sqlite"
-    batches: list[int] = []
-    reserve_many = ledger.reserve_many
-
-    async def counted(tx: Tx, dialect: Any, asks: Any) -> Any:
-        decided = await reserve_many(tx, dialect, asks)
-        batches.append(len(asks))  # and not refused by the database: no one-by-one retry
-        return decided
-
-    monkeypatch.setattr(ledger, "reserve_many", counted)
+    batches = count_batches(monkeypatch)
     async with database_url(engine, tmp_path / "alone") as alone_url:
         outcomes = {}
         for url, together in [(store_url, True), (alone_url, False)]:
@@ -534,18 +542,9 @@ async def test_jobs_opened_together_are_written_and_charged_as_one_by_one(
 ) -> None:
     """`Store.open_job`: a job written with its charge, many in one transaction when asked
     together, each as `create_job` then `reserve` would, refusals leaving the job queued."""
-    from bot.store import ledger
     from tests.databases import Raw, database_url
 
-    batches: list[int] = []
-    reserve_many = ledger.reserve_many
-
-    async def counted(tx: Tx, dialect: Any, asks: Any) -> Any:
-        decided = await reserve_many(tx, dialect, asks)
-        batches.append(len(asks))  # and not refused by the database: no one-by-one retry
-        return decided
-
-    monkeypatch.setattr(ledger, "reserve_many", counted)
+    batches = count_batches(monkeypatch)
 
     async def scenario(store: Store, together: bool) -> list[str]:
         a = (await store.user("qq", "a")).id
