@@ -345,8 +345,8 @@ def count_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     batches: list[int] = []
     reserve_many = ledger.reserve_many
 
-    async def counted(tx: Tx, dialect: Any, asks: Any) -> Any:
-        decided = await reserve_many(tx, dialect, asks)
+    async def counted(tx: Tx, dialect: Any, asks: Any, fresh: Any = ()) -> Any:
+        decided = await reserve_many(tx, dialect, asks, fresh)
         batches.append(len(asks))
         return decided
 

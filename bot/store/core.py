@@ -774,11 +774,13 @@ async def _open_and_reserve(
     transaction: each job's id, and what its reservation left or why it was refused."""
     asks = list(asks)  # its own copy: a batch rolled back is retried from the asks as asked
     new = [index for index, ask in enumerate(asks) if ask.job is not None]
+    fresh: set[int] = set()
     if new:
         made = await tx.fetch_many(SQL_INSERT_JOB, [asks[i].job or () for i in new])
         for index, rows in zip(new, made, strict=True):
             asks[index] = replace(asks[index], job_id=int(rows[0][0]), job=None)
-    decided = await ledger.reserve_many(tx, dialect, asks)
+            fresh.add(asks[index].job_id)
+    decided = await ledger.reserve_many(tx, dialect, asks, fresh)
     return [(ask.job_id, outcome) for ask, outcome in zip(asks, decided, strict=True)]
 
 

@@ -98,6 +98,11 @@ class Dialect:
     # Appended to a SELECT that reads rows it will change (no-op where BEGIN IMMEDIATE
     # already holds the one write lock).
     for_update: str
+    # Where rows are locked (`for_update`): a statement that makes each group's usage row of
+    # each day (params: JSON arrays of group keys and of days) if missing and locks them all,
+    # in key order, returning (group_key, day, used, the group's own cap or NULL). Another
+    # process's reservation could otherwise insert a missing row meanwhile.
+    lock_group_days: str | None = None
     # The commit of a whole reservation (`ledger.commit` when nothing comes back) as one
     # statement that settles it and appends its ledger row, where the engine can write in a
     # CTE; params: job_id, amount (or None), created_at, note. Returns a row if it committed;

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -197,12 +197,16 @@ async def reserve(tx: Tx, for_update: str, ask: Ask) -> int:
     return left - cost
 
 
-async def reserve_many(tx: Tx, dialect: Dialect, asks: Sequence[Ask]) -> list[int | Exception]:
+async def reserve_many(
+    tx: Tx, dialect: Dialect, asks: Sequence[Ask], fresh: Collection[int] = ()
+) -> list[int | Exception]:
     """`reserve` for many jobs in one transaction, each decided as if they had run one after
-    another in this order: what each left, or the refusal it raises alone.
+    another in this order: what each left, or the refusal it raises alone. `fresh` names the
+    jobs this transaction has just written (`Store.open_job`): queued, their ask's user's and
+    not reserved, so they are not read back.
 
     The rows are read once for all of them and the writes go table by table, so a batch of
-    a burst's reservations costs a dozen statements instead of eight each. The decisions are
+    a burst's reservations costs a handful of statements instead of eight each. The decisions are
     read-then-write, which is exact only because nothing else can write those rows until
     this commits: every account's row is locked (then its daily usage, then the groups'
     usage, in key order: the order every rule takes them), and PostgreSQL first gives each
@@ -234,13 +238,12 @@ async def reserve_many(tx: Tx, dialect: Dialect, asks: Sequence[Ask]) -> list[in
     }
     group_used: dict[tuple[str, str], int] = {}
     own_caps: dict[str, int | None] = {}
-    if groups:
-        if lock:
-            await tx.execute_many(
-                "INSERT INTO group_usage (group_key, day, used) VALUES (?, ?, 0)"
-                " ON CONFLICT (group_key, day) DO NOTHING",
-                [(g, d) for g in groups for d in days],
-            )
+    if groups and dialect.lock_group_days is not None:
+        # Each group-day's row made if missing and locked, with the group's own cap: one trip.
+        for row in await tx.fetch(dialect.lock_group_days, _json(groups), _json(days)):
+            group_used[(row[0], row[1])] = row[2]
+            own_caps[row[0]] = row[3]
+    elif groups:
         for row in await tx.fetch(
             f"SELECT group_key, day, used FROM group_usage WHERE group_key IN {texts}"
             f" AND day IN {texts} ORDER BY group_key, day{lock}",
@@ -252,14 +255,17 @@ async def reserve_many(tx: Tx, dialect: Dialect, asks: Sequence[Ask]) -> list[in
             f"SELECT group_key, cap FROM group_rules WHERE group_key IN {texts}", _json(groups)
         ):
             own_caps[row[0]] = row[1]
-    jobs = {
-        row[0]: (row[1], row[2], row[3])
+    jobs: dict[int, tuple[int, str, str | None]] = {
+        ask.job_id: (ask.user_id, "queued", None) for ask in asks if ask.job_id in fresh
+    }
+    others = sorted({ask.job_id for ask in asks if ask.job_id not in jobs})
+    if others:
         for row in await tx.fetch(
             "SELECT j.id, j.user_id, j.status, r.state FROM jobs AS j"
             f" LEFT JOIN reservations AS r ON r.job_id = j.id WHERE j.id IN {ints}",
-            _json(sorted({ask.job_id for ask in asks})),
-        )
-    }
+            _json(others),
+        ):
+            jobs[row[0]] = (row[1], row[2], row[3])
 
     outcomes: list[int | Exception] = []
     taken_balance: dict[int, int] = {}

@@ -69,6 +69,20 @@ DIALECT = Dialect(
     json_ints="(SELECT value::bigint FROM json_array_elements_text(?::json))",
     json_texts="(SELECT value FROM json_array_elements_text(?::json))",
     for_update=" FOR NO KEY UPDATE",
+    # An upsert locks the row it finds as FOR NO KEY UPDATE does, and a row it inserts is
+    # its own until commit: made and locked, in key order, with the caps, in one trip.
+    lock_group_days="""
+        WITH locked AS (
+            INSERT INTO group_usage (group_key, day, used)
+            SELECT g.value, d.value, 0
+            FROM json_array_elements_text(?::json) AS g, json_array_elements_text(?::json) AS d
+            ORDER BY g.value, d.value
+            ON CONFLICT (group_key, day) DO UPDATE SET used = group_usage.used
+            RETURNING group_key, day, used
+        )
+        SELECT l.group_key, l.day, l.used, r.cap
+        FROM locked AS l LEFT JOIN group_rules AS r ON r.group_key = l.group_key
+    """,
     commit_whole="""
         WITH settled AS (
             UPDATE reservations SET state = 'committed'
