@@ -10,7 +10,7 @@ asked together, a burst costs a handful. Used for the intake's reads
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -21,10 +21,19 @@ MAX_BATCH = 256
 
 
 class Batcher(Generic[K, V]):
-    """Calls queued while a batch is answered go in the next; each distinct key asked once."""
+    """Calls queued while a batch is answered go in the next; each distinct key asked once.
 
-    def __init__(self, fetch: Callable[[list[K]], Awaitable[dict[K, V]]]) -> None:
+    A value `fetch` gives as an exception is raised to that key's callers alone.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[list[K]], Awaitable[Mapping[K, V | Exception]]],
+        *,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
         self._fetch = fetch
+        self._max_batch = max_batch
         self._queue: list[tuple[K, asyncio.Future[V | None]]] = []
         self._draining: asyncio.Task[None] | None = None
 
@@ -50,7 +59,8 @@ class Batcher(Generic[K, V]):
     async def _drain(self) -> None:
         try:
             while self._queue:
-                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                size = self._max_batch
+                batch, self._queue = self._queue[:size], self._queue[size:]
                 try:
                     found = await self._fetch(list(dict.fromkeys(key for key, _ in batch)))
                 except Exception as error:
@@ -65,6 +75,10 @@ class Batcher(Generic[K, V]):
                     raise
                 for key, future in batch:
                     if not future.done():
-                        future.set_result(found.get(key))
+                        value = found.get(key)
+                        if isinstance(value, Exception):
+                            future.set_exception(value)
+                        else:
+                            future.set_result(value)
         finally:
             self._draining = None

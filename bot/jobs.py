@@ -451,6 +451,7 @@ class JobRunner:
                         group_cap=self.settings.group_daily_cap,
                     )
                 )
+                # Shielded: cancelled meanwhile, the job is settled once it is written.
                 job_id, outcome = await asyncio.shield(opening)
                 if isinstance(outcome, Exception):
                     raise outcome

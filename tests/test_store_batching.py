@@ -551,8 +551,9 @@ async def test_jobs_opened_together_are_written_and_charged_as_one_by_one(
         b = (await store.user("qq", "b")).id
         before = await new_job(store, a)  # a job written first (an /edit's), reserved below
 
-        def opened(user: int, cost: int, group: str | None) -> Any:
-            return store.open_job(
+        async def opened(user: int, cost: int, group: str | None) -> Any:
+            # Awaited in a task as the job runner does, so the five are asked in this order.
+            return await store.open_job(
                 user_id=user,
                 platform="qq",
                 chat_id="g1" if group else "c",
@@ -629,3 +630,87 @@ async def test_closing_the_store_lets_the_reservations_already_asked_land(
 
     assert [await a for a in asked] == [4, 3, 2]
     assert [r[-1] for r in money_rows(store_url)["reservations"]] == ["reserved"] * 3
+
+
+def open_fields(user: int, n: int, cost: int = 1) -> dict[str, Any]:
+    """`Store.open_job`'s arguments for a plain draw of `user`'s."""
+    return {
+        "user_id": user,
+        "platform": "qq",
+        "chat_id": "c1",
+        "group_key": None,
+        "kind": "draw",
+        "prompt": f"a fox {n}",
+        "options": {"n": 1},
+        "ref_count": 0,
+        "own_key": False,
+        "cost": cost,
+        "day": DAY,
+        "daily_allowance": 1000,
+    }
+
+
+async def test_jobs_opened_at_once_add_no_task_each_and_go_in_one_transaction(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst's draws (issue 15: 500 at one instant) each ask for their job and charge with
+    no task of their own (each would be one more step of the event loop per command), and
+    all of them are made in one transaction, not in batches of the reads' size (each batch
+    is a handful of round trips the next one waits behind)."""
+    batches = count_batches(monkeypatch)
+    users = [(await store.user("qq", f"u{i}")).id for i in range(30)]
+    before = len(asyncio.all_tasks())
+    opened = [store.open_job(**open_fields(users[n % 30], n)) for n in range(600)]
+    assert len(asyncio.all_tasks()) - before == 1, "one task drains the batch, none per job"
+    answers = await asyncio.gather(*opened)
+    assert batches == [600]
+    assert sorted(job for job, _ in answers) == list(range(1, 601))
+    # Each user's 20 jobs, in the order asked: 999 left after the first, 980 after the last.
+    left = [outcome for job, outcome in answers if job % 30 == 1]
+    assert left == list(range(999, 979, -1))
+
+
+async def test_a_batch_counts_a_groups_usage_another_process_inserts_meanwhile(
+    store: Store, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: another process is inserting today's usage row of group g9 (2 of its cap
+    of 3 used) when a batch of reservations charges g9. The batch waits for that row and
+    counts it: the first ask fits the cap, the second is refused. A batch that read the
+    usage without waiting for the row would let both through."""
+    if not store_url.startswith("postgresql"):
+        pytest.skip("SQLite writers take the file's lock first: nobody inserts meanwhile")
+    import asyncpg
+
+    batches = count_batches(monkeypatch)
+    users = [(await store.user("qq", name)).id for name in ("a", "b")]
+    jobs = [await new_job(store, user, group_key="g9") for user in users]
+    other = await asyncpg.connect(store_url)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute(
+            "INSERT INTO group_usage (group_key, day, used) VALUES ('g9', $1, 2)", DAY.isoformat()
+        )
+        asked = [
+            asyncio.ensure_future(
+                store.reserve(
+                    job,
+                    user_id=user,
+                    cost=1,
+                    day=DAY,
+                    daily_allowance=3,
+                    group_key="g9",
+                    group_cap=3,
+                )
+            )
+            for job, user in zip(jobs, users, strict=True)
+        ]
+        await asyncio.sleep(0.3)  # the batch waits on the row being inserted
+        assert not any(a.done() for a in asked)
+        await tx.commit()
+        said = await asyncio.gather(*asked, return_exceptions=True)
+    finally:
+        await other.close()
+    assert said[0] == 2
+    assert isinstance(said[1], errors.GroupCapReachedError)
+    assert batches == [2]

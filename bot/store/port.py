@@ -6,7 +6,7 @@ suite runs the same store tests on both (tests/test_store.py's `store` fixture).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import date, tzinfo
 from typing import Any, Protocol
 
@@ -70,7 +70,7 @@ class StorePort(Protocol):
         ref_count: int,
         own_key: bool,
     ) -> int: ...
-    async def open_job(
+    def open_job(
         self,
         *,
         user_id: int,
@@ -87,7 +87,7 @@ class StorePort(Protocol):
         daily_allowance: int,
         charged_group: str | None = None,
         group_cap: int = 0,
-    ) -> tuple[int, int | Exception]: ...
+    ) -> Awaitable[tuple[int, int | Exception]]: ...
     async def mark_running(self, job_id: int, provider: str) -> None: ...
     async def mark_upstream_done(self, job_id: int, eta_class: str) -> None: ...
     async def mark_delivering(self, job_id: int, charge: int) -> None: ...
