@@ -152,7 +152,7 @@ async def test_a_bursts_new_users_are_made_in_one_write(
 async def test_a_batcher_raises_a_keys_exception_to_that_keys_callers_alone() -> None:
     """`Batcher`: a fetch answering a key with an exception (a reservation whose job could
     not be written) raises it to those who asked for that key; the others get their values;
-    a key asked twice is fetched once; a batch holds `max_batch` keys at most."""
+    a key asked twice is fetched once."""
     from bot.batching import Batcher
 
     fetched: list[list[str]] = []
@@ -161,9 +161,9 @@ async def test_a_batcher_raises_a_keys_exception_to_that_keys_callers_alone() ->
         fetched.append(keys)
         return {key: ValueError(key) if key == "bad" else len(key) for key in keys}
 
-    batcher: Batcher[str, int] = Batcher(fetch, max_batch=3)
+    batcher: Batcher[str, int] = Batcher(fetch)
     asked = [batcher.ask(key) for key in ("a", "bad", "ccc", "a", "dddd")]
     said = await asyncio.gather(*asked, return_exceptions=True)
     assert said[0] == 1 and said[2] == 3 and said[3] == 1 and said[4] == 4
     assert isinstance(said[1], ValueError) and str(said[1]) == "bad"
-    assert fetched == [["a", "bad", "ccc"], ["a", "dddd"]]
+    assert fetched == [["a", "bad", "ccc", "dddd"]]

@@ -59,9 +59,6 @@ from bot.store.sql import (
 
 log = logging.getLogger("bot.store")
 
-RESERVATIONS_PER_BATCH = 1024
-"""Reservations (and jobs opened with theirs) made in one transaction at most."""
-
 
 class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
     """Async access to drawbridge's database (see the package docstring for the rules)."""
@@ -70,11 +67,8 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
         super().__init__(engine, keybox, admins)
         # Reservations asked at the same moment, made together (`reserve`); each asked
         # once (the key's first member numbers the calls) and, while in flight, by job.
-        # A burst's reservations go in one batch (one transaction), not in batches of the
-        # reads' size: each batch is a handful of round trips the next waits behind (500
-        # commands at once: burst p99 0.85x, bench/README.md §5).
         self._reservations: Batcher[tuple[int, ledger.Ask], tuple[int, int | Exception]] = Batcher(
-            self._reserve_batch, max_batch=RESERVATIONS_PER_BATCH
+            self._reserve_batch
         )
         self._asked = 0
         self._reserving: dict[int, set[asyncio.Future[Any]]] = {}
