@@ -180,6 +180,16 @@ def price(settings: Settings, size: Size | None, quality: str | None) -> int:
     return max(0, int(value))
 
 
+_RELEASING: set[asyncio.Future[None]] = set()
+"""Slots given back in the background (`_ProviderSlot.abandon`), held until done."""
+
+
+def _released(task: asyncio.Future[None]) -> None:
+    _RELEASING.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("could not give back a provider slot: %r", task.exception())
+
+
 class _ProviderSlot:
     """One of a provider's `concurrency` slots, counted across every process on the store.
 
@@ -207,6 +217,37 @@ class _ProviderSlot:
         # Slots asked for together are taken in one transaction (`Store.acquire_slots`).
         self._shared = shared
         self._held: int | None = None
+        # Asked before the job's task first ran (`ask_early`), not yet awaited.
+        self._early: asyncio.Future[int | None] | None = None
+
+    def ask_early(self) -> None:
+        """Ask for the shared slot now, for a job that starts at once: in a burst its ask then
+        goes beside the rest of the intake, not after every other job's first step (the slot
+        is a store round trip in front of the job's upstream request)."""
+        if self._store.process_id is not None and self._early is None:
+            self._early = self._shared.ask(self._job_id)
+
+    def abandon(self) -> None:
+        """The job ended without entering: a slot asked early goes back once it is taken."""
+        early, self._early = self._early, None
+        if early is not None:
+            self._free_when_taken(early)
+
+    def _free_when_taken(self, asked: asyncio.Future[int | None]) -> None:
+        """A slot taken for a job that no longer waits for it: give it back, or this process
+        would hold it (from every process's concurrency) until it stops."""
+        name = self._provider.name
+
+        def free(done: asyncio.Future[int | None]) -> None:
+            if done.cancelled() or done.exception() is not None or done.result() is None:
+                return
+            slot = done.result()
+            assert slot is not None
+            task = asyncio.ensure_future(self._store.release_slot(name, slot))
+            _RELEASING.add(task)
+            task.add_done_callback(_released)
+
+        asked.add_done_callback(free)
 
     async def __aenter__(self) -> None:
         await self._local.acquire()
@@ -221,8 +262,14 @@ class _ProviderSlot:
         delay = self.POLL_FIRST
         name = self._provider.name
         while True:
+            asked = self._early if self._early is not None else self._shared.ask(self._job_id)
+            self._early = None
             try:
-                slot = await self._shared.get(self._job_id)
+                # Shielded: a job cancelled meanwhile gives back the slot the batch takes.
+                slot = await asyncio.shield(asked)
+            except asyncio.CancelledError:
+                self._free_when_taken(asked)
+                raise
             except Exception as exc:
                 log.warning("provider %s: shared slot unavailable (%r); going on alone", name, exc)
                 return None
@@ -513,10 +560,12 @@ class JobRunner:
         # runs, and each would have been told it was starting.)
         free = ticket.concurrency - self._running.get(ticket.provider, 0)
         position = max(0, len(queue) - free)
+        slot = self._slot(cred.primary, job_id)
         if not position:
             ticket.launching = True
             self._launching += 1
             self._launches_sent.clear()
+            slot.ask_early()
         request = ImageRequest(
             prompt=spec.prompt,
             size=str(spec.size) if spec.size else None,
@@ -529,12 +578,12 @@ class JobRunner:
         )
         # From here the task owns the reservation: it commits or refunds on every path.
         ticket.task = asyncio.create_task(
-            self._run(ticket, cred, request, chat, lang, position, references, estimate),
+            self._run(ticket, cred, slot, request, chat, lang, position, references, estimate),
             name=f"job-{job_id}",
         )
         # However it ends (even cancelled before its first step), it no longer holds back
         # the waiting jobs' status lines; sending its request releases them sooner.
-        ticket.task.add_done_callback(lambda _: self._launched(ticket))
+        ticket.task.add_done_callback(lambda _: self._ended(ticket, slot))
         return job_id
 
     def _check_request(self, spec: JobSpec, extra: Sequence[bytes]) -> None:
@@ -638,6 +687,7 @@ class JobRunner:
         self,
         ticket: _Ticket,
         cred: _Credential,
+        slot: _ProviderSlot,
         request: ImageRequest,
         chat: Chat,
         lang: str,
@@ -682,7 +732,7 @@ class JobRunner:
                 ticker = asyncio.create_task(
                     self._watch_queue(ticket, chat, status, lang, estimate)
                 )
-            async with self._slot(cred.primary, job_id):
+            async with slot:
                 slot_started = time.monotonic()
                 if ticker is not None:
                     ticker.cancel()
@@ -1253,6 +1303,10 @@ class JobRunner:
 
         # The original refusal matters more than this record; recovery settles it otherwise.
         await self._ledger_write(refused, "refusal", record)
+
+    def _ended(self, ticket: _Ticket, slot: _ProviderSlot) -> None:
+        self._launched(ticket)
+        slot.abandon()
 
     def _launched(self, ticket: _Ticket) -> None:
         """A starting job's request is sent (or the job ended before it was); once a job."""

@@ -311,3 +311,99 @@ async def test_a_draw_cancelled_while_its_job_is_written_and_charged_is_settled(
     assert await services.store.job(2) is None
     credits = await services.store.credits(user.id, today(services.settings), 5)
     assert credits.total_left == 5
+
+
+# --- a starting job's provider slot (the first wave of a burst) ---
+
+
+def slot_rows(services: Services) -> list[tuple[Any, ...]]:
+    from tests.databases import Raw
+
+    raw = Raw(services.settings.database())
+    try:
+        return raw.query("SELECT provider, slot, job_id FROM provider_slots")
+    finally:
+        raw.close()
+
+
+async def test_a_starting_job_asks_for_its_slot_before_its_task_first_runs(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a burst every job's first step runs before any slot is asked for, unless the jobs
+    that start at once ask while they are queued: their slot's round trip then goes beside
+    the other jobs' first steps, not after them."""
+    from bot.jobs import JobRunner
+
+    order: list[str] = []
+    acquire, in_queue = Store.acquire_slots, JobRunner._in_queue
+
+    async def acquire_slots(self: Store, *args: Any) -> Any:
+        order.append("slot asked")
+        return await acquire(self, *args)
+
+    def first_step(self: JobRunner, *args: Any) -> Any:
+        order.append("job task runs")
+        return in_queue(self, *args)
+
+    monkeypatch.setattr(Store, "acquire_slots", acquire_slots)
+    monkeypatch.setattr(JobRunner, "_in_queue", first_step)
+    chat = await run_command(services, invocation("draw", "a fox"))
+
+    assert chat.results()
+    assert order == ["slot asked", "job task runs"]
+    assert slot_rows(services) == []  # given back after the job
+
+
+async def test_a_job_cancelled_while_its_slot_is_being_taken_gives_the_slot_back(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while the batch taking its slot is in flight, the job is refunded and the
+    slot the batch took is given back: held, it would count against the provider's
+    concurrency in every process until this one stops."""
+    taking, go_on, taken = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    acquire = Store.acquire_slots
+
+    async def slow_acquire(self: Store, *args: Any) -> Any:
+        taking.set()
+        await go_on.wait()
+        try:
+            return await acquire(self, *args)
+        finally:
+            taken.set()
+
+    monkeypatch.setattr(Store, "acquire_slots", slow_acquire)
+    chat = RecordingChat()
+    await dispatch(invocation("draw", "a fox"), chat, services)
+    await asyncio.wait_for(taking.wait(), 5)
+    await asyncio.sleep(0.05)  # the job's task waits for the slot now
+    user = await services.store.user("test", "u1")
+    job_id = await services.jobs.cancel(user.id)
+    assert job_id is not None
+    go_on.set()
+    await services.jobs.wait_idle()
+    await asyncio.wait_for(taken.wait(), 5)  # the batch took slot 0 for the cancelled job
+    for _ in range(100):  # and it goes back, in the background
+        if not slot_rows(services):
+            break
+        await asyncio.sleep(0.02)
+    assert slot_rows(services) == []
+    job = await services.store.job(job_id)
+    assert job is not None and job.status == "cancelled"
+    credits = await services.store.credits(user.id, today(services.settings), 5)
+    assert credits.total_left == 5  # refunded
+    assert not chat.results()
+
+
+async def test_a_slot_asked_early_for_a_job_that_never_ran_goes_back(services: Services) -> None:
+    """A job that ends before its task ever asks (cancelled at once) leaves no slot taken."""
+    jobs = services.jobs
+    provider = jobs.clients[0].provider
+    slot = jobs._slot(provider, 77)
+    slot.ask_early()
+    slot.abandon()
+    await jobs._slot_batches[(provider.name, provider.concurrency)].drained()  # slot 0 taken
+    for _ in range(100):  # and given back, in the background
+        if not slot_rows(services):
+            break
+        await asyncio.sleep(0.02)
+    assert slot_rows(services) == []
