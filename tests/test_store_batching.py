@@ -517,15 +517,25 @@ async def test_reservations_whose_batch_fails_are_made_one_by_one_and_nothing_ha
     assert [r[2] for r in rows["ledger"]].count("reserve") == len(made) + 1
 
 
-async def test_a_reservation_whose_caller_is_cancelled_is_still_refunded_whole(
-    store: Store, store_url: str
-) -> None:
+async def three_reservations_asked(
+    store: Store, *, allowance: int
+) -> tuple[int, list[int], list[asyncio.Future[int]]]:
+    """A user's three new jobs, each asked to reserve 1 credit at once (not yet batched)."""
     user = (await store.user("qq", "1")).id
     jobs = [await new_job(store, user) for _ in range(3)]
     asked = [
-        asyncio.ensure_future(store.reserve(job, user_id=user, cost=1, day=DAY, daily_allowance=3))
+        asyncio.ensure_future(
+            store.reserve(job, user_id=user, cost=1, day=DAY, daily_allowance=allowance)
+        )
         for job in jobs
     ]
+    return user, jobs, asked
+
+
+async def test_a_reservation_whose_caller_is_cancelled_is_still_refunded_whole(
+    store: Store, store_url: str
+) -> None:
+    user, jobs, asked = await three_reservations_asked(store, allowance=3)
     await asyncio.sleep(0)  # asked, in a batch not yet written
     asked[1].cancel()
     # The refund comes after the reservation it would otherwise have run before.
@@ -619,12 +629,7 @@ async def test_jobs_opened_together_are_written_and_charged_as_one_by_one(
 async def test_closing_the_store_lets_the_reservations_already_asked_land(
     store: Store, store_url: str
 ) -> None:
-    user = (await store.user("qq", "1")).id
-    jobs = [await new_job(store, user) for _ in range(3)]
-    asked = [
-        asyncio.ensure_future(store.reserve(job, user_id=user, cost=1, day=DAY, daily_allowance=5))
-        for job in jobs
-    ]
+    _, _, asked = await three_reservations_asked(store, allowance=5)
     await asyncio.sleep(0)  # asked, in a batch not yet written
     await store.close()  # a shutdown: what was asked before it is made, not refused
 

@@ -369,7 +369,8 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
         ask = ledger.Ask(
             job_id, user_id, cost, day.isoformat(), daily_allowance, group_key, group_cap
         )
-        _, outcome = await self._ask_reservation(ask)
+        # Shielded: a caller cancelled meanwhile leaves the reservation to land.
+        _, outcome = await asyncio.shield(self._ask(ask))
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
@@ -389,10 +390,6 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
             self._reserving.setdefault(ask.job_id, set()).add(answer)
         answer.add_done_callback(lambda done: self._reserved(ask.job_id, done))
         return answer  # type: ignore[return-value]  # a batch answers every key it is asked
-
-    async def _ask_reservation(self, ask: ledger.Ask) -> tuple[int, int | Exception]:
-        """`_ask`, awaited; the caller cancelled leaves the reservation to land."""
-        return await asyncio.shield(self._ask(ask))
 
     def _reserved(self, job_id: int, answer: asyncio.Future[Any]) -> None:
         answers = self._reserving.get(job_id)
