@@ -35,6 +35,7 @@ from bot.store import (
 from bot.store import ledger as ledger_rules
 from bot.store import postgres as postgres_module
 from bot.store import sqlite as sqlite_module
+from bot.upstream.capabilities import CapabilityStore
 from tests.databases import Raw
 
 DAY = date(2025, 3, 1)
@@ -1185,6 +1186,56 @@ async def test_provider_capabilities_merge_and_survive_reopen(
     await store.close()
     async with await Store.connect(store_url, keybox=keybox) as again:
         assert await again.provider_capabilities("relay") == {"stream": False, "edits": True}
+
+
+async def test_a_wave_of_requests_reads_capabilities_once_and_a_late_read_never_undoes_learn(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.update_provider_capabilities("relay", {"stream": False})
+    reads = 0
+    hold = asyncio.Event()
+    hold.set()
+    read = asyncio.Event()
+    real = store.provider_capabilities
+
+    async def counted(provider: str) -> dict[str, Any]:
+        nonlocal reads
+        reads += 1
+        found = await real(provider)
+        read.set()
+        await hold.wait()  # the answer, already read, held back
+        return found
+
+    monkeypatch.setattr(store, "provider_capabilities", counted)
+
+    # A burst's first wave: 50 requests launched together miss the cache together.
+    caps = CapabilityStore(store)
+    wave = await asyncio.gather(*(caps.get("relay") for _ in range(50)))
+    assert reads == 1
+    assert all(c.stream is False for c in wave)
+
+    # One caller giving up does not cancel the read the others wait for.
+    caps = CapabilityStore(store)
+    hold.clear()
+    gone = asyncio.ensure_future(caps.get("relay"))
+    staying = asyncio.ensure_future(caps.get("relay"))
+    await asyncio.sleep(0.05)
+    gone.cancel()
+    hold.set()
+    assert (await staying).stream is False
+    assert reads == 2
+
+    # A read answered after `learn` wrote must not put back what it read before the write.
+    caps = CapabilityStore(store)
+    hold.clear()
+    read.clear()
+    late = asyncio.ensure_future(caps.get("relay"))
+    await read.wait()  # read from the store, its answer held back
+    await caps.learn("relay", stream=True)
+    hold.set()
+    assert (await late).stream is False  # what was read, as before
+    assert caps.cached("relay").stream is True
+    assert (await caps.get("relay")).stream is True
 
 
 async def test_upstream_usage_counts_each_delivered_image_as_drawn(store: Store, raw: Raw) -> None:
