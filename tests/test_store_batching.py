@@ -718,3 +718,46 @@ async def test_a_batch_counts_a_groups_usage_another_process_inserts_meanwhile(
     assert said[0] == 2
     assert isinstance(said[1], errors.GroupCapReachedError)
     assert batches == [2]
+
+
+async def test_postgres_bot_pool_is_open_and_knows_every_batched_type_before_a_burst(
+    pg_url: str, tmp_path: Path
+) -> None:
+    # `drawbridge run` opens its store with every pooled connection made (`open_store`), and
+    # each connection learns the batched statements' array types when made: a burst's first
+    # statements wait for neither a connect nor asyncpg's type lookup (jit off, pg_type, jit
+    # back: ~7 ms a connection).
+    store = await Store.connect(pg_url, keybox=KeyBox.load(tmp_path), full_pool=True)
+    try:
+        engine = store.engine
+        assert isinstance(engine, pg.PostgresEngine)
+        assert engine._pool.get_size() == pg.POOL_SIZE
+        statements = [*pg.BATCHED.values(), *pg.MANY.values()]
+        assert set(pg._array_types(*statements)) == {
+            "bigint",
+            "double precision",
+            "integer",
+            "text",
+        }
+        held = [await engine._pool.acquire() for _ in range(pg.POOL_SIZE)]
+        try:
+            for con in held:
+                seen: list[str] = []
+                con.add_query_logger(lambda query, seen=seen: seen.append(query.query))
+                async with con.transaction():
+                    for sql in statements:
+                        await con.prepare(sql)
+                assert not [q for q in seen if "pg_type" in q or "set_config('jit'" in q]
+                assert seen  # the logger sees this connection (its BEGIN, at least)
+        finally:
+            for con in held:
+                await engine._pool.release(con)
+        # A store opened for a command (not `drawbridge run`) keeps the small pool.
+        small = await Store.connect(pg_url, keybox=KeyBox.load(tmp_path))
+        try:
+            assert isinstance(small.engine, pg.PostgresEngine)
+            assert small.engine._pool.get_size() < pg.POOL_SIZE
+        finally:
+            await small.close()
+    finally:
+        await store.close()

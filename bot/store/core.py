@@ -98,9 +98,11 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
         keybox: KeyBox,
         admins: Set[tuple[str, str]] = frozenset(),
         migrate: bool = True,
+        full_pool: bool = False,
     ) -> Store:
-        """Open the database `url` names (`sqlite:///path` or `postgresql://...`)."""
-        return cls(await open_engine(url, migrate=migrate), keybox, admins)
+        """Open the database `url` names (`sqlite:///path` or `postgresql://...`);
+        `full_pool` opens every pooled PostgreSQL connection now (`drawbridge run`)."""
+        return cls(await open_engine(url, migrate=migrate, full_pool=full_pool), keybox, admins)
 
     # --- users ---
 
@@ -784,12 +786,13 @@ async def _open_and_reserve(
     return [(ask.job_id, outcome) for ask, outcome in zip(asks, decided, strict=True)]
 
 
-async def open_engine(url: str, *, migrate: bool = True) -> Engine:
-    """The engine a database URL names: `sqlite:///path` (or a bare path) or `postgresql://`."""
+async def open_engine(url: str, *, migrate: bool = True, full_pool: bool = False) -> Engine:
+    """The engine a database URL names: `sqlite:///path` (or a bare path) or `postgresql://`
+    (`full_pool`: its pool's connections all opened now, not on first demand)."""
     if url.startswith(("postgresql://", "postgres://", "postgresql+asyncpg://")):
         from bot.store.postgres import PostgresEngine
 
-        return await PostgresEngine.open(url, migrate=migrate)
+        return await PostgresEngine.open(url, migrate=migrate, full=full_pool)
     from bot.store.sqlite import SqliteEngine
 
     path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url

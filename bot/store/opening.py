@@ -18,7 +18,8 @@ async def open_store(settings: Settings, keybox: KeyBox) -> Store:
     drawbridge, or a database that refuses the login, needs the operator (exit 2)."""
     url = settings.database()
     try:
-        return await Store.connect(url, keybox=keybox, admins=settings.admin_ids())
+        # Every pooled connection opened now: a burst must not wait for connects.
+        return await Store.connect(url, keybox=keybox, admins=settings.admin_ids(), full_pool=True)
     except StoreError as exc:
         raise StartupError(f"{redact(url)}: {exc}", exit_code=SETTINGS) from None
     except (OSError, TimeoutError, asyncpg.CannotConnectNowError) as exc:

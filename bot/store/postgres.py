@@ -242,6 +242,8 @@ COUNTED = frozenset(
 )
 """BATCHED statements run through `execute`: the rows their batched form returns count the
 rows each call changed (a lone call runs the plain statement and counts its own)."""
+POOL_SIZE = 10
+"""Connections one process's pool holds at most."""
 BATCHES_IN_FLIGHT = 2
 """Batches of one statement running at once; calls made meanwhile wait for the next one."""
 BATCH_SIZE = 256
@@ -384,11 +386,22 @@ class PostgresEngine:
 
     @classmethod
     async def open(
-        cls, url: str, *, migrate: bool = True, min_size: int = 2, max_size: int = 10
+        cls,
+        url: str,
+        *,
+        migrate: bool = True,
+        min_size: int = 2,
+        max_size: int = POOL_SIZE,
+        full: bool = False,
     ) -> PostgresEngine:
+        """A pool of `min_size` connections growing to `max_size`; `full` opens them all now
+        (a running bot: a burst's first statements then wait for no connect, each ~3 ms of
+        round trips and a codec lookup, `_warm`)."""
         dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        if full:
+            min_size = max_size
         pool = await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, reset=_keep_session
+            dsn, min_size=min_size, max_size=max_size, reset=_keep_session, init=_warm
         )
         engine = cls(pool, url)
         try:
@@ -538,6 +551,29 @@ class PostgresEngine:
         if self._batch_tasks:
             await asyncio.gather(*self._batch_tasks, return_exceptions=True)
         await self._pool.close()
+
+
+def _array_types(*texts: str) -> tuple[str, ...]:
+    """The array types (`$n::bigint[]`) these statements bind, each once."""
+    return tuple(sorted(set(re.findall(r"::([a-z][a-z ]*?)\[\]", " ".join(texts)))))
+
+
+WARM_CODECS = "SELECT " + ", ".join(
+    f"${n}::{name}[]"
+    for n, name in enumerate(_array_types(*BATCHED.values(), *MANY.values()), start=1)
+)
+"""One statement binding every array type the batched statements use (see `_warm`)."""
+
+
+async def _warm(con: asyncpg.Connection) -> None:
+    """Each new connection learns the batched statements' array types before it is lent.
+
+    asyncpg looks up a type it has no codec for with a query of its own (the pg_type
+    catalogue), once per connection and type: 8 ms for the first array type, 3-4 ms for each
+    after it, paid by the first statement using them, which is a burst's first batch of jobs
+    and charges. Preparing one statement that binds them all pays that once, in one lookup,
+    when the connection is made (at start, for the pool's first connections)."""
+    await con.prepare(WARM_CODECS)
 
 
 async def _keep_session(con: asyncpg.Connection) -> None:
