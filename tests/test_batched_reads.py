@@ -117,6 +117,11 @@ async def test_users_made_creates_and_renames_as_user_does(store: Store) -> None
             ("qq", "2", "new"),
             ("discord", "2", "other platform, same id"),
             ("qq", "2", "new"),
+            # One user under three names in one batch (PostgreSQL writes the batch in one
+            # statement, which may upsert a row only once): the last name given stands.
+            ("qq", "3", "first"),
+            ("qq", "3", "second"),
+            ("qq", "3", ""),
         ]
     )
 
@@ -127,6 +132,11 @@ async def test_users_made_creates_and_renames_as_user_does(store: Store) -> None
     assert made[("telegram", "7", "al")].id == known.id
     assert made[("qq", "2", "new")].id != made[("discord", "2", "other platform, same id")].id
     assert admin.id == made[("qq", "10001", "")].id
+    assert {made[("qq", "3", name)].id for name in ("first", "second", "")} == {
+        (await store.user("qq", "3")).id
+    }
+    assert (await store.user("qq", "3")).name == "second"
+    assert made[("qq", "3", "first")].name == "second"
     assert await store.users_made([]) == {}
 
 

@@ -729,9 +729,17 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
             return {}
         now = time.time()
         texts = self._engine.dialect.json_texts
+        # Each user once, with the name it would end with were they made one after another
+        # (the last one given; an empty one keeps the name before it), in key order: the
+        # order every writer locks them in.
+        names: dict[tuple[str, str], str] = {}
+        for platform, user_id, name in unique:
+            if name or (platform, user_id) not in names:
+                names[(platform, user_id)] = name
+        writes = [(*user, name, now) for user, name in sorted(names.items())]
 
         async def make(tx: Tx) -> list[Any]:
-            await tx.execute_many(SQL_MAKE_USER, [(*key, now) for key in unique])
+            await tx.execute_many(SQL_MAKE_USER, writes)
             rows: list[Any] = []
             for platform in dict.fromkeys(platform for platform, _, _ in unique):
                 ids = list(dict.fromkeys(uid for p, uid, _ in unique if p == platform))

@@ -30,6 +30,7 @@ from bot.store.sql import (
     SQL_INSERT_JOB,
     SQL_INSERT_LEDGER,
     SQL_INSERT_RESERVATION,
+    SQL_MAKE_USER,
     SQL_MARK_CHARGE,
     SQL_MARK_RUNNING,
     SQL_MARK_UPSTREAM_DONE,
@@ -207,6 +208,13 @@ BATCHED: dict[str, str] = {
 # parameter) instead of one execution per row: a burst's batch of reservations writes 256
 # reservation and ledger rows in a statement each.
 MANY: dict[str, str] = {
+    # Rows unique by (platform, platform_user_id): one statement may not upsert a row twice.
+    SQL_MAKE_USER: """
+        INSERT INTO users (platform, platform_user_id, name, created_at)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::double precision[])
+        ON CONFLICT (platform, platform_user_id) DO UPDATE
+        SET name = CASE WHEN excluded.name <> '' THEN excluded.name ELSE users.name END
+    """,
     SQL_TAKE_LOCKED_BALANCE: """
         UPDATE users AS u SET granted = u.granted - i.amount
         FROM unnest($1::integer[], $2::bigint[]) AS i(amount, id)
