@@ -169,16 +169,16 @@ async def test_upgrade_applies_the_migrations_once_and_says_so(tmp_path: Path, e
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         first = drawbridge("db", "upgrade", "--database-url", url, cwd=tmp_path)
         assert first.returncode == 0, first.stderr
-        assert "schema version 0 -> 12" in first.stdout
+        assert "schema version 0 -> 13" in first.stdout
         again = drawbridge("db", "upgrade", "--database-url", url, cwd=tmp_path)
         assert again.returncode == 0
-        assert "schema version 12, up to date" in again.stdout
+        assert "schema version 13, up to date" in again.stdout
 
 
 def test_upgrade_uses_the_settings_database_by_default(tmp_path: Path) -> None:
     done = drawbridge("db", "upgrade", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "drawbridge.sqlite3: schema version 0 -> 12" in done.stdout
+    assert "drawbridge.sqlite3: schema version 0 -> 13" in done.stdout
     assert (tmp_path / "data" / "drawbridge.sqlite3").is_file()
 
 

@@ -12,6 +12,7 @@ import asyncio
 import json
 import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -338,19 +339,27 @@ async def test_a_bursts_job_updates_made_together_land_as_made_one_by_one(
 
 
 def count_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The size of each batch of reservations `ledger.reserve_many` decided (and the database
-    took: a batch it refused, then made one by one, is not counted)."""
+    """The size of each batch of reservations decided together, by `ledger.reserve_many`
+    (SQLite) or PostgreSQL's `drawbridge_open_many` (`Store._open_many`), and taken by the
+    database: a batch it refused, then made one by one, is not counted."""
     from bot.store import ledger
 
     batches: list[int] = []
     reserve_many = ledger.reserve_many
+    open_many = Store._open_many
 
     async def counted(tx: Tx, dialect: Any, asks: Any, fresh: Any = ()) -> Any:
         decided = await reserve_many(tx, dialect, asks, fresh)
         batches.append(len(asks))
         return decided
 
+    async def counted_server_side(store: Store, asks: Any) -> Any:
+        decided = await open_many(store, asks)
+        batches.append(len(asks))
+        return decided
+
     monkeypatch.setattr(ledger, "reserve_many", counted)
+    monkeypatch.setattr(Store, "_open_many", counted_server_side)
     return batches
 
 
@@ -495,18 +504,36 @@ async def test_reservations_whose_batch_fails_are_made_one_by_one_and_nothing_ha
     asks = await reservation_scenario(store)
     from bot.store.sqlite import SqliteTx
 
-    tx_type: Any = pg.PostgresTx if store_url.startswith("postgresql") else SqliteTx
-    writes_many = tx_type.writes_many
     failed = []
+    if store_url.startswith("postgresql"):
+        # The batch's one call fails once it has written everything (each of its rows then
+        # divides by zero), as a concurrent writer's row could make it fail.
+        call = pg.DIALECT.open_many_call
+        failing_call = f"SELECT * FROM ({call}) AS made WHERE made.n / (made.n - made.n) = 1"
+        monkeypatch.setattr(
+            pg.PostgresEngine, "dialect", replace(pg.DIALECT, open_many_call=failing_call)
+        )
+        open_many = Store._open_many
 
-    def failing(self: Any, *steps: Any) -> Any:
-        # The batch's writes refuse (as a concurrent writer's row could make them).
-        if any(sql is SQL_INSERT_LEDGER for sql, _ in steps) and not failed:
-            failed.append(len(steps))
-            raise sqlite3.IntegrityError("refused under us")
-        return writes_many(self, *steps)
+        async def spied(self: Store, asks: Any) -> Any:
+            try:
+                return await open_many(self, asks)
+            except Exception as error:
+                failed.append(error)
+                raise
 
-    monkeypatch.setattr(tx_type, "writes_many", failing)
+        monkeypatch.setattr(Store, "_open_many", spied)
+    else:
+        writes_many = SqliteTx.writes_many
+
+        def failing(self: Any, *steps: Any) -> Any:
+            # The batch's writes refuse (as a concurrent writer's row could make them).
+            if any(sql is SQL_INSERT_LEDGER for sql, _ in steps) and not failed:
+                failed.append(len(steps))
+                raise sqlite3.IntegrityError("refused under us")
+            return writes_many(self, *steps)
+
+        monkeypatch.setattr(SqliteTx, "writes_many", failing)
     said = await reserve_asks(store, asks, together=True)
     assert failed, "the batch's ledger write ran, and failed"
     assert said[:6] == A_SAYS

@@ -15,8 +15,10 @@ So both engines share every read-then-write decision; they differ only in connec
 transactions, the schema's DDL and the few SQL functions named in `Dialect`. One exception:
 PostgreSQL runs a lone reservation as `drawbridge_reserve`, a server-side copy of
 `ledger.reserve` (`Dialect.reserve_call`), because there a round trip costs more than the
-rule's SQL does. Reservations asked together run on both engines as `ledger.reserve_many`,
-one transaction for all of them; the store tests check all three decide alike.
+rule's SQL does; and for the same reason a batch of reservations asked together (with the
+new jobs they are for) as `drawbridge_open_many` (`Dialect.open_many_call`), a server-side copy
+of `ledger.reserve_many`, which SQLite runs in one transaction. The store tests check all of
+them decide alike.
 """
 
 from __future__ import annotations
@@ -98,11 +100,6 @@ class Dialect:
     # Appended to a SELECT that reads rows it will change (no-op where BEGIN IMMEDIATE
     # already holds the one write lock).
     for_update: str
-    # Where rows are locked (`for_update`): a statement that makes each group's usage row of
-    # each day (params: JSON arrays of group keys and of days) if missing and locks them all,
-    # in key order, returning (group_key, day, used, the group's own cap or NULL). Another
-    # process's reservation could otherwise insert a missing row meanwhile.
-    lock_group_days: str | None = None
     # The commit of a whole reservation (`ledger.commit` when nothing comes back) as one
     # statement that settles it and appends its ledger row, where the engine can write in a
     # CTE; params: job_id, amount (or None), created_at, note. Returns a row if it committed;
@@ -117,6 +114,12 @@ class Dialect:
     reserve_refused: Callable[[BaseException], tuple[str, int | None, str | None] | None] = (
         lambda error: None
     )
+    # `ledger.reserve_many` after writing the asks' new jobs, as one statement where the
+    # engine runs it server-side (`Store.open_job`'s batches); params: one array per `Ask`
+    # field (job 0: write the ask's job), then created_at, then one array per new-job column
+    # after user_id (None where the ask's job exists). Its rows are (n, job id, outcome,
+    # number, detail), n the ask's 1-based place.
+    open_many_call: str | None = None
 
 
 class Engine(Protocol):

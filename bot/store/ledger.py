@@ -213,22 +213,20 @@ async def reserve_many(
     The rows are read once for all of them and the writes go table by table, so a batch of
     a burst's reservations costs a handful of statements instead of eight each. The decisions are
     read-then-write, which is exact only because nothing else can write those rows until
-    this commits: every account's row is locked (then its daily usage, then the groups'
-    usage, in key order: the order every rule takes them), and PostgreSQL first gives each
-    group's usage of the day a row to lock (another process's reservation could otherwise
-    insert it meanwhile). SQLite's BEGIN IMMEDIATE already shuts every other writer out.
-    Anything unexpected raises, rolling the whole batch back.
+    this commits: SQLite's BEGIN IMMEDIATE shuts every other writer out. An engine that
+    locks rows instead runs this rule server-side, where it locks every row it reads in the
+    order every rule takes them (PostgreSQL's `drawbridge_open_many`, migration 13:
+    `Dialect.open_many_call`). Anything unexpected raises, rolling the whole batch back.
     """
+    assert not dialect.for_update, "an engine that locks rows decides batches server-side"
     users = sorted({ask.user_id for ask in asks})
     days = sorted({ask.iso_day for ask in asks})
     groups = sorted({ask.group_key for ask in asks if ask.group_key})
-    lock = dialect.for_update
     ints, texts = dialect.json_ints, dialect.json_texts
     accounts = {
         row[0]: (row[1], row[2], row[3])
         for row in await tx.fetch(
-            f"SELECT id, account_id, granted, daily_allowance FROM users WHERE id IN {ints}"
-            f" ORDER BY id{lock}",
+            f"SELECT id, account_id, granted, daily_allowance FROM users WHERE id IN {ints}",
             _json(users),
         )
     }
@@ -236,21 +234,14 @@ async def reserve_many(
         (row[0], row[1]): row[2]
         for row in await tx.fetch(
             f"SELECT user_id, day, used FROM daily_usage WHERE user_id IN {ints}"
-            f" AND day IN {texts} ORDER BY user_id, day{lock}",
+            f" AND day IN {texts}",
             _json(users),
             _json(days),
         )
     }
     group_used: dict[tuple[str, str], int] = {}
     own_caps: dict[str, int | None] = {}
-    if groups and dialect.lock_group_days is not None:
-        # Each group-day's row made if missing and locked, with the group's own cap: one trip.
-        for row in await tx.fetch(dialect.lock_group_days, _json(groups), _json(days)):
-            group_used[(row[0], row[1])] = row[2]
-            own_caps[row[0]] = row[3]
-    elif groups:
-        # No row locks on this engine (SQLite's BEGIN IMMEDIATE shuts out every writer).
-        assert not lock, "an engine that locks rows names its lock_group_days"
+    if groups:
         for row in await tx.fetch(
             f"SELECT group_key, day, used FROM group_usage WHERE group_key IN {texts}"
             f" AND day IN {texts}",

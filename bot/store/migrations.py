@@ -267,6 +267,9 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX IF NOT EXISTS reservations_open_by_user
         ON reservations (user_id) WHERE state = 'reserved';
     """,
+    # 13: PostgreSQL opens a batch of jobs with their reservations in one server-side call.
+    # Here a batch runs in one trip to the store's thread already: nothing to change.
+    "",
 )
 
 # PostgreSQL: the same migrations. Ids are BIGINT identities (`BY DEFAULT`, so `db copy`
@@ -659,6 +662,268 @@ def _reserve_saying_what_is_left(migration_11: str) -> str:
 
 
 POSTGRES_MIGRATIONS += (_reserve_saying_what_is_left(POSTGRES_MIGRATIONS[10]),)
+
+# 13: `ledger.reserve_many` after writing its new jobs (`Store.open_job`), as one function:
+# a burst's batch of 256 commands was seven round trips (BEGIN, the jobs, three row locks, the
+# writes, COMMIT), each waiting behind the loop's other work; now it is one. The rule is
+# `ledger.reserve_many`'s, line for line: the accounts locked in id order, then their daily
+# usage, then each group's usage of the day (made if missing), every row read once; each ask
+# decided in order as if alone, refusals as `drawbridge_reserve` names them; then each table
+# written once. The store tests run the same batches through this and through the Python rule.
+POSTGRES_MIGRATIONS += (
+    """
+    CREATE FUNCTION drawbridge_open_many(
+        p_jobs BIGINT[], p_users BIGINT[], p_costs INTEGER[], p_days TEXT[],
+        p_allowances INTEGER[], p_groups TEXT[], p_global_caps INTEGER[], p_at DOUBLE PRECISION,
+        p_platforms TEXT[], p_chats TEXT[], p_job_groups TEXT[], p_kinds TEXT[],
+        p_prompts TEXT[], p_options TEXT[], p_ref_counts INTEGER[], p_own_keys INTEGER[],
+        p_created DOUBLE PRECISION[], p_processes TEXT[]
+    ) RETURNS TABLE (n INTEGER, job_id BIGINT, outcome TEXT, number BIGINT, detail TEXT)
+    LANGUAGE plpgsql AS $$
+    #variable_conflict use_column
+    DECLARE
+        v_count INTEGER := COALESCE(cardinality(p_users), 0);
+        v_ids BIGINT[] := p_jobs;
+        v_new_k BIGINT[];
+        v_new_ids BIGINT[];
+        a_ids BIGINT[];
+        a_account BIGINT[];
+        a_balance BIGINT[];
+        a_allowance INTEGER[];
+        d_keys TEXT[];
+        d_used INTEGER[];
+        g_keys TEXT[];
+        g_used INTEGER[];
+        g_caps INTEGER[];
+        j_ids BIGINT[];
+        j_owner BIGINT[];
+        j_status TEXT[];
+        j_state TEXT[];
+        -- Filled in place, one element an ask (appending would copy the array each time).
+        o_outcome TEXT[] := array_fill(NULL::TEXT, ARRAY[v_count]);
+        o_number BIGINT[] := array_fill(NULL::BIGINT, ARRAY[v_count]);
+        o_detail TEXT[] := array_fill(NULL::TEXT, ARRAY[v_count]);
+        r_jobs BIGINT[] := array_fill(NULL::BIGINT, ARRAY[v_count]);
+        r_users BIGINT[] := array_fill(NULL::BIGINT, ARRAY[v_count]);
+        r_daily INTEGER[] := array_fill(NULL::INTEGER, ARRAY[v_count]);
+        r_balance INTEGER[] := array_fill(NULL::INTEGER, ARRAY[v_count]);
+        r_days TEXT[] := array_fill(NULL::TEXT, ARRAY[v_count]);
+        r_groups TEXT[] := array_fill(NULL::TEXT, ARRAY[v_count]);
+        r INTEGER := 0;
+        i INTEGER;
+        v_a INTEGER;
+        v_j INTEGER;
+        v_d INTEGER;
+        v_g INTEGER;
+        v_owner BIGINT;
+        v_status TEXT;
+        v_state TEXT;
+        v_grouped BOOLEAN;
+        v_cost INTEGER;
+        v_cap INTEGER;
+        v_own_cap INTEGER;
+        v_group_used INTEGER;
+        v_daily_used INTEGER;
+        v_allowance INTEGER;
+        v_daily_left INTEGER;
+        v_left BIGINT;
+        v_daily INTEGER;
+    BEGIN
+        -- The asks' new jobs (job 0), in ask order, ids from the jobs' own sequence.
+        WITH input AS (
+            SELECT i.k, nextval(pg_get_serial_sequence('jobs', 'id')) AS id, i.account,
+                   i.platform, i.chat, i.grp, i.kind, i.prompt, i.options, i.refs, i.own,
+                   i.created, i.process
+            FROM unnest(p_jobs, p_users, p_platforms, p_chats, p_job_groups, p_kinds,
+                        p_prompts, p_options, p_ref_counts, p_own_keys, p_created, p_processes)
+                 WITH ORDINALITY AS i(job, account, platform, chat, grp, kind, prompt, options,
+                                      refs, own, created, process, k)
+            WHERE i.job = 0
+        ), inserted AS (
+            INSERT INTO jobs (id, user_id, platform, chat_id, group_key, kind, prompt, options,
+                              ref_count, own_key, created_at, process_id)
+            SELECT id, account, platform, chat, grp, kind, prompt, options, refs, own, created,
+                   process
+            FROM input ORDER BY k
+        )
+        SELECT array_agg(k ORDER BY k), array_agg(id ORDER BY k) INTO v_new_k, v_new_ids
+        FROM input;
+        FOR i IN 1..COALESCE(cardinality(v_new_k), 0) LOOP
+            v_ids[v_new_k[i]] := v_new_ids[i];
+        END LOOP;
+
+        -- Every row the decisions read, locked (accounts, their days, the groups' days), in
+        -- the order every rule takes them, each kind in key order.
+        PERFORM 1 FROM users WHERE id = ANY (p_users) ORDER BY id FOR NO KEY UPDATE;
+        SELECT array_agg(id), array_agg(account_id), array_agg(granted),
+               array_agg(daily_allowance)
+        INTO a_ids, a_account, a_balance, a_allowance
+        FROM users WHERE id = ANY (p_users);
+        PERFORM 1 FROM daily_usage WHERE user_id = ANY (p_users) AND day = ANY (p_days)
+        ORDER BY user_id, day FOR NO KEY UPDATE;
+        SELECT array_agg(user_id::TEXT || ' ' || day), array_agg(used) INTO d_keys, d_used
+        FROM daily_usage WHERE user_id = ANY (p_users) AND day = ANY (p_days);
+        -- An upsert locks the row it finds as FOR NO KEY UPDATE does, and a row it inserts
+        -- is this call's until commit (another process's reservation could otherwise insert
+        -- it meanwhile): made and locked, in key order, with the caps.
+        WITH locked AS (
+            INSERT INTO group_usage (group_key, day, used)
+            SELECT DISTINCT x.grp, x.day, 0 FROM unnest(p_groups, p_days) AS x(grp, day)
+            WHERE COALESCE(x.grp, '') <> ''
+            ORDER BY x.grp, x.day
+            ON CONFLICT (group_key, day) DO UPDATE SET used = group_usage.used
+            RETURNING group_key, day, used
+        )
+        SELECT array_agg(l.group_key || ' ' || l.day), array_agg(l.used), array_agg(r.cap)
+        INTO g_keys, g_used, g_caps
+        FROM locked AS l LEFT JOIN group_rules AS r ON r.group_key = l.group_key;
+        -- Jobs written before (a /edit's, after its downloads): whose, and where they are.
+        SELECT array_agg(j.id), array_agg(j.user_id), array_agg(j.status), array_agg(r.state)
+        INTO j_ids, j_owner, j_status, j_state
+        FROM jobs AS j LEFT JOIN reservations AS r ON r.job_id = j.id
+        WHERE j.id = ANY (p_jobs) AND j.id <> 0;
+
+        FOR i IN 1..v_count LOOP
+            v_a := array_position(a_ids, p_users[i]);
+            IF v_a IS NOT NULL AND a_account[v_a] IS NOT NULL THEN
+                o_outcome[i] := 'linked';
+                CONTINUE;
+            END IF;
+            IF p_jobs[i] = 0 THEN
+                v_owner := p_users[i];
+                v_status := 'queued';
+                v_state := NULL;
+                v_j := NULL;
+            ELSE
+                v_j := array_position(j_ids, p_jobs[i]);
+            END IF;
+            IF v_a IS NULL OR (p_jobs[i] <> 0 AND v_j IS NULL) THEN
+                o_outcome[i] := 'not_found';
+                CONTINUE;
+            END IF;
+            IF v_j IS NOT NULL THEN
+                v_owner := j_owner[v_j];
+                v_status := j_status[v_j];
+                v_state := j_state[v_j];
+            END IF;
+            IF v_owner <> p_users[i] THEN
+                o_outcome[i] := 'owner';
+                o_number[i] := v_owner;
+                CONTINUE;
+            END IF;
+            IF v_state IS NOT NULL THEN
+                o_outcome[i] := 'reserved';
+                o_detail[i] := v_state;
+                CONTINUE;
+            END IF;
+            IF v_status <> 'queued' THEN
+                o_outcome[i] := 'status';
+                o_detail[i] := v_status;
+                CONTINUE;
+            END IF;
+            v_cost := p_costs[i];
+            v_grouped := COALESCE(p_groups[i], '') <> '';
+            v_cap := p_global_caps[i];
+            v_group_used := 0;
+            v_g := NULL;
+            IF v_grouped THEN
+                v_g := array_position(g_keys, p_groups[i] || ' ' || p_days[i]);
+                v_group_used := g_used[v_g];
+                -- bot.groups.effective_cap: the lower of the two where 0 or NULL is no cap.
+                v_own_cap := COALESCE(g_caps[v_g], 0);
+                IF v_own_cap > 0 THEN
+                    v_cap := CASE WHEN v_cap > 0 THEN LEAST(v_cap, v_own_cap) ELSE v_own_cap END;
+                ELSIF v_cap <= 0 THEN
+                    v_cap := 0;
+                END IF;
+                IF v_cap > 0 AND v_group_used + v_cost > v_cap THEN
+                    o_outcome[i] := 'group_cap';
+                    o_number[i] := v_cap;
+                    CONTINUE;
+                END IF;
+            END IF;
+            v_allowance := GREATEST(0, COALESCE(a_allowance[v_a], p_allowances[i]));
+            v_d := array_position(d_keys, p_users[i]::TEXT || ' ' || p_days[i]);
+            v_daily_used := CASE WHEN v_d IS NULL THEN 0 ELSE d_used[v_d] END;
+            v_daily_left := GREATEST(0, v_allowance - v_daily_used);
+            v_left := v_daily_left + a_balance[v_a];
+            IF v_cost > v_left THEN
+                o_outcome[i] := 'insufficient';
+                o_number[i] := v_left;
+                CONTINUE;
+            END IF;
+            v_daily := LEAST(v_cost, v_daily_left);
+            -- What the next ask of this account, day or group sees.
+            a_balance[v_a] := a_balance[v_a] - (v_cost - v_daily);
+            IF v_d IS NULL THEN
+                d_keys := d_keys || (p_users[i]::TEXT || ' ' || p_days[i]);
+                d_used := d_used || v_daily;
+            ELSE
+                d_used[v_d] := v_daily_used + v_daily;
+            END IF;
+            IF v_grouped THEN
+                g_used[v_g] := v_group_used + v_cost;
+            END IF;
+            IF v_j IS NOT NULL THEN
+                j_state[v_j] := 'reserved';
+            END IF;
+            r := r + 1;
+            r_jobs[r] := v_ids[i];
+            r_users[r] := p_users[i];
+            r_daily[r] := v_daily;
+            r_balance[r] := v_cost - v_daily;
+            r_days[r] := p_days[i];
+            r_groups[r] := p_groups[i];
+            o_outcome[i] := 'ok';
+            o_number[i] := v_left - v_cost;
+        END LOOP;
+
+        -- The writes, each table's in key order, on rows locked above: plain increments,
+        -- with the tables' CHECKs (granted >= 0, used >= 0) behind them.
+        r_jobs := r_jobs[1:r];
+        r_users := r_users[1:r];
+        r_daily := r_daily[1:r];
+        r_balance := r_balance[1:r];
+        r_days := r_days[1:r];
+        r_groups := r_groups[1:r];
+        UPDATE users AS u SET granted = u.granted - t.amount
+        FROM (SELECT x.account, SUM(x.amount) AS amount
+              FROM unnest(r_users, r_balance) AS x(account, amount)
+              GROUP BY x.account HAVING SUM(x.amount) > 0) AS t
+        WHERE u.id = t.account;
+        INSERT INTO daily_usage (user_id, day, used)
+        SELECT x.account, x.day, SUM(x.amount)
+        FROM unnest(r_users, r_days, r_daily) AS x(account, day, amount)
+        GROUP BY x.account, x.day HAVING SUM(x.amount) > 0
+        ORDER BY x.account, x.day
+        ON CONFLICT (user_id, day) DO UPDATE SET used = daily_usage.used + excluded.used;
+        INSERT INTO group_usage (group_key, day, used)
+        SELECT x.grp, x.day, SUM(x.daily + x.bal)
+        FROM unnest(r_groups, r_days, r_daily, r_balance) AS x(grp, day, daily, bal)
+        WHERE COALESCE(x.grp, '') <> '' AND x.daily + x.bal > 0
+        GROUP BY x.grp, x.day
+        ORDER BY x.grp, x.day
+        ON CONFLICT (group_key, day) DO UPDATE SET used = group_usage.used + excluded.used;
+        INSERT INTO reservations (job_id, user_id, daily_amount, balance_amount, day, group_key,
+                                  state)
+        SELECT x.job, x.account, x.daily, x.bal, x.day, x.grp, 'reserved'
+        FROM unnest(r_jobs, r_users, r_daily, r_balance, r_days, r_groups)
+             WITH ORDINALITY AS x(job, account, daily, bal, day, grp, k)
+        ORDER BY x.k;
+        INSERT INTO ledger (job_id, user_id, kind, daily_amount, balance_amount, day,
+                            created_at, note, by_user_id)
+        SELECT x.job, x.account, 'reserve', x.daily, x.bal, x.day, p_at, '', NULL
+        FROM unnest(r_jobs, r_users, r_daily, r_balance, r_days)
+             WITH ORDINALITY AS x(job, account, daily, bal, day, k)
+        ORDER BY x.k;
+
+        RETURN QUERY
+        SELECT k::INTEGER, v_ids[k], o_outcome[k], o_number[k], o_detail[k]
+        FROM generate_series(1, v_count) AS k;
+    END
+    $$;
+    """,
+)
 
 assert len(POSTGRES_MIGRATIONS) == len(SQLITE_MIGRATIONS), "one migration per number on both"
 
