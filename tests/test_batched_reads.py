@@ -158,6 +158,13 @@ async def test_a_bursts_new_users_are_made_in_one_write(
     assert [u.name for u in got] == [f"n{i % 20}" for i in range(100)]
     assert len({u.id for u in got}) == 20
 
+    # 600 commands of 20 more: their reads take three batches (256 at most), each run before
+    # the first write landed, so each finds nothing; the users are still written once.
+    writes.clear()
+    got = await asyncio.gather(*(reads.user("qq", f"b{i % 20}", f"m{i % 20}") for i in range(600)))
+    assert writes == [20]
+    assert len({u.id for u in got}) == 20
+
 
 async def test_a_batcher_raises_a_keys_exception_to_that_keys_callers_alone() -> None:
     """`Batcher`: a fetch answering a key with an exception (a reservation whose job could
