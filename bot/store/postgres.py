@@ -24,18 +24,13 @@ from bot.store.engine import Dialect, Row, Rule
 from bot.store.migrations import POSTGRES_MIGRATIONS
 from bot.store.model import StoreError
 from bot.store.sql import (
-    SQL_ADD_DAILY,
-    SQL_ADD_GROUP,
     SQL_FINISH_JOB,
     SQL_INSERT_JOB,
-    SQL_INSERT_LEDGER,
-    SQL_INSERT_RESERVATION,
     SQL_MAKE_USER,
     SQL_MARK_CHARGE,
     SQL_MARK_RUNNING,
     SQL_MARK_UPSTREAM_DONE,
     SQL_RELEASE_SLOT,
-    SQL_TAKE_LOCKED_BALANCE,
 )
 
 log = logging.getLogger("bot.store")
@@ -195,8 +190,7 @@ BATCHED: dict[str, str] = {
     """,
 }
 # Statements `Tx.execute_many` runs for many rows as one statement over arrays (one array per
-# parameter) instead of one execution per row: a burst's batch of reservations writes 256
-# reservation and ledger rows in a statement each.
+# parameter) instead of one execution per row: a burst's new users in one upsert.
 MANY: dict[str, str] = {
     # Rows unique by (platform, platform_user_id): one statement may not upsert a row twice.
     SQL_MAKE_USER: """
@@ -204,34 +198,6 @@ MANY: dict[str, str] = {
         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::double precision[])
         ON CONFLICT (platform, platform_user_id) DO UPDATE
         SET name = CASE WHEN excluded.name <> '' THEN excluded.name ELSE users.name END
-    """,
-    SQL_TAKE_LOCKED_BALANCE: """
-        UPDATE users AS u SET granted = u.granted - i.amount
-        FROM unnest($1::integer[], $2::bigint[]) AS i(amount, id)
-        WHERE u.id = i.id
-    """,
-    SQL_ADD_DAILY: """
-        INSERT INTO daily_usage (user_id, day, used)
-        SELECT * FROM unnest($1::bigint[], $2::text[], $3::integer[])
-        ON CONFLICT (user_id, day) DO UPDATE SET used = daily_usage.used + excluded.used
-    """,
-    SQL_ADD_GROUP: """
-        INSERT INTO group_usage (group_key, day, used)
-        SELECT * FROM unnest($1::text[], $2::text[], $3::integer[])
-        ON CONFLICT (group_key, day) DO UPDATE SET used = group_usage.used + excluded.used
-    """,
-    SQL_INSERT_RESERVATION: """
-        INSERT INTO reservations (job_id, user_id, daily_amount, balance_amount, day, group_key,
-                                  state)
-        SELECT *, 'reserved' FROM unnest($1::bigint[], $2::bigint[], $3::integer[],
-                                         $4::integer[], $5::text[], $6::text[])
-    """,
-    SQL_INSERT_LEDGER: """
-        INSERT INTO ledger (job_id, user_id, kind, daily_amount, balance_amount, day,
-                            created_at, note, by_user_id)
-        SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::integer[],
-                             $5::integer[], $6::text[], $7::double precision[], $8::text[],
-                             $9::bigint[])
     """,
 }
 
@@ -254,7 +220,6 @@ CALL_TIMEOUT = 60.0
 MIGRATION_LOCK = 0x64726177  # "draw"
 
 _PLACEHOLDER = re.compile(r"\?(\d*)|'(?:[^']|'')*'")
-_NUMBERED = re.compile(r"\$(\d+)")
 
 
 @lru_cache(maxsize=1024)
@@ -280,22 +245,6 @@ def fused(statements: tuple[tuple[str, int], ...]) -> str:
 
 
 @lru_cache(maxsize=64)
-def fused_many(statements: tuple[str, ...]) -> str:
-    """`MANY` forms of these statements as one statement of data-modifying CTEs; their
-    array parameters follow on, as in `fused`."""
-    parts = []
-    offset = 0
-    for index, sql in enumerate(statements):
-        many = MANY[sql].strip()
-
-        def shifted(match: re.Match[str], by: int = offset) -> str:
-            return f"${int(match.group(1)) + by}"
-
-        parts.append(f"w{index} AS ({_NUMBERED.sub(shifted, many)})")
-        offset += max(int(n) for n in _NUMBERED.findall(many))
-    return "WITH " + ",\n".join(parts) + "\nSELECT 1"
-
-
 def _renumbered(sql: str, offset: int) -> str:
     """`?` as `$offset+1, $offset+2, ...` and `?N` as `$offset+N` (string literals left alone)."""
     counter = 0
@@ -351,15 +300,10 @@ class PostgresTx:
             await self.con.execute(many, *(list(column) for column in zip(*rows, strict=True)))
 
     async def writes_many(self, *steps: tuple[str, Sequence[Sequence[Any]]]) -> None:
-        steps = tuple((sql, rows) for sql, rows in steps if rows)
-        if len(steps) < 2 or not all(sql in MANY for sql, _ in steps):
-            for sql, rows in steps:
-                await self.execute_many(sql, rows)
-            return
-        await self.con.execute(
-            fused_many(tuple(sql for sql, _ in steps)),
-            *(list(column) for _, rows in steps for column in zip(*rows, strict=True)),
-        )
+        # `ledger.reserve_many`'s writes, which only SQLite runs: a batch of reservations is
+        # one server-side call here (`Dialect.open_many_call`).
+        for sql, rows in steps:
+            await self.execute_many(sql, rows)
 
     async def writes(self, *statements: tuple[str, Sequence[Any]]) -> list[int]:
         if len(statements) == 1:

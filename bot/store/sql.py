@@ -58,8 +58,8 @@ SQL_TAKE_GROUP = """
     ON CONFLICT (group_key, day) DO UPDATE SET used = group_usage.used + excluded.used
     WHERE ?4 <= 0 OR group_usage.used + excluded.used <= ?4
 """
-# `ledger.reserve_many`'s writes, on rows it has locked (PostgreSQL runs each for many rows
-# in one statement: postgres.MANY). params: amount, user_id
+# `ledger.reserve_many`'s writes, on rows it has locked (SQLite; PostgreSQL writes a batch's
+# reservations in `drawbridge_open_many`). params: amount, user_id
 SQL_TAKE_LOCKED_BALANCE = "UPDATE users SET granted = granted - ? WHERE id = ?"
 # params: user_id, day, amount
 SQL_ADD_DAILY = """
