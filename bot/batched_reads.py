@@ -20,7 +20,7 @@ import asyncio
 from datetime import date
 from typing import cast
 
-from bot.batching import Batcher
+from bot.batching import Batcher, InFlight
 from bot.groups import GroupRules
 from bot.store import Credits, NotFoundError, StorePort, User
 
@@ -37,7 +37,7 @@ class BatchedReads:
         self._made: Batcher[tuple[str, str, str], User] = Batcher(store.users_made)
         # Those asked and not yet written: a user's later commands, whose read found nothing
         # either (it ran before the write), wait for that write instead of writing again.
-        self._making: dict[tuple[str, str, str], asyncio.Future[User | None]] = {}
+        self._making: InFlight[tuple[str, str, str], User | None] = InFlight()
 
     async def user(self, platform: str, platform_user_id: str, name: str = "") -> User:
         """`Store.user`: get or create the user, refreshing its display name."""
@@ -45,21 +45,10 @@ class BatchedReads:
         if found is not None and (not name or found.name == name):
             return found
         key = (platform, platform_user_id, name)
-        making = self._making.get(key)
-        if making is None:
-            making = self._making[key] = self._made.ask(key)
-            making.add_done_callback(lambda done: self._made_now(key, done))
-        # Shielded: one command giving up does not cancel the write the others wait for.
-        made = await asyncio.shield(making)
+        made = await self._making.run(key, lambda: self._made.ask(key))
         if made is None:  # cannot be: the write makes every user it is asked for
             raise NotFoundError(f"no user {platform}:{platform_user_id} after creating it")
         return made
-
-    def _made_now(self, key: tuple[str, str, str], done: asyncio.Future[User | None]) -> None:
-        if self._making.get(key) is done:
-            del self._making[key]
-        if not done.cancelled():
-            done.exception()  # its waiters may all be gone: retrieved here
 
     async def group_rules(self, group_key: str) -> GroupRules:
         """`Store.group_rules`."""

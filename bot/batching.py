@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Mapping
+from functools import partial
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -75,3 +76,30 @@ class Batcher(Generic[K, V]):
                             future.set_result(value)
         finally:
             self._draining = None
+
+
+class InFlight(Generic[K, V]):
+    """One call per key at a time: whoever asks for a key while its call runs shares it.
+
+    For what many commands need at the same moment and one call answers for all (a burst's
+    first wave reading a relay's capabilities, a new user's later commands waiting for the
+    write that makes the user).
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[K, asyncio.Future[V]] = {}
+
+    async def run(self, key: K, call: Callable[[], Awaitable[V]]) -> V:
+        """`call()`'s answer, from the call already running for `key` if there is one."""
+        running = self._running.get(key)
+        if running is None:
+            running = self._running[key] = asyncio.ensure_future(call())
+            running.add_done_callback(partial(self._done, key))
+        # Shielded: one caller giving up does not cancel the call the others wait for.
+        return await asyncio.shield(running)
+
+    def _done(self, key: K, done: asyncio.Future[V]) -> None:
+        if self._running.get(key) is done:
+            del self._running[key]
+        if not done.cancelled():
+            done.exception()  # its callers may all be gone: retrieved here

@@ -10,10 +10,11 @@ request, and a change written by another process is seen within `max_age` second
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Final
+
+from bot.batching import InFlight
 
 if TYPE_CHECKING:
     from bot.store import Store
@@ -69,7 +70,7 @@ class CapabilityStore:
         self._cache: dict[str, tuple[float, Capabilities]] = {}
         # The read in flight per provider: a burst's first wave (50 requests launched at once,
         # or at once when the cache expires) shares one read instead of 50 store round trips.
-        self._reading: dict[str, asyncio.Future[Capabilities]] = {}
+        self._reading: InFlight[str, Capabilities] = InFlight()
         self._learned = 0  # counts `learn` calls: a read that overlapped one is stale
 
     async def get(self, provider: str) -> Capabilities:
@@ -81,12 +82,7 @@ class CapabilityStore:
             return cached[1]
         if self.store is None:
             return Capabilities()
-        reading = self._reading.get(provider)
-        if reading is None:
-            reading = self._reading[provider] = asyncio.ensure_future(self._read(provider))
-            reading.add_done_callback(lambda done: self._read_done(provider, done))
-        # Shielded: one caller giving up does not cancel the read the others wait for.
-        return await asyncio.shield(reading)
+        return await self._reading.run(provider, lambda: self._read(provider))
 
     async def _read(self, provider: str) -> Capabilities:
         assert self.store is not None
@@ -95,12 +91,6 @@ class CapabilityStore:
         if self._learned == learned:  # else `learn` caches what it wrote, newer than this
             self._cache[provider] = (time.monotonic(), caps)
         return caps
-
-    def _read_done(self, provider: str, done: asyncio.Future[Capabilities]) -> None:
-        if self._reading.get(provider) is done:
-            del self._reading[provider]
-        if not done.cancelled():
-            done.exception()  # its callers may all be gone: retrieved here
 
     async def learn(self, provider: str, **changes: Any) -> Capabilities:
         """Record `changes` (keys of `Capabilities`; None forgets one) and return the result."""
