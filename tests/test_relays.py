@@ -304,6 +304,8 @@ async def test_a_provider_found_unable_to_stream_is_probed_again_after_a_day(
     )
     await draw(direct)
     assert [r.stream for r in upgraded.requests] == [True]
+    assert (await caps.get("upgraded")).stream is True  # known at once
+    await direct.aclose()  # and written by the time the client is closed
     assert (await store.provider_capabilities("upgraded"))["stream"] is True
 
 
@@ -335,9 +337,45 @@ async def test_results_4k_and_edits_are_recorded_as_seen(
     result = await chain.run(ImageRequest("a wide sea", size="3840x2160"))
     assert result.fallback_size is not None
     await chain.run(ImageRequest("recolour", references=(png_reference(),)))
+    await chain.aclose()  # what an answer showed is written beside it, by the close at last
     learned = await store.provider_capabilities("small")
     assert learned["four_k"] is False and learned["result"] == "url"
     assert learned["edits"] is True and learned["stream"] is True
+
+
+async def test_a_wave_of_answers_learns_once_and_no_answer_waits_for_the_write(
+    mock_factory: Callable[..., Awaitable[MockUpstream]],
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A burst's first wave (50 requests answering together) on a relay not known yet."""
+    upstream = await mock_factory()
+    writes: list[dict[str, Any]] = []
+    held = asyncio.Event()
+    real = store.update_provider_capabilities
+
+    async def held_back(provider: str, changes: dict[str, Any]) -> dict[str, Any]:
+        writes.append(changes)
+        await held.wait()  # a slow database: nothing the answers should wait for
+        return await real(provider, changes)
+
+    monkeypatch.setattr(store, "update_provider_capabilities", held_back)
+    chain = chain_for(settings_for({"name": "fresh", "api_base": upstream.base_url}), store)
+    results = await asyncio.wait_for(
+        asyncio.gather(*(draw(chain, f"wave {i}") for i in range(50))), timeout=30
+    )
+    assert len(results) == 50 and all(r.images for r in results)
+    assert all(r.stream for r in upstream.requests)
+    # Known at once to the whole process; not written yet (the next write waits its turn).
+    known = chain.clients[0].capabilities.cached("fresh")
+    assert known.stream is True and known.result == "b64"
+    assert await store.provider_capabilities("fresh") == {}
+    held.set()
+    await chain.aclose()
+    # Learned once for the wave (it streams, it answers b64), in the order learned.
+    assert [sorted(changes) for changes in writes] == [["stream", "stream_checked_at"], ["result"]]
+    stored = await store.provider_capabilities("fresh")
+    assert stored["stream"] is True and stored["result"] == "b64"
 
 
 # --- fail over only when surely unbilled ---

@@ -10,6 +10,8 @@ request, and a change written by another process is seen within `max_age` second
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Final
@@ -18,6 +20,8 @@ from bot.batching import InFlight
 
 if TYPE_CHECKING:
     from bot.store import Store
+
+log = logging.getLogger(__name__)
 
 CACHE_SECONDS: Final = 30.0
 
@@ -72,6 +76,8 @@ class CapabilityStore:
         # or at once when the cache expires) shares one read instead of 50 store round trips.
         self._reading: InFlight[str, Capabilities] = InFlight()
         self._learned = 0  # counts `learn` calls: a read that overlapped one is stale
+        self._writing: dict[str, asyncio.Lock] = {}
+        self._writes: set[asyncio.Future[Capabilities]] = set()
 
     async def get(self, provider: str) -> Capabilities:
         """What is known about `provider` (cached for `max_age` seconds)."""
@@ -93,21 +99,64 @@ class CapabilityStore:
         return caps
 
     async def learn(self, provider: str, **changes: Any) -> Capabilities:
-        """Record `changes` (keys of `Capabilities`; None forgets one) and return the result."""
+        """Record `changes` (keys of `Capabilities`; None forgets one) and return the result.
+
+        This process knows them at once (`cached`, `get`), before the write: requests
+        answering together (a burst's first wave) learn a thing once, not once each.
+        """
+        self._check(changes)
+        self._remember(provider, changes)
+        if self.store is None:
+            return self.cached(provider)
+        return await self._write(provider, changes)
+
+    def note(self, provider: str, **changes: Any) -> None:
+        """`learn`, written in the background: for what an answer already in hand showed,
+        which the answer must not wait for. `flush` waits for the writes; one that fails is
+        logged (what was learned is an optimisation) and stays known to this process."""
+        self._check(changes)
+        self._remember(provider, changes)
+        if self.store is None:
+            return
+        write = asyncio.ensure_future(self._write(provider, changes))
+        self._writes.add(write)
+        write.add_done_callback(self._written)
+
+    async def flush(self) -> None:
+        """Wait for the writes `note` started."""
+        while self._writes:
+            await asyncio.wait(list(self._writes))
+
+    def _check(self, changes: dict[str, Any]) -> None:
         unknown = set(changes) - _NAMES
         if unknown:
             raise ValueError(f"unknown capabilities: {sorted(unknown)}")
         self._learned += 1
-        if self.store is not None:
+
+    def _remember(self, provider: str, changes: dict[str, Any]) -> None:
+        """`changes` over what this process knows, keeping when it was read. Nothing known
+        (never read, or read too long ago): left to the write's answer, which has it all."""
+        cached = self._cache.get(provider)
+        if cached is not None:
+            known = {spec.name: getattr(cached[1], spec.name) for spec in fields(Capabilities)}
+            known.update(changes)
+            self._cache[provider] = (cached[0], Capabilities.from_json(known))
+        elif self.store is None:
+            self._cache[provider] = (time.monotonic(), Capabilities.from_json(changes))
+
+    async def _write(self, provider: str, changes: dict[str, Any]) -> Capabilities:
+        assert self.store is not None
+        # In the order asked: a later change to the same key must land last.
+        async with self._writing.setdefault(provider, asyncio.Lock()):
             merged = await self.store.update_provider_capabilities(provider, changes)
-            caps = Capabilities.from_json(merged)
-        else:
-            current = await self.get(provider)
-            data = {spec.name: getattr(current, spec.name) for spec in fields(Capabilities)}
-            data.update(changes)
-            caps = Capabilities.from_json(data)
+        caps = Capabilities.from_json(merged)
         self._cache[provider] = (time.monotonic(), caps)
         return caps
+
+    def _written(self, write: asyncio.Future[Capabilities]) -> None:
+        self._writes.discard(write)
+        if not write.cancelled() and write.exception() is not None:
+            log.warning("cannot record what was learned", exc_info=write.exception())
 
     def cached(self, provider: str) -> Capabilities:
         """The last known value without touching the store (empty when never read)."""

@@ -197,7 +197,8 @@ class UpstreamClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the HTTP client if this instance created it."""
+        """Close the HTTP client if this instance created it (what it learned is written)."""
+        await self.capabilities.flush()
         if self._owns_http:
             await self.http.aclose()
 
@@ -245,7 +246,7 @@ class UpstreamClient:
             await notify(on_progress, Progress("retry", index=1, detail="size_fallback"))
             size = fallback
             answer = await self._adapting(endpoint, request, size, on_progress)
-        await self._learn_from(endpoint, answer, request.size, fallback)
+        self._learn_from(endpoint, answer, request.size, fallback)
         images = await self._materialize(answer, on_progress)
         return ImageResult(
             images=tuple(images),
@@ -311,7 +312,9 @@ class UpstreamClient:
             if stream and self.provider.stream is None:
                 caps = self.capabilities.cached(self.provider.name)
                 if caps.stream is not True:
-                    await self._learn(stream=True, stream_checked_at=time.time())
+                    self.capabilities.note(
+                        self.provider.name, stream=True, stream_checked_at=time.time()
+                    )
             return answer
 
     async def _stream_wanted(self) -> bool:
@@ -347,7 +350,7 @@ class UpstreamClient:
             error.detail,
         )
 
-    async def _learn_from(
+    def _learn_from(
         self, endpoint: str, answer: Answer, asked: str | None, fallback: str | None
     ) -> None:
         """Record what a successful answer showed, when it differs from what is known."""
@@ -364,7 +367,8 @@ class UpstreamClient:
             if caps.four_k is not four_k:
                 changes["four_k"] = four_k
         if changes:
-            await self._learn(**changes)
+            # Written beside the answer, not in front of it (`CapabilityStore.note`).
+            self.capabilities.note(self.provider.name, **changes)
 
     async def _learn(self, **changes: Any) -> None:
         try:
