@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
@@ -158,6 +157,39 @@ class _Ticket:
     concurrency: int = 1
     # Starting at once, and its request not yet sent (JobRunner._launched).
     launching: bool = False
+
+
+class _Queue:
+    """The tickets waiting for one provider's slots, in arrival order.
+
+    Every waiting job asks its place now and then ("Queued #N"): a burst queues hundreds at
+    once, and a place counted by walking the queue made that quadratic. Places are counted
+    once, when asked after a job left (joining at the end moves nobody).
+    """
+
+    def __init__(self) -> None:
+        self._tickets: dict[_Ticket, None] = {}  # a set that keeps its order
+        self._places: dict[_Ticket, int] | None = {}
+
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+    def append(self, ticket: _Ticket) -> None:
+        if ticket in self._tickets:
+            return
+        self._tickets[ticket] = None
+        if self._places is not None:
+            self._places[ticket] = len(self._tickets)
+
+    def discard(self, ticket: _Ticket) -> None:
+        if self._tickets.pop(ticket, 0) is None:
+            self._places = None  # the ones behind it moved up
+
+    def place(self, ticket: _Ticket) -> int:
+        """1 for the next job to start, 0 for one not waiting."""
+        if self._places is None:
+            self._places = {t: n for n, t in enumerate(self._tickets, 1)}
+        return self._places.get(ticket, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,7 +338,7 @@ class JobRunner:
         self.clients = list(clients)
         self._chain = ProviderChain(self.clients) if self.clients else None
         self._slots: dict[str, asyncio.Semaphore] = {}
-        self._waiting: dict[str, deque[_Ticket]] = {}
+        self._waiting: dict[str, _Queue] = {}
         self._tickets: dict[int, _Ticket] = {}
         self._per_user: dict[int, int] = {}
         # Jobs past their slot's door, per provider, until they end (for queue estimates,
@@ -552,7 +584,7 @@ class JobRunner:
             eta_class=cls,
             concurrency=max(1, cred.primary.concurrency),
         )
-        queue = self._waiting.setdefault(ticket.provider, deque())
+        queue = self._waiting.setdefault(ticket.provider, _Queue())
         queue.append(ticket)
         self._tickets[job_id] = ticket
         # Its place behind the jobs queued before it that the free slots do not take. (Not
@@ -737,7 +769,7 @@ class JobRunner:
                 if ticker is not None:
                     ticker.cancel()
                     ticker = None
-                self._waiting[ticket.provider].remove(ticket)
+                self._waiting[ticket.provider].discard(ticket)
                 ticket.running = True
                 self._running[ticket.provider] = self._running.get(ticket.provider, 0) + 1
                 side.append(asyncio.create_task(self.store.mark_running(job_id, cred.primary.name)))
@@ -848,8 +880,8 @@ class JobRunner:
             if progress.preview is not None and ticket.outcome != "succeeded":
                 # A partial preview of a job that failed would look like a result.
                 await _quietly(chat.delete(progress.preview))
-            with contextlib.suppress(ValueError):
-                self._waiting.get(ticket.provider, deque()).remove(ticket)
+            if (waiting := self._waiting.get(ticket.provider)) is not None:
+                waiting.discard(ticket)
             self._tickets.pop(job_id, None)
             if ticket.running:
                 self._running[ticket.provider] -= 1
@@ -1008,12 +1040,11 @@ class JobRunner:
     ) -> None:
         """Keep "Queued #N" and its estimate true while the job waits."""
         queue = self._waiting[ticket.provider]
-        shown = queue.index(ticket) + 1 if ticket in queue else 0
+        shown = queue.place(ticket)
         while True:
             await asyncio.sleep(QUEUE_TICK)
-            try:
-                position = queue.index(ticket) + 1
-            except ValueError:
+            position = queue.place(ticket)
+            if not position:
                 return
             estimate = await self._estimate(ticket, position)
             if position != shown or _moved(estimate, shown_estimate):
