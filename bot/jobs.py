@@ -311,15 +311,22 @@ class _ProviderSlot:
             delay = min(self.POLL_MAX, delay * 2)
 
     async def __aexit__(self, *exc_info: object) -> None:
+        if self._held is None:
+            self._local.release()
+            return
+        # Given back beside the job's delivery, not in front of it (a store round trip, at a
+        # wave's end behind fifty others); a cancelled job frees its slot all the same. This
+        # process's next job enters once the row is gone, so it finds the slot free.
+        slot, self._held = self._held, None
+        task = asyncio.ensure_future(self._release(slot))
+        _RELEASING.add(task)
+        task.add_done_callback(_released)
+
+    async def _release(self, slot: int) -> None:
         try:
-            if self._held is not None:
-                slot, self._held = self._held, None
-                name = self._provider.name
-                try:
-                    # Shielded: a cancelled job still frees its slot for the other processes.
-                    await asyncio.shield(self._store.release_slot(name, slot))
-                except Exception as exc:
-                    log.warning("provider %s: could not free slot %d: %r", name, slot, exc)
+            await self._store.release_slot(self._provider.name, slot)
+        except Exception as exc:
+            log.warning("provider %s: could not free slot %d: %r", self._provider.name, slot, exc)
         finally:
             self._local.release()
 
