@@ -796,13 +796,13 @@ class JobRunner:
                 files = _out_files(job_id, result)
                 unit = self._drawn_unit(ticket, result)
                 charge = min(ticket.cost, unit * len(files))
-                # Queue wait and upstream time apart, for the estimates of later jobs; and the
-                # charge, recorded before the hand-off so recovery commits a delivered job.
-                # Both written beside the slot's release, settled before the delivery.
+                # The charge, recorded before the hand-off so recovery commits a delivered job;
+                # and in the same write, when the upstream answered (queue wait and upstream
+                # time apart, for the estimates of later jobs). Written beside the slot's
+                # release, settled before the delivery.
                 side.append(
-                    asyncio.create_task(self.store.mark_upstream_done(job_id, ticket.eta_class))
+                    asyncio.create_task(self._mark_delivering(job_id, charge, ticket.eta_class))
                 )
-                side.append(asyncio.create_task(self._mark_delivering(job_id, charge)))
             # The result bytes are in hand: the provider's slot goes to the next job now, so a
             # slow upload here (a Telegram flood wait) never holds up jobs in other chats.
             await _settle(side)
@@ -905,10 +905,10 @@ class JobRunner:
         # Never more than was asked for, whatever the price table says.
         return min(ticket.unit, price(self.settings, drawn, ticket.quality))
 
-    async def _mark_delivering(self, job_id: int, charge: int) -> None:
+    async def _mark_delivering(self, job_id: int, charge: int, eta_class: str) -> None:
         """Record the charge before the hand-off, so recovery commits a delivered job."""
         try:
-            await self.store.mark_delivering(job_id, charge)
+            await self.store.mark_delivering(job_id, charge, eta_class=eta_class)
         except Exception:
             # The image must not wait on the database: without the mark, a stop before the
             # commit refunds this job at the next start (the user keeps the image for free).

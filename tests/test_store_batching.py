@@ -280,9 +280,15 @@ async def test_a_bursts_job_updates_made_together_land_as_made_one_by_one(
     await asyncio.gather(*(store.mark_running(job, "main") for job in jobs))
     # One job finishes early (cancelled): nothing later may reopen or rewrite it.
     await store.finish_job(jobs[0], status="cancelled", error_kind="cancelled")
+    # Upstream time and charge as two writes, or (odd jobs, as the job runner does) as one.
     await asyncio.gather(
-        *(store.mark_upstream_done(job, "main|1k|auto|draw") for job in jobs),
-        *(store.mark_delivering(job, charge=n % 3) for n, job in enumerate(jobs)),
+        *(store.mark_upstream_done(job, "main|1k|auto|draw") for job in jobs[::2]),
+        *(store.mark_delivering(job, charge=n % 3) for n, job in enumerate(jobs) if n % 2 == 0),
+        *(
+            store.mark_delivering(job, charge=n % 3, eta_class="main|1k|auto|draw")
+            for n, job in enumerate(jobs)
+            if n % 2
+        ),
         *(store.release_slot("main", slot) for slot in slots if slot is not None),
     )
     await asyncio.gather(
@@ -305,7 +311,8 @@ async def test_a_bursts_job_updates_made_together_land_as_made_one_by_one(
             row[0]: row[1:]
             for row in raw.query(
                 "SELECT id, status, provider, charge, eta_class, error_kind, usage,"
-                " started_at IS NOT NULL, finished_at IS NOT NULL FROM jobs"
+                " started_at IS NOT NULL, finished_at IS NOT NULL,"
+                " upstream_done_at >= started_at FROM jobs"
             )
         }
         assert raw.value("SELECT COUNT(*) FROM provider_slots") == 0
@@ -320,6 +327,7 @@ async def test_a_bursts_job_updates_made_together_land_as_made_one_by_one(
         None,
         True,
         True,
+        True,
     )
     for n, job in enumerate(jobs[1:], start=1):
         provider = "main" if n % 2 else "fallback"
@@ -330,6 +338,7 @@ async def test_a_bursts_job_updates_made_together_land_as_made_one_by_one(
             "main|1k|auto|draw",
             None,
             json.dumps({"total_tokens": n}, separators=(",", ":")),
+            True,
             True,
             True,
         ), (n, rows[job])

@@ -543,15 +543,19 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
             await asyncio.wait(list(pending))
         return await self._write(lambda tx: ledger.refund(tx, job_id, reason))
 
-    async def mark_delivering(self, job_id: int, charge: int) -> None:
+    async def mark_delivering(
+        self, job_id: int, charge: int, *, eta_class: str | None = None
+    ) -> None:
         """Record what the job is to be charged, just before its results go to the chat.
 
         If the process stops before the commit is written, recovery commits `charge` rather
-        than refunding: the user most likely has the images.
+        than refunding: the user most likely has the images. With `eta_class`, also that the
+        upstream answered now (`mark_upstream_done`), in the same write of the job's row.
         """
         if charge < 0:
             raise ValueError("charge must not be negative")
-        await self._execute(SQL_MARK_CHARGE, (charge, job_id))
+        answered = time.time() if eta_class is not None else None
+        await self._execute(SQL_MARK_CHARGE, (charge, answered, eta_class, job_id))
 
     async def mark_running(self, job_id: int, provider: str) -> None:
         """The job was handed to `provider` (again, when falling back to another one)."""

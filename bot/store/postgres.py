@@ -172,7 +172,13 @@ BATCHED: dict[str, str] = {
         "upstream_done_at = i.upstream_done_at, eta_class = i.eta_class",
         active_only=False,
     ),
-    SQL_MARK_CHARGE: _job_update("charge integer", "charge = i.charge", active_only=True),
+    SQL_MARK_CHARGE: _job_update(
+        "charge integer, upstream_done_at double precision, eta_class text",
+        "charge = i.charge,"
+        " upstream_done_at = COALESCE(i.upstream_done_at, j.upstream_done_at),"
+        " eta_class = COALESCE(i.eta_class, j.eta_class)",
+        active_only=True,
+    ),
     SQL_FINISH_JOB: _job_update(
         "status text, error_kind text, error_detail text, usage text, revised_prompt text,"
         " outputs text, provider text, finished_at double precision",

@@ -19,8 +19,12 @@ SQL_MARK_RUNNING = """
 """
 # params: upstream_done_at, eta_class, job_id
 SQL_MARK_UPSTREAM_DONE = "UPDATE jobs SET upstream_done_at = ?, eta_class = ? WHERE id = ?"
-# params: charge, job_id
-SQL_MARK_CHARGE = "UPDATE jobs SET charge = ? WHERE id = ? AND status IN ('queued', 'running')"
+# params: charge, upstream_done_at, eta_class (None: unchanged), job_id
+SQL_MARK_CHARGE = """
+    UPDATE jobs SET charge = ?, upstream_done_at = COALESCE(?, upstream_done_at),
+                    eta_class = COALESCE(?, eta_class)
+    WHERE id = ? AND status IN ('queued', 'running')
+"""
 # params: status, error_kind, error_detail, usage, revised_prompt, outputs, provider,
 # finished_at, job_id
 SQL_FINISH_JOB = """
