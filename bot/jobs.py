@@ -212,14 +212,22 @@ def price(settings: Settings, size: Size | None, quality: str | None) -> int:
     return max(0, int(value))
 
 
-_RELEASING: set[asyncio.Future[None]] = set()
-"""Slots given back in the background (`_ProviderSlot.abandon`), held until done."""
+class _Releases:
+    """Slots being given back in the background, held until done (`JobRunner.wait_idle` and
+    `shutdown` wait for them)."""
 
+    def __init__(self) -> None:
+        self.running: set[asyncio.Future[None]] = set()
 
-def _released(task: asyncio.Future[None]) -> None:
-    _RELEASING.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("could not give back a provider slot: %r", task.exception())
+    def add(self, release: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(release)
+        self.running.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Future[None]) -> None:
+        self.running.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("could not give back a provider slot: %r", task.exception())
 
 
 class _ProviderSlot:
@@ -241,8 +249,10 @@ class _ProviderSlot:
         local: asyncio.Semaphore,
         job_id: int,
         shared: Batcher[int, int],
+        releases: _Releases,
     ) -> None:
         self._store = store
+        self._releases = releases
         self._provider = provider
         self._local = local
         self._job_id = job_id
@@ -275,9 +285,7 @@ class _ProviderSlot:
                 return
             slot = done.result()
             assert slot is not None
-            task = asyncio.ensure_future(self._store.release_slot(name, slot))
-            _RELEASING.add(task)
-            task.add_done_callback(_released)
+            self._releases.add(self._store.release_slot(name, slot))
 
         asked.add_done_callback(free)
 
@@ -318,9 +326,7 @@ class _ProviderSlot:
         # wave's end behind fifty others); a cancelled job frees its slot all the same. This
         # process's next job enters once the row is gone, so it finds the slot free.
         slot, self._held = self._held, None
-        task = asyncio.ensure_future(self._release(slot))
-        _RELEASING.add(task)
-        task.add_done_callback(_released)
+        self._releases.add(self._release(slot))
 
     async def _release(self, slot: int) -> None:
         try:
@@ -359,6 +365,8 @@ class JobRunner:
         self._launching = 0
         self._launches_sent = asyncio.Event()
         self._slot_batches: dict[tuple[str, int], Batcher[int, int]] = {}
+        # Slots being given back (a job's, after its answer; one taken for a job gone).
+        self._releases = _Releases()
         self._accepting = True
         self.files_dir = settings.data_dir / "jobs"
         # Download bytes each user has in flight (or waiting), so one user's burst of edits
@@ -718,7 +726,9 @@ class JobRunner:
                 return {job: slot for job, slot in pairs if slot is not None}
 
             shared = self._slot_batches[key] = Batcher(take)
-        return _ProviderSlot(self.store, provider, self._local_slots(provider), job_id, shared)
+        return _ProviderSlot(
+            self.store, provider, self._local_slots(provider), job_id, shared, self._releases
+        )
 
     # --- running ---
 
@@ -1387,6 +1397,8 @@ class JobRunner:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=15)
+        if self._releases.running:  # slots going back, before the store closes
+            await asyncio.wait(self._releases.running, timeout=15)
         # Pruning stops; settlements still being retried are left to the next start's recovery
         # (delivered jobs carry their charge, so it commits them).
         chores = [*self._later, *([self._housekeeper] if self._housekeeper else [])]
@@ -1398,10 +1410,13 @@ class JobRunner:
         self._housekeeper = None
 
     async def wait_idle(self) -> None:
-        """Wait until every queued and running job has finished (tests, benchmarks)."""
-        while self._tickets:
+        """Wait until every queued and running job has finished and given back its slot
+        (tests, benchmarks)."""
+        while self._tickets or self._releases.running:
             await asyncio.gather(
-                *(tk.done.wait() for tk in list(self._tickets.values())), return_exceptions=True
+                *(tk.done.wait() for tk in list(self._tickets.values())),
+                *self._releases.running,
+                return_exceptions=True,
             )
 
 

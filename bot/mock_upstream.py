@@ -639,8 +639,12 @@ class MockUpstream:
         millisecond of `due`: the latency asked for is the latency served.
         """
         loop = asyncio.get_running_loop()
-        while (left := due - loop.time()) > 0:
-            await asyncio.sleep(left * 0.95 if left > 0.002 else left)
+        left = due - loop.time()
+        while left > 0.002:
+            await asyncio.sleep(left * 0.95)
+            left = due - loop.time()
+        if left > 0:
+            await asyncio.sleep(left)
 
 
 # --- request parsing and validation ---

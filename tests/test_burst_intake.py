@@ -326,6 +326,16 @@ def slot_rows(services: Services) -> list[tuple[Any, ...]]:
         raw.close()
 
 
+def job_statuses(services: Services) -> list[str]:
+    from tests.databases import Raw
+
+    raw = Raw(services.settings.database())
+    try:
+        return [row[0] for row in raw.query("SELECT status FROM jobs ORDER BY id")]
+    finally:
+        raw.close()
+
+
 async def test_a_starting_job_asks_for_its_slot_before_its_task_first_runs(
     services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -407,3 +417,62 @@ async def test_a_slot_asked_early_for_a_job_that_never_ran_goes_back(services: S
             break
         await asyncio.sleep(0.02)
     assert slot_rows(services) == []
+
+
+async def test_a_result_does_not_wait_for_its_slot_to_go_back_and_the_next_job_does(
+    settings_factory: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slot's release is a store round trip: the result goes to the chat beside it. The
+    next job of this process (one slot) enters once the row is gone, so it finds it free."""
+    held = asyncio.Event()
+    releasing = asyncio.Event()
+    release = Store.release_slot
+
+    async def slow_release(self: Store, *args: Any) -> Any:
+        releasing.set()
+        await held.wait()
+        return await release(self, *args)
+
+    monkeypatch.setattr(Store, "release_slot", slow_release)
+    services = await Services.create(settings_factory(concurrency=1))
+    try:
+        first, second = RecordingChat(), RecordingChat()
+        await dispatch(invocation("draw", "a fox"), first, services)
+        await dispatch(invocation("draw", "a hare", user_id="u2"), second, services)
+        await asyncio.wait_for(releasing.wait(), 10)
+        for _ in range(200):  # the first result arrives while its slot is still held
+            if first.results():
+                break
+            await asyncio.sleep(0.01)
+        assert first.results()
+        meta = first.results()[0].meta
+        assert meta is not None
+        assert [row[2] for row in slot_rows(services)] == [meta.job_id]
+        await asyncio.sleep(0.2)
+        assert job_statuses(services)[-1] == "queued"  # the next job waits for the slot
+        held.set()
+        await services.jobs.wait_idle()  # both jobs, and both slots given back
+        assert second.results()
+        assert slot_rows(services) == []
+    finally:
+        held.set()
+        await services.close()
+
+
+def test_queue_places_follow_jobs_leaving_from_anywhere() -> None:
+    from bot.jobs import _Queue, _Ticket
+
+    queue = _Queue()
+    tickets = [_Ticket(n, n, "main") for n in range(500)]
+    for ticket in tickets:
+        queue.append(ticket)
+    assert [queue.place(t) for t in tickets[:3]] == [1, 2, 3] and queue.place(tickets[-1]) == 500
+    queue.discard(tickets[0])  # started
+    queue.discard(tickets[250])  # cancelled while waiting
+    queue.discard(tickets[250])  # twice: no-op
+    assert queue.place(tickets[0]) == 0 and queue.place(tickets[250]) == 0
+    assert queue.place(tickets[1]) == 1
+    assert queue.place(tickets[249]) == 249 and queue.place(tickets[251]) == 250
+    late = _Ticket(999, 9, "main")
+    queue.append(late)
+    assert len(queue) == 499 and queue.place(late) == 499
