@@ -27,8 +27,13 @@ class Batcher(Generic[K, V]):
     A value `fetch` gives as an exception is raised to that key's callers alone.
     """
 
-    def __init__(self, fetch: Callable[[list[K]], Awaitable[Mapping[K, V | Exception]]]) -> None:
+    def __init__(
+        self,
+        fetch: Callable[[list[K]], Awaitable[Mapping[K, V | Exception]]],
+        max_batch: int = MAX_BATCH,
+    ) -> None:
         self._fetch = fetch
+        self._max_batch = max_batch
         self._queue: list[tuple[K, asyncio.Future[V | None]]] = []
         self._draining: asyncio.Task[None] | None = None
 
@@ -54,7 +59,8 @@ class Batcher(Generic[K, V]):
     async def _drain(self) -> None:
         try:
             while self._queue:
-                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                size = self._max_batch
+                batch, self._queue = self._queue[:size], self._queue[size:]
                 try:
                     found = await self._fetch(list(dict.fromkeys(key for key, _ in batch)))
                 except Exception as error:

@@ -68,7 +68,7 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
         # Reservations asked at the same moment, made together (`reserve`); each asked
         # once (the key's first member numbers the calls) and, while in flight, by job.
         self._reservations: Batcher[tuple[int, ledger.Ask], tuple[int, int | Exception]] = Batcher(
-            self._reserve_batch
+            self._reserve_batch, engine.dialect.reserve_batch
         )
         self._asked = 0
         self._reserving: dict[int, set[asyncio.Future[Any]]] = {}
