@@ -351,12 +351,13 @@ async def test_a_wave_of_answers_learns_once_and_no_answer_waits_for_the_write(
     """A burst's first wave (50 requests answering together) on a relay not known yet."""
     upstream = await mock_factory()
     writes: list[dict[str, Any]] = []
-    held = asyncio.Event()
+    held, held_second = asyncio.Event(), asyncio.Event()
     real = store.update_provider_capabilities
 
     async def held_back(provider: str, changes: dict[str, Any]) -> dict[str, Any]:
         writes.append(changes)
-        await held.wait()  # a slow database: nothing the answers should wait for
+        # A slow database: nothing the answers should wait for.
+        await (held if len(writes) == 1 else held_second).wait()
         return await real(provider, changes)
 
     monkeypatch.setattr(store, "update_provider_capabilities", held_back)
@@ -371,6 +372,14 @@ async def test_a_wave_of_answers_learns_once_and_no_answer_waits_for_the_write(
     assert known.stream is True and known.result == "b64"
     assert await store.provider_capabilities("fresh") == {}
     held.set()
+    for _ in range(100):  # the first write lands, the second is held
+        if len(writes) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert len(writes) == 2
+    known = chain.clients[0].capabilities.cached("fresh")
+    assert known.stream is True and known.result == "b64"  # still known, though unwritten
+    held_second.set()
     await chain.aclose()
     # Learned once for the wave (it streams, it answers b64), in the order learned.
     assert [sorted(changes) for changes in writes] == [["stream", "stream_checked_at"], ["result"]]

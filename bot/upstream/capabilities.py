@@ -77,6 +77,8 @@ class CapabilityStore:
         self._reading: InFlight[str, Capabilities] = InFlight()
         self._learned = 0  # counts `learn` calls: a read that overlapped one is stale
         self._writing: dict[str, asyncio.Lock] = {}
+        # Per provider, the changes being written: known here already, not in a write's answer.
+        self._pending: dict[str, list[dict[str, Any]]] = {}
         self._writes: set[asyncio.Future[Capabilities]] = set()
 
     async def get(self, provider: str) -> Capabilities:
@@ -146,11 +148,19 @@ class CapabilityStore:
 
     async def _write(self, provider: str, changes: dict[str, Any]) -> Capabilities:
         assert self.store is not None
-        # In the order asked: a later change to the same key must land last.
-        async with self._writing.setdefault(provider, asyncio.Lock()):
-            merged = await self.store.update_provider_capabilities(provider, changes)
+        pending = self._pending.setdefault(provider, [])
+        pending.append(changes)
+        try:
+            # In the order asked: a later change to the same key must land last.
+            async with self._writing.setdefault(provider, asyncio.Lock()):
+                merged = await self.store.update_provider_capabilities(provider, changes)
+        finally:
+            pending.remove(changes)
         caps = Capabilities.from_json(merged)
-        self._cache[provider] = (time.monotonic(), caps)
+        # The writes still queued behind this one stay known meanwhile.
+        for later in pending:
+            merged.update(later)
+        self._cache[provider] = (time.monotonic(), Capabilities.from_json(merged))
         return caps
 
     def _written(self, write: asyncio.Future[Capabilities]) -> None:
