@@ -52,7 +52,6 @@ from bot.store.sql import (
     SQL_MAKE_USER,
     SQL_MARK_CHARGE,
     SQL_MARK_RUNNING,
-    SQL_MARK_UPSTREAM_DONE,
     SQL_USERS_OF,
     USER_SELECT,
 )
@@ -549,8 +548,9 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
         """Record what the job is to be charged, just before its results go to the chat.
 
         If the process stops before the commit is written, recovery commits `charge` rather
-        than refunding: the user most likely has the images. With `eta_class`, also that the
-        upstream answered now (`mark_upstream_done`), in the same write of the job's row.
+        than refunding: the user most likely has the images. With `eta_class` (the jobs it is
+        like), also that the upstream answered now, for the estimates of later jobs: one write
+        of the job's row.
         """
         if charge < 0:
             raise ValueError("charge must not be negative")
@@ -733,10 +733,6 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
         return int(rows[0][0])
 
     # --- ETA: upstream timings per job class (issue 14, "An honest ETA") ---
-
-    async def mark_upstream_done(self, job_id: int, eta_class: str) -> None:
-        """The upstream answered this job now; `eta_class` names the jobs it is like."""
-        await self._execute(SQL_MARK_UPSTREAM_DONE, (time.time(), eta_class, job_id))
 
     async def upstream_durations(self, eta_class: str, limit: int) -> list[float]:
         """Upstream seconds of the last `limit` successful jobs of a class, oldest first."""

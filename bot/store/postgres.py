@@ -29,7 +29,6 @@ from bot.store.sql import (
     SQL_MAKE_USER,
     SQL_MARK_CHARGE,
     SQL_MARK_RUNNING,
-    SQL_MARK_UPSTREAM_DONE,
     SQL_RELEASE_SLOT,
 )
 
@@ -170,11 +169,6 @@ BATCHED: dict[str, str] = {
         " started_at = COALESCE(j.started_at, i.started_at)",
         active_only=True,
     ),
-    SQL_MARK_UPSTREAM_DONE: _job_update(
-        "upstream_done_at double precision, eta_class text",
-        "upstream_done_at = i.upstream_done_at, eta_class = i.eta_class",
-        active_only=False,
-    ),
     SQL_MARK_CHARGE: _job_update(
         "charge integer, upstream_done_at double precision, eta_class text",
         "charge = i.charge,"
@@ -210,9 +204,7 @@ MANY: dict[str, str] = {
     """,
 }
 
-COUNTED = frozenset(
-    {SQL_MARK_RUNNING, SQL_MARK_UPSTREAM_DONE, SQL_MARK_CHARGE, SQL_FINISH_JOB, SQL_RELEASE_SLOT}
-)
+COUNTED = frozenset({SQL_MARK_RUNNING, SQL_MARK_CHARGE, SQL_FINISH_JOB, SQL_RELEASE_SLOT})
 """BATCHED statements run through `execute`: the rows their batched form returns count the
 rows each call changed (a lone call runs the plain statement and counts its own)."""
 POOL_SIZE = 10

@@ -17,8 +17,6 @@ SQL_MARK_RUNNING = """
     UPDATE jobs SET status = 'running', provider = ?, started_at = COALESCE(started_at, ?)
     WHERE id = ? AND status IN ('queued', 'running')
 """
-# params: upstream_done_at, eta_class, job_id
-SQL_MARK_UPSTREAM_DONE = "UPDATE jobs SET upstream_done_at = ?, eta_class = ? WHERE id = ?"
 # params: charge, upstream_done_at, eta_class (None: unchanged), job_id
 SQL_MARK_CHARGE = """
     UPDATE jobs SET charge = ?, upstream_done_at = COALESCE(?, upstream_done_at),
