@@ -8,6 +8,7 @@ the store under the group's key (`Invocation.group_id`, the key its daily cap co
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -22,6 +23,7 @@ MAX_COOLDOWN: Final = 86_400
 """The longest `/group cooldown` (a day): beyond it the daily cap is the better tool."""
 
 
+@functools.lru_cache(maxsize=8)
 def parse_groups(value: str) -> frozenset[str]:
     """`qq:1, telegram:-100` -> {"qq:1", "telegram:-100"} (platform lower-cased).
 

@@ -350,6 +350,12 @@ class JobRunner:
         self.store = store
         self.clients = list(clients)
         self._chain = ProviderChain(self.clients) if self.clients else None
+        # Every shared-key job's credential (None: no shared key configured).
+        self._shared_credential = (
+            _Credential(self._chain, self.clients[0].provider, False)
+            if self._chain is not None and any(c.provider.api_key for c in self.clients)
+            else None
+        )
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._waiting: dict[str, _Queue] = {}
         self._tickets: dict[int, _Ticket] = {}
@@ -385,18 +391,17 @@ class JobRunner:
     # --- intake ---
 
     def _credential(self, own_key: str | None) -> _Credential:
-        providers = [c.provider for c in self.clients]
         if own_key:
-            if not providers:
+            if not self.clients:
                 raise errors.NotConfiguredError("no provider for a personal key")
             # A personal key is used only on the first provider: never spend it elsewhere. The
             # client shares what was learned about that relay (streaming, edits), so an own-key
             # job never pays again for a lesson a shared-key job already learned.
             client = self.clients[0].with_key(own_key)
             return _Credential(ProviderChain([client]), client.provider, True)
-        if self._chain is None or not any(p.api_key for p in providers):
+        if self._shared_credential is None:
             raise errors.NotConfiguredError("no shared key")
-        return _Credential(self._chain, providers[0], False)
+        return self._shared_credential
 
     def active_count(self, user_id: int) -> int:
         """Jobs of this user queued or running now."""
@@ -511,7 +516,8 @@ class JobRunner:
             # to edit, or taking fewer images), before anything is downloaded or charged.
             refs = len(spec.references) + len(extra_references)
             targets = await cred.chain.candidates(spec.kind, refs)
-            cred = replace(cred, primary=targets[0].provider)
+            if targets[0].provider is not cred.primary:
+                cred = replace(cred, primary=targets[0].provider)
             unit = 0 if cred.own_key else price(self.settings, spec.size, spec.quality)
             cost = unit * spec.n
             day = today(self.settings)

@@ -62,8 +62,12 @@ from bot.store.sql import (
 log = logging.getLogger("bot.store")
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    """Compact JSON, as the store writes it (one encoder for all: a job's row is several)."""
+    return _ENCODER.encode(value)
 
 
 async def ledger_row(
