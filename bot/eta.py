@@ -107,6 +107,9 @@ class EtaBook:
     def __init__(self, source: DurationSource) -> None:
         self._source = source
         self._history: dict[str, deque[float]] = {}
+        # Each class's estimate from its history as it is now: asked at every job's start and
+        # by every waiting job's ticker, changed only when a job of the class is recorded.
+        self._estimates: dict[str, Estimate | None] = {}
         self._lock = asyncio.Lock()
 
     async def _samples(self, cls: str) -> deque[float]:
@@ -121,11 +124,15 @@ class EtaBook:
 
     async def estimate(self, cls: str) -> Estimate | None:
         """The estimate for one more job of this class, or None without enough history."""
-        return estimate_of(list(await self._samples(cls)))
+        if cls in self._estimates:
+            return self._estimates[cls]
+        found = self._estimates[cls] = estimate_of(list(await self._samples(cls)))
+        return found
 
     async def record(self, cls: str, seconds: float) -> None:
         """A job of this class succeeded after `seconds` upstream."""
         history = await self._samples(cls)
+        self._estimates.pop(cls, None)
         history.append(max(0.0, seconds))
         if shifted(list(history)):
             # The relay changed pace: the older history describes a relay that is gone.
