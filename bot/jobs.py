@@ -1405,6 +1405,9 @@ class JobRunner:
                 await asyncio.wait(pending, timeout=15)
         if self._releases.running:  # slots going back, before the store closes
             await asyncio.wait(self._releases.running, timeout=15)
+        # What the last answers showed about their relays (`CapabilityStore.note`), likewise.
+        for capabilities in {id(c.capabilities): c.capabilities for c in self.clients}.values():
+            await capabilities.flush()
         # Pruning stops; settlements still being retried are left to the next start's recovery
         # (delivered jobs carry their charge, so it commits them).
         chores = [*self._later, *([self._housekeeper] if self._housekeeper else [])]

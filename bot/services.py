@@ -65,8 +65,6 @@ class Services:
         # Jobs the last stop interrupted (refunded by recovery); their chats are told once
         # the platforms are up.
         self.recovered: list[int] = []
-        # What the relays were found able to do, shared by every client (written on close).
-        self.capabilities: CapabilityStore | None = None
         # One-time console login links: issued by /console, redeemed by the console.
         self.console_links = LoginLinks()
         # The platforms `drawbridge run` started, by name, while they run: the console's
@@ -97,13 +95,13 @@ class Services:
             log.info("image API: connecting through %s", proxy.address)
         # What each relay was found able to do (streams, edits) is kept in the store, so a
         # restart or the CLI does not pay again to find out.
-        capabilities = CapabilityStore(store)
-        clients = build_clients(settings.providers(), http=http, capabilities=capabilities)
+        clients = build_clients(
+            settings.providers(), http=http, capabilities=CapabilityStore(store)
+        )
         jobs = JobRunner(settings, store, clients)
         # Kept job files are pruned now and hourly while running (shutdown stops it).
         jobs.start_housekeeping()
         services = cls(settings, store, jobs, http)
-        services.capabilities = capabilities
         services.recovered = recovered
         # From now on, however long the platforms take to start: a process silent for
         # DRAWBRIDGE_PROCESS_TIMEOUT is taken for dead by the others.
@@ -119,8 +117,6 @@ class Services:
             self._beating.cancel()
         await self.jobs.shutdown(self.settings.shutdown_grace if grace is None else grace)
         await self.http.aclose()
-        if self.capabilities is not None:
-            await self.capabilities.flush()  # what the last answers showed, before the store goes
         try:
             await self.store.stop_process()
         except Exception:

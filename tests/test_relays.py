@@ -38,7 +38,7 @@ from bot.upstream import (
     build_clients,
 )
 from bot.upstream.classify import FALLBACK, ROWS, Row, Sample, classify_error, find_row, read_answer
-from tests.recording_chat import invocation, run_command
+from tests.recording_chat import invocation, left, run_command
 from tests.relay_double import LITELLM, ONE_API, RelayDouble
 
 KEY = "sk-test-relay-user-123456"
@@ -341,6 +341,52 @@ async def test_results_4k_and_edits_are_recorded_as_seen(
     learned = await store.provider_capabilities("small")
     assert learned["four_k"] is False and learned["result"] == "url"
     assert learned["edits"] is True and learned["stream"] is True
+
+
+async def test_what_the_bot_learned_in_the_background_is_written_by_its_close(
+    settings_factory: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`drawbridge run`'s stop (Services.close) waits for the lessons still being written;
+    one the store refuses is logged with its provider, and costs the job nothing."""
+    real = Store.update_provider_capabilities
+
+    async def slow(self: Store, provider: str, changes: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(0.3)  # still on its way when the job is done and the bot stops
+        return await real(self, provider, changes)
+
+    monkeypatch.setattr(Store, "update_provider_capabilities", slow)
+    settings = settings_factory()
+    services = await Services.create(settings)
+    try:
+        assert (await run_command(services, invocation("draw", "a red fox"))).results()
+    finally:
+        await services.close()
+    store = await Store.connect(settings.database(), keybox=KeyBox.load(settings.data_dir))
+    try:
+        learned = await store.provider_capabilities("default")
+    finally:
+        await store.close()
+    assert learned["stream"] is True and learned["result"] == "b64"
+
+    async def refused(self: Store, provider: str, changes: dict[str, Any]) -> dict[str, Any]:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Store, "update_provider_capabilities", refused)
+    entry = {"name": "fresh", "api_base": settings.api_base, "api_key": settings.api_key}
+    fresh = settings_factory(providers_json=[entry])
+    caplog.set_level(logging.WARNING)
+    services = await Services.create(fresh)
+    try:
+        chat = await run_command(services, invocation("draw", "a blue fox"))
+        # Charged as any job: its user's second draw of the day (same data dir).
+        assert chat.results() and await left(services) == fresh.daily_credits - 2
+        known = services.jobs.clients[0].capabilities.cached("fresh")
+        assert known.stream is True and known.result == "b64"  # known, though not written
+    finally:
+        await services.close()
+    assert any("fresh: cannot record what was learned" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_wave_of_answers_learns_once_and_no_answer_waits_for_the_write(

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 from bot.batching import InFlight
@@ -122,7 +123,7 @@ class CapabilityStore:
             return
         write = asyncio.ensure_future(self._write(provider, changes))
         self._writes.add(write)
-        write.add_done_callback(self._written)
+        write.add_done_callback(partial(self._written, provider))
 
     async def flush(self) -> None:
         """Wait for the writes `note` started."""
@@ -163,10 +164,10 @@ class CapabilityStore:
         self._cache[provider] = (time.monotonic(), Capabilities.from_json(merged))
         return caps
 
-    def _written(self, write: asyncio.Future[Capabilities]) -> None:
+    def _written(self, provider: str, write: asyncio.Future[Capabilities]) -> None:
         self._writes.discard(write)
         if not write.cancelled() and write.exception() is not None:
-            log.warning("cannot record what was learned", exc_info=write.exception())
+            log.warning("%s: cannot record what was learned: %r", provider, write.exception())
 
     def cached(self, provider: str) -> Capabilities:
         """The last known value without touching the store (empty when never read)."""
