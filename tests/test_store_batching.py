@@ -785,3 +785,47 @@ async def test_postgres_bot_pool_is_open_and_knows_every_batched_type_before_a_b
             await small.close()
     finally:
         await store.close()
+
+
+async def test_postgres_batches_of_any_size_reuse_one_prepared_statement(
+    pg_url: str, tmp_path: Path
+) -> None:
+    # asyncpg prepares each statement text once per connection and keeps it (the server too).
+    # A burst's slot takings, group reads and credit reads come in batches of every size:
+    # a VALUES or IN list per size was a new statement to prepare each time (a round trip,
+    # 18-27 of them in bench/load.py's burst) and to keep, pushing out the ones in use.
+    store = await Store.connect(pg_url, keybox=KeyBox.load(tmp_path))
+    try:
+        await store.start_process("qq")
+        users = [await store.user("qq", f"u{n}") for n in range(4)]
+        for size in range(1, 5):
+            jobs = list(range(100 * size, 100 * size + size))
+            assert await store.acquire_slots("main", 10, jobs) == list(range(size))
+            for slot in range(size):
+                await store.release_slot("main", slot)
+            groups = await store.group_rules_of([f"qq:g{n}" for n in range(size)])
+            assert len(groups) == size
+            credits = await store.credits_of([u.id for u in users[:size]], date.today(), 5)
+            assert sorted(credits) == sorted(u.id for u in users[:size])
+        engine = store.engine
+        assert isinstance(engine, pg.PostgresEngine)
+        held = [await engine._pool.acquire() for _ in range(engine._pool.get_size())]
+        try:
+            texts: set[str] = set()
+            for con in held:
+                texts.update(
+                    row[0]
+                    for row in await con.fetch("SELECT statement FROM pg_prepared_statements")
+                )
+        finally:
+            for con in held:
+                await engine._pool.release(con)
+        for start in (
+            "INSERT INTO provider_slots",
+            "SELECT * FROM group_rules",
+            "SELECT u.id, u.granted",
+        ):
+            found = [text for text in texts if text.strip().startswith(start)]
+            assert len(found) == 1, (start, found)
+    finally:
+        await store.close()

@@ -20,6 +20,7 @@ from bot.groups import GroupRules
 from bot.store import ledger
 from bot.store.base import StoreBase
 from bot.store.engine import Tx
+from bot.store.ledger import dumps
 from bot.store.model import (
     LINK_CODE_ALPHABET,
     LINK_CODE_LENGTH,
@@ -43,9 +44,10 @@ class AccountsMixin(StoreBase):
         """`group_rules` for several groups in one statement (a burst's commands)."""
         if not group_keys:
             return {}
-        marks = ", ".join("?" for _ in group_keys)
+        # One statement text for any number of groups (prepared once per connection).
         rows = await self._read(
-            f"SELECT * FROM group_rules WHERE group_key IN ({marks})", tuple(group_keys)
+            "SELECT * FROM group_rules WHERE group_key IN " + self._engine.dialect.json_texts,
+            (dumps(list(group_keys)),),
         )
         found = {
             row["group_key"]: GroupRules(

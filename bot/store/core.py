@@ -806,12 +806,12 @@ class Store(AccountsMixin, ConsoleMixin, ProcessesMixin):
         if not unique:
             return {}
         rows = await self._read(
-            f"""
+            """
             SELECT u.id, u.granted, COALESCE(d.used, 0), u.daily_allowance
             FROM users AS u LEFT JOIN daily_usage AS d ON d.user_id = u.id AND d.day = ?
-            WHERE u.id IN ({", ".join("?" * len(unique))})
-            """,
-            (day.isoformat(), *unique),
+            WHERE u.id IN """
+            + self._engine.dialect.json_ints,
+            (day.isoformat(), dumps(unique)),
         )
         return {
             int(row[0]): Credits(

@@ -97,6 +97,10 @@ class Dialect:
     # with `json.dumps([1, 2])` as its parameter (one statement text however many values).
     json_ints: str
     json_texts: str
+    # Two JSON arrays of integers (parameters, in this order) paired by position, as a FROM
+    # item with columns `a` and `b` (a null element is NULL): one statement text for any
+    # number of pairs, so a batch of any size reuses the statement prepared for the last.
+    json_int_pairs: str
     # Appended to a SELECT that reads rows it will change (no-op where BEGIN IMMEDIATE
     # already holds the one write lock).
     for_update: str

@@ -63,6 +63,9 @@ DIALECT = Dialect(
     # daily_usage row: a deadlock.
     json_ints="(SELECT value::bigint FROM json_array_elements_text(?::json))",
     json_texts="(SELECT value FROM json_array_elements_text(?::json))",
+    json_int_pairs="(SELECT x.a::bigint AS a, y.b::bigint AS b"
+    " FROM json_array_elements_text(?::json) WITH ORDINALITY AS x(a, k)"
+    " JOIN json_array_elements_text(?::json) WITH ORDINALITY AS y(b, k) ON y.k = x.k)",
     for_update=" FOR NO KEY UPDATE",
     commit_whole="""
         WITH settled AS (

@@ -26,6 +26,7 @@ from typing import Any
 from bot.store import ledger
 from bot.store.base import StoreBase
 from bot.store.engine import Row, Tx
+from bot.store.ledger import dumps
 from bot.store.sql import SQL_RELEASE_SLOT
 
 log = logging.getLogger("bot.store")
@@ -201,16 +202,19 @@ class ProcessesMixin(StoreBase):
                 if not free:
                     break
                 taken.update(free)
+                # One statement text for any number of slots: a burst's batches of every
+                # size reuse what each connection prepared (a VALUES list per size was a new
+                # statement to prepare, and to keep, each time).
+                chosen = list(zip(free, waiting, strict=False))
                 added = await tx.fetch(
                     "INSERT INTO provider_slots (provider, slot, process_id, job_id, taken_at)"
-                    " VALUES "
-                    + ", ".join("(?, ?, ?, ?, ?)" for _ in free)
-                    + " ON CONFLICT (provider, slot) DO NOTHING RETURNING slot",
-                    *(
-                        value
-                        for slot, index in zip(free, waiting, strict=False)
-                        for value in (provider, slot, me, job_ids[index], now)
-                    ),
+                    f" SELECT ?, p.a, ?, p.b, ? FROM {self._engine.dialect.json_int_pairs} AS p"
+                    " WHERE true ON CONFLICT (provider, slot) DO NOTHING RETURNING slot",
+                    provider,
+                    me,
+                    now,
+                    dumps([slot for slot, _ in chosen]),
+                    dumps([job_ids[index] for _, index in chosen]),
                 )
                 got = {int(row[0]) for row in added}
                 for slot, index in zip(free, waiting, strict=False):

@@ -55,6 +55,8 @@ DIALECT = Dialect(
     json_elements=lambda column, alias: f"json_each({column}) AS {alias}",
     json_ints="(SELECT value FROM json_each(?))",
     json_texts="(SELECT value FROM json_each(?))",
+    json_int_pairs="(SELECT x.value AS a, y.value AS b"
+    " FROM json_each(?) AS x JOIN json_each(?) AS y ON y.key = x.key)",
     for_update="",
 )
 
