@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from pathlib import Path
@@ -210,6 +210,32 @@ def price(settings: Settings, size: Size | None, quality: str | None) -> int:
     table = settings.prices.get(tier) or settings.prices.get("default") or {}
     value = table.get(quality or "auto", table.get("default", 1))
     return max(0, int(value))
+
+
+class _Later:
+    """A task started `delay` seconds from now, unless cancelled before: a timer until then.
+
+    A burst queues hundreds of jobs, each with a status line to keep true; most get their
+    slot before its first update is due. A task each, made at once, was hundreds of task
+    steps in the burst's busiest moments (and as many cancellations at each wave's start).
+    """
+
+    def __init__(self, delay: float, start: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            delay, self._start, start
+        )
+
+    def _start(self, start: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._timer = None
+        self._task = asyncio.ensure_future(start())
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._task is not None:
+            self._task.cancel()
 
 
 class _Releases:
@@ -752,7 +778,7 @@ class JobRunner:
     ) -> None:
         job_id = ticket.job_id
         started = time.monotonic()
-        ticker: asyncio.Task[None] | None = None
+        ticker: asyncio.Task[None] | _Later | None = None
         progress = _ProgressRelay(chat, lang, lambda: self._launched(ticket))
         status: MessageRef | None = None
         # A starting job's first status line, sent beside its upstream call (not before it:
@@ -784,8 +810,12 @@ class JobRunner:
                 )
             await self._keep(job_id, "references", self._save_references, references)
             if position and status is not None and chat.limits.can_edit:
-                ticker = asyncio.create_task(
-                    self._watch_queue(ticket, chat, status, lang, estimate)
+                # Nothing to say before its first tick: started only then, unless the job
+                # has its slot by that time (a burst's next waves: no task at all).
+                watched, shown, shown_estimate = status, position, estimate
+                ticker = _Later(
+                    QUEUE_TICK,
+                    lambda: self._watch_queue(ticket, chat, watched, lang, shown, shown_estimate),
                 )
             async with slot:
                 slot_started = time.monotonic()
@@ -1059,13 +1089,13 @@ class JobRunner:
         chat: Chat,
         status: MessageRef,
         lang: str,
+        shown: int,
         shown_estimate: Estimate | None,
     ) -> None:
-        """Keep "Queued #N" and its estimate true while the job waits."""
+        """Keep "Queued #N" and its estimate true while the job waits (every QUEUE_TICK, the
+        first when started: one tick after the line was sent)."""
         queue = self._waiting[ticket.provider]
-        shown = queue.place(ticket)
         while True:
-            await asyncio.sleep(QUEUE_TICK)
             position = queue.place(ticket)
             if not position:
                 return
@@ -1075,6 +1105,7 @@ class JobRunner:
                 line = t(lang, "status.queued", position=position, job=ticket.job_id)
                 text = self._status_text(lang, ticket, line, estimate)
                 await _quietly(chat.edit_text(status, text))
+            await asyncio.sleep(QUEUE_TICK)
 
     async def _tick(
         self,

@@ -257,6 +257,41 @@ async def test_jobs_that_wait_say_so_after_the_starting_jobs_sent_their_requests
     assert order[:5] == ["request", "request", "queued", "queued", "queued"], order
 
 
+async def test_queued_jobs_keep_their_lines_true_with_no_task_before_the_first_update(
+    settings_factory: Callable[..., Settings], mock_upstream: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: each queued job started a task at once to edit its line every QUEUE_TICK, most
+    # cancelled unused when the job got its slot (a burst's next waves).
+    import bot.jobs
+
+    monkeypatch.setattr(bot.jobs, "QUEUE_TICK", 0.4)
+    mock_upstream.options.latency = 1.0
+    services = await Services.create(settings_factory(concurrency=1))
+
+    def watchers() -> int:
+        return sum(
+            getattr(task.get_coro(), "__qualname__", "") == "JobRunner._watch_queue"
+            for task in asyncio.all_tasks()
+        )
+
+    try:
+        chats = [RecordingChat() for _ in range(3)]
+        await burst(services, chats)
+        await asyncio.sleep(0.2)
+        assert [c.texts()[0][:9] for c in chats] == ["Drawing..", "Queued #1", "Queued #2"]
+        assert watchers() == 0
+        await asyncio.sleep(0.4)  # the first update is due: the two waiting jobs' watchers
+        assert watchers() == 2
+        await services.jobs.wait_idle()
+        assert watchers() == 0
+    finally:
+        await services.close()
+    # The last job's line followed the queue (#2, then #1) and every job was answered.
+    edits = [s.text for s in chats[2].log if s.kind == "edit"]
+    assert any(text.startswith("Queued #1") for text in edits), edits
+    assert all(chat.results() for chat in chats)
+
+
 # --- a draw's job written with its charge (`Store.open_job`) ---
 
 
