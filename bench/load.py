@@ -5,6 +5,9 @@
     python bench/load.py --database-url postgresql://postgres@127.0.0.1:5432/test
                                     # the same on PostgreSQL: a fresh database on that
                                     # server for each run, dropped at the end
+    python bench/load.py --repeat 9 --before REV
+                                    # 9 interleaved pairs of runs against REV: medians and
+                                    # ranges (a small VM's runs vary by +-15 % and more)
 
 Everything runs in this process, on one event loop (uvloop where installed, as `drawbridge run`
 runs; `--event-loop asyncio` for asyncio's; `--before` revisions ran on asyncio's): the mock
@@ -50,6 +53,7 @@ import json
 import logging
 import os
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -505,6 +509,42 @@ def report(
     return 1 if missed else 0
 
 
+def median_run(runs: Sequence[Summary]) -> Summary:
+    """The run of median p99 overhead (the lower middle one of an even number)."""
+    ordered = sorted(runs, key=lambda run: run.p99_overhead)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def report_repeats(runs: dict[str, list[Summary]]) -> int:
+    """Each side's p99 overhead over its runs, the ratio of the medians against the runs
+    before, and whether every run's ledger was exact; 1 if any of this checkout's was not."""
+    print()
+    print("over every run: p99 overhead, ms, median (min-max)")
+    status = 0
+    medians: dict[str, float] = {}
+    for name, side in runs.items():
+        p99s = sorted(run.p99_overhead * 1e3 for run in side)
+        intakes = [percentile(run.phases["intake"], 0.99) * 1e3 for run in side]
+        slots = [percentile(run.phases["in-slot"], 0.99) * 1e3 for run in side]
+        medians[name] = statistics.median(p99s)
+        under = sum(p99 < GOAL_P99_OVERHEAD * 1e3 for p99 in p99s)
+        print(
+            f"{name}: {medians[name]:.0f} ({p99s[0]:.0f}-{p99s[-1]:.0f}) over {len(side)} runs,"
+            f" under {GOAL_P99_OVERHEAD * 1e3:.0f} ms in {under}; intake p99"
+            f" {statistics.median(intakes):.0f}, in-slot p99 {statistics.median(slots):.0f}"
+        )
+        broken = [run for run in side if run.outcome.problems or not run.complete]
+        if broken:
+            print(f"{name}: ledger NOT exact in {len(broken)} of {len(side)} runs")
+            if ", before" not in name:
+                status = 1
+    for name, middle in medians.items():
+        before = next((m for n, m in medians.items() if n.startswith(name + ", before")), None)
+        if before is not None:
+            print(f"{name}: median p99 {middle:.0f} vs {before:.0f} ms ({middle / before:.2f}x)")
+    return status
+
+
 def postgres_database(base_url: str, name: str) -> Any:
     """A fresh database `name` on the server of `base_url`: (its URL, a function dropping it)."""
     import asyncpg
@@ -640,6 +680,14 @@ def main() -> int:
     )
     parser.add_argument("--before", metavar="REV", help="also run the bot as of this revision")
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run each arrival pattern N times (with --before, N interleaved pairs): the "
+        "tables show each side's run of median p99, then the medians and ranges of all",
+    )
+    parser.add_argument(
         "--event-loop",
         choices=("auto", "asyncio", "uvloop"),
         default="auto",
@@ -654,7 +702,7 @@ def main() -> int:
     patterns = [("burst", 0.0), ("paced", args.spread)]
     if args.only:
         patterns = [p for p in patterns if p[0] == args.only]
-    summaries = []
+    runs: dict[str, list[Summary]] = {}
     with tempfile.TemporaryDirectory(prefix="drawbridge-bench-") as tmp:
         code = None
         if args.before:
@@ -666,9 +714,19 @@ def main() -> int:
             )
         try:
             for name, spread in patterns:
-                summaries.append(run_once(args, users, name, spread))
-                if code is not None:
-                    summaries.append(run_before(args, code, name))
+                for repetition in range(args.repeat):
+                    # Alternating which side goes first: a run after a run is not a run after
+                    # another's database was dropped, and this VM drifts in speed.
+                    sides = [False, True] if repetition % 2 == 0 else [True, False]
+                    for before in sides:
+                        if before and code is None:
+                            continue
+                        run = (
+                            run_before(args, code, name)
+                            if before and code is not None
+                            else run_once(args, users, name, spread)
+                        )
+                        runs.setdefault(run.name, []).append(run)
         finally:
             if code is not None:
                 subprocess.run(
@@ -676,10 +734,15 @@ def main() -> int:
                     check=False,
                     capture_output=True,
                 )
+    # Each side's run of median p99 overhead stands for it in the tables (the only run
+    # without --repeat); every run's ledger is checked all the same.
+    summaries = [median_run(side) for side in runs.values()]
     if args.json:
         print(to_json(summaries[0]))
         return 0
     status = report(summaries, args.latency, args.concurrency, args.stream, args.database_url)
+    if args.repeat > 1:
+        status |= report_repeats(runs)
     before = [s for s in summaries if ", before" in s.name]
     for summary in summaries:
         old = next((b for b in before if b.name.startswith(summary.name + ",")), None)
