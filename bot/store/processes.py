@@ -204,12 +204,14 @@ class ProcessesMixin(StoreBase):
                 taken.update(free)
                 # One statement text for any number of slots: a burst's batches of every
                 # size reuse what each connection prepared (a VALUES list per size was a new
-                # statement to prepare, and to keep, each time).
+                # statement to prepare, and to keep, each time). Inserted in slot order, as
+                # every process does: two taking the same slots never wait on each other's.
                 chosen = list(zip(free, waiting, strict=False))
                 added = await tx.fetch(
                     "INSERT INTO provider_slots (provider, slot, process_id, job_id, taken_at)"
                     f" SELECT ?, p.a, ?, p.b, ? FROM {self._engine.dialect.json_int_pairs} AS p"
-                    " WHERE true ON CONFLICT (provider, slot) DO NOTHING RETURNING slot",
+                    " WHERE true ORDER BY p.a"
+                    " ON CONFLICT (provider, slot) DO NOTHING RETURNING slot",
                     provider,
                     me,
                     now,
