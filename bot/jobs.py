@@ -157,6 +157,8 @@ class _Ticket:
     concurrency: int = 1
     # Starting at once, and its request not yet sent (JobRunner._launched).
     launching: bool = False
+    # Its task has taken its first step (a task cancelled before that runs none of `_run`).
+    started: bool = False
 
 
 class _Queue:
@@ -662,7 +664,7 @@ class JobRunner:
         )
         # However it ends (even cancelled before its first step), it no longer holds back
         # the waiting jobs' status lines; sending its request releases them sooner.
-        ticket.task.add_done_callback(lambda _: self._ended(ticket, slot))
+        ticket.task.add_done_callback(lambda _: self._ended(ticket, slot, chat, lang))
         return job_id
 
     def _check_request(self, spec: JobSpec, extra: Sequence[bytes]) -> None:
@@ -776,6 +778,7 @@ class JobRunner:
         references: Sequence[Reference],
         base_estimate: Estimate | None = None,
     ) -> None:
+        ticket.started = True
         job_id = ticket.job_id
         started = time.monotonic()
         ticker: asyncio.Task[None] | _Later | None = None
@@ -933,13 +936,31 @@ class JobRunner:
             if progress.preview is not None and ticket.outcome != "succeeded":
                 # A partial preview of a job that failed would look like a result.
                 await _quietly(chat.delete(progress.preview))
-            if (waiting := self._waiting.get(ticket.provider)) is not None:
-                waiting.discard(ticket)
-            self._tickets.pop(job_id, None)
-            if ticket.running:
-                self._running[ticket.provider] -= 1
-            self._release_user(ticket.user_id)
-            ticket.done.set()
+            self._forget(ticket)
+
+    def _forget(self, ticket: _Ticket) -> None:
+        """The job has ended: out of the queue and the counts; whoever waits for it, wakes."""
+        if (waiting := self._waiting.get(ticket.provider)) is not None:
+            waiting.discard(ticket)
+        self._tickets.pop(ticket.job_id, None)
+        if ticket.running:
+            self._running[ticket.provider] -= 1
+        self._release_user(ticket.user_id)
+        ticket.done.set()
+
+    async def _unstarted(self, ticket: _Ticket, chat: Chat, lang: str) -> None:
+        """Settle a job whose task was cancelled before its first step (a /cancel or a
+        shutdown in the same pass of the loop as its command): none of `_run` ran, so
+        nothing else refunds it, tells its user, or wakes whoever waits for it."""
+        try:
+            stopped: errors.DrawbridgeError = (
+                errors.CancelledJobError(job=ticket.job_id)
+                if self._accepting
+                else errors.ShuttingDownError()
+            )
+            await self._fail(ticket.job_id, stopped, chat, lang, None, own_key=ticket.own_key)
+        finally:
+            self._forget(ticket)
 
     def _drawn_unit(self, ticket: _Ticket, result: ImageResult) -> int:
         """The price of one image at the size drawn (the fallback size after a 4K refusal)."""
@@ -1389,9 +1410,14 @@ class JobRunner:
         # The original refusal matters more than this record; recovery settles it otherwise.
         await self._ledger_write(refused, "refusal", record)
 
-    def _ended(self, ticket: _Ticket, slot: _ProviderSlot) -> None:
+    def _ended(self, ticket: _Ticket, slot: _ProviderSlot, chat: Chat, lang: str) -> None:
         self._launched(ticket)
         slot.abandon()
+        if not ticket.started:
+            # Shutdown waits for this task as it would have for the job's own.
+            ticket.task = asyncio.create_task(
+                self._unstarted(ticket, chat, lang), name=f"job-{ticket.job_id}-unstarted"
+            )
 
     def _launched(self, ticket: _Ticket) -> None:
         """A starting job's request is sent (or the job ended before it was); once a job."""

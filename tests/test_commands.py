@@ -402,6 +402,38 @@ async def test_cancel_a_queued_job_refunds_it(
         await services.close()
 
 
+@pytest.mark.parametrize("shutting_down", [False, True])
+async def test_a_job_cancelled_before_its_task_first_runs_is_refunded_and_told(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream, shutting_down: bool
+) -> None:
+    # A task cancelled before its first step runs none of its coroutine, `finally` included:
+    # the job's own code can neither refund it nor wake whoever waits for it.
+    mock_upstream.options.latency = 0.5
+    services = await Services.create(settings_factory(concurrency=1))
+    try:
+        await dispatch(inv("draw", "first", user_id="u2"), RecordingChat(), services)
+        user = await services.jobs.reads.user("test", "u1")
+        queued = RecordingChat()
+        await dispatch(inv("draw", "second"), queued, services)
+        # dispatch returns once the job is queued, before its task has taken a step; the
+        # cancel below runs in this task and cancels it before any other task runs.
+        if shutting_down:
+            services.jobs.stop_intake()
+        async with asyncio.timeout(5):
+            assert await services.jobs.cancel(user.id) is not None
+        await services.jobs.wait_idle()
+        expected = "restarting" if shutting_down else "cancelled"
+        assert expected in queued.last_text() and not queued.results()
+        assert await left(services) == 5
+        rows = [(r["status"], r["error_kind"]) for r in await job_rows(services)]
+        assert rows == [
+            ("succeeded", None),
+            ("failed", "shutdown") if shutting_down else ("cancelled", "cancelled"),
+        ]
+    finally:
+        await services.close()
+
+
 async def run_nowait(services: Services, invocation: Invocation) -> RecordingChat:
     chat = RecordingChat()
     await dispatch(invocation, chat, services)
