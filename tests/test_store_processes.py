@@ -13,6 +13,7 @@ they share nothing but the database, like processes on different hosts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter
@@ -310,6 +311,10 @@ async def test_slots_are_shared_never_more_than_capacity_in_flight(
     most = 0
     held_slots: set[int] = set()
     served = 0
+    # The first holders keep their slots until every slot is held at once, so "all were
+    # used" does not depend on how fast a busy machine polls (bounded: a store that never
+    # hands out the last slot fails the count below).
+    all_held = asyncio.Event()
 
     async def request(store: Store) -> None:
         nonlocal in_flight, most, served
@@ -320,7 +325,12 @@ async def test_slots_are_shared_never_more_than_capacity_in_flight(
         held_slots.add(slot)
         in_flight += 1
         most = max(most, in_flight)
+        if in_flight == capacity:
+            all_held.set()
         assert raw.value("SELECT COUNT(*) FROM provider_slots WHERE provider = 'main'") <= capacity
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await all_held.wait()
         await asyncio.sleep(0.01)
         in_flight -= 1
         held_slots.discard(slot)
