@@ -11,6 +11,7 @@ import platform
 import resource
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,6 +47,19 @@ def machine() -> str:
         f"{os.cpu_count()} CPU ({cpu}), {ram} RAM, Linux {platform.release()}, "
         f"Python {platform.python_version()}"
     )
+
+
+def loop_seconds(steps: int = 10_000_000, tries: int = 3) -> float:
+    """Seconds an empty Python loop of `steps` takes here, the best of `tries`: the machine's
+    speed for pure Python, to compare a CPU-bound figure across VMs (bench/README.md: 0.23 s
+    on stop 22's VM, 0.26-0.59 s on later ones)."""
+    best = float("inf")
+    for _ in range(tries):
+        started = time.perf_counter()
+        for _ in range(steps):
+            pass
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 # --- memory ---

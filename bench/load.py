@@ -9,14 +9,15 @@
                                     # 9 interleaved pairs of runs against REV: medians and
                                     # ranges (a small VM's runs vary by +-15 % and more)
 
-Everything runs in this process, on one event loop (uvloop where installed, as `drawbridge run`
-runs; `--event-loop asyncio` for asyncio's; `--before` revisions ran on asyncio's): the mock
-upstream (1 s latency per image, single-colour 1024x1024 PNGs, streaming with 2 partial
-previews, as the default settings ask),
-`Services.create` over a fresh SQLite file with provider concurrency 50, and one
-`RecordingChat` per command, driven through `plugins.dispatch.dispatch` as an adapter would
-(users spread over 10 group chats). The baseline is the ideal, jobs / concurrency x latency:
-what a bot with no overhead at all would take. Two arrival patterns, in the same run:
+A run is one process (with `--before` or `--repeat`, a fresh child process for every run, so
+runs do not inherit one another's heap), everything on one event loop (uvloop where installed,
+as `drawbridge run` runs; `--event-loop asyncio` for asyncio's; `--before` revisions ran on
+asyncio's): the mock upstream (1 s latency per image, single-colour 1024x1024 PNGs, streaming
+with 2 partial previews, as the default settings ask), `Services.create` over a fresh SQLite
+file with provider concurrency 50, and one `RecordingChat` per command, driven through
+`plugins.dispatch.dispatch` as an adapter would (users spread over 10 group chats). The
+baseline is the ideal, jobs / concurrency x latency: what a bot with no overhead at all would
+take. Two arrival patterns, in the same run:
 
   burst   every command at the same instant (the worst case: all intake work queues up)
   paced   the same commands evenly over the first second (500/s: still a flood, but one
@@ -38,6 +39,12 @@ takes `started_at` when it asks the store to mark the job running, once it holds
   after       results delivered -> finished_at (commit + job row, still holding the slot)
   overhead    intake + in-slot: what the bot adds to a user's wait, queueing for a slot
               excluded (the upstream's own time is the mock's fixed latency)
+  intake CPU  the main thread's CPU time (`time.thread_time`) from dispatch called to
+              returned: what the event loop computed meanwhile, for every command and the
+              mock alike. The loop is CPU-bound in a burst, so an intake cannot be shorter
+              than this on the machine; once its p99 alone is past the goal, only less work
+              per command (or a faster CPU) can meet it. The machine line gives the CPU's
+              speed for plain Python (a 10-million-step loop) to compare VMs by
 
 At the end the ledger is audited: each user's credits must be exactly the allowance minus
 their jobs, the ledger's sum must equal that change, and every job must be reserved and
@@ -70,6 +77,7 @@ from _common import (
     MB,
     REPO,
     add_repo_to_path,
+    loop_seconds,
     machine,
     peak_rss_bytes,
     percentile,
@@ -120,6 +128,10 @@ class Command:
     chat: TimedChat
     sent_at: float = 0.0
     queued_at: float = 0.0
+    # The main thread's CPU clock (`time.thread_time`) at the same two moments: what the
+    # event loop (the bot, and the mock in-process) computed meanwhile.
+    sent_cpu: float = 0.0
+    queued_cpu: float = 0.0
 
 
 @dataclass
@@ -193,8 +205,10 @@ async def run(
             if delay:
                 await asyncio.sleep(delay)
             command.sent_at = time.time()
+            command.sent_cpu = time.thread_time()
             await dispatch(command.invocation, command.chat, services)
             command.queued_at = time.time()
+            command.queued_cpu = time.thread_time()
 
         rss_before = rss_bytes()
         started = time.perf_counter()
@@ -395,6 +409,7 @@ def summarize(name: str, outcome: Outcome, latency: float) -> Summary:
         "in-slot": [],
         "after": [],
         "overhead": [],
+        "intake CPU": [],
     }
     for command in outcome.commands:
         job_id = command.chat.job_id
@@ -408,6 +423,7 @@ def summarize(name: str, outcome: Outcome, latency: float) -> Summary:
         phases["in-slot"].append(in_slot)
         phases["after"].append(row["finished_at"] - command.chat.delivered_at)
         phases["overhead"].append(intake + in_slot)
+        phases["intake CPU"].append(command.queued_cpu - command.sent_cpu)
     return Summary(name, outcome, phases)
 
 
@@ -417,6 +433,7 @@ def report(
     concurrency: int,
     stream: bool,
     database_url: str = "",
+    speeds: Sequence[float] = (),
 ) -> int:
     """Print the figures; 0 if every goal is met and every ledger is exact (this checkout's
     runs: a `--before` run only shows what changed)."""
@@ -428,7 +445,8 @@ def report(
         f"concurrency {concurrency}, store {store}; ideal = jobs / concurrency x latency "
         "(paced: a perfect bot fed the same arrivals)"
     )
-    print(f"machine: {machine()}")
+    speed = f"{min(speeds):.2f}-{max(speeds):.2f}" if speeds else "?"
+    print(f"machine: {machine()}; a 10-million-step Python loop: {speed} s before the runs")
     print()
     rows = []
     for summary in summaries:
@@ -498,6 +516,13 @@ def report(
                 f"{outcome.jobs // outcome.users}, ledger sums match, {outcome.jobs} jobs "
                 "reserved + committed once, no refund, delivered once"
             )
+        cpu = summary.phases.get("intake CPU", [])
+        if cpu:
+            print(
+                f"{summary.name}: the loop's CPU during an intake, p50 / p99 "
+                f"{percentile(cpu, 0.5) * 1e3:.0f} / {percentile(cpu, 0.99) * 1e3:.0f} ms "
+                f"(the p99 overhead goal is {GOAL_P99_OVERHEAD * 1e3:.0f} ms)"
+            )
         if ", before" in summary.name:
             continue
         missed |= (
@@ -526,12 +551,14 @@ def report_repeats(runs: dict[str, list[Summary]]) -> int:
         p99s = sorted(run.p99_overhead * 1e3 for run in side)
         intakes = [percentile(run.phases["intake"], 0.99) * 1e3 for run in side]
         slots = [percentile(run.phases["in-slot"], 0.99) * 1e3 for run in side]
+        cpus = [percentile(run.phases.get("intake CPU", []), 0.99) * 1e3 for run in side]
         medians[name] = statistics.median(p99s)
         under = sum(p99 < GOAL_P99_OVERHEAD * 1e3 for p99 in p99s)
         print(
             f"{name}: {medians[name]:.0f} ({p99s[0]:.0f}-{p99s[-1]:.0f}) over {len(side)} runs,"
             f" under {GOAL_P99_OVERHEAD * 1e3:.0f} ms in {under}; intake p99"
-            f" {statistics.median(intakes):.0f}, in-slot p99 {statistics.median(slots):.0f}"
+            f" {statistics.median(intakes):.0f}, in-slot p99 {statistics.median(slots):.0f},"
+            f" intake CPU p99 {statistics.median(cpus):.0f}"
         )
         broken = [run for run in side if run.outcome.problems or not run.complete]
         if broken:
@@ -606,9 +633,12 @@ def run_on_loop(main: Any, choice: str) -> Outcome:
     return result
 
 
-def run_before(args: argparse.Namespace, code: Path, name: str) -> Summary:
-    """The same pattern with the bot as of `--before`: this script in a child process, the
-    worktree's code first on its path; its figures come back as JSON."""
+def run_child(args: argparse.Namespace, code: Path, name: str, label: str) -> Summary:
+    """The same pattern with the bot's code from `code` (a `--before` worktree, or this
+    checkout): this script in a fresh child process, that code first on its path; its figures
+    come back as JSON. Runs compared with one another each get a process of their own: runs
+    one after another in one process slow down (its heap grows, and `bot.heap` freezes more
+    of it each time), which made the side run in this process look slower than it was."""
     argv = [sys.executable, __file__, "--code", str(code), "--only", name, "--json"]
     for flag in (
         "users",
@@ -642,7 +672,7 @@ def run_before(args: argparse.Namespace, code: Path, name: str) -> Summary:
         rss_peak=data["rss_peak"],
         problems=data["problems"],
     )
-    return Summary(f"{name}, before ({args.before})", outcome, data["phases"])
+    return Summary(label, outcome, data["phases"])
 
 
 def to_json(summary: Summary) -> str:
@@ -705,6 +735,9 @@ def main() -> int:
     if args.only:
         patterns = [p for p in patterns if p[0] == args.only]
     runs: dict[str, list[Summary]] = {}
+    # The CPU's speed for plain Python before each run: a VM's drifts from minute to minute.
+    speeds: list[float] = []
+    isolated = not args.json and (args.before is not None or args.repeat > 1)
     with tempfile.TemporaryDirectory(prefix="drawbridge-bench-") as tmp:
         code = None
         if args.before:
@@ -723,11 +756,14 @@ def main() -> int:
                     for before in sides:
                         if before and code is None:
                             continue
-                        run = (
-                            run_before(args, code, name)
-                            if before and code is not None
-                            else run_once(args, users, name, spread)
-                        )
+                        if not args.json:
+                            speeds.append(loop_seconds())
+                        if before and code is not None:
+                            run = run_child(args, code, name, f"{name}, before ({args.before})")
+                        elif isolated:
+                            run = run_child(args, REPO, name, name)
+                        else:
+                            run = run_once(args, users, name, spread)
                         runs.setdefault(run.name, []).append(run)
         finally:
             if code is not None:
@@ -742,7 +778,9 @@ def main() -> int:
     if args.json:
         print(to_json(summaries[0]))
         return 0
-    status = report(summaries, args.latency, args.concurrency, args.stream, args.database_url)
+    status = report(
+        summaries, args.latency, args.concurrency, args.stream, args.database_url, speeds
+    )
     if args.repeat > 1:
         # The medians and their ratio; one run's figures would only repeat the tables.
         return status | report_repeats(runs)
