@@ -157,7 +157,8 @@ class _Ticket:
     concurrency: int = 1
     # Starting at once, and its request not yet sent (JobRunner._launched).
     launching: bool = False
-    # Its task has taken its first step (a task cancelled before that runs none of `_run`).
+    # Its task (or the one settling it, `_unstarted`) has taken its first step: a task
+    # cancelled before that runs none of its coroutine.
     started: bool = False
 
 
@@ -895,11 +896,7 @@ class JobRunner:
                 # (or the background retry) commit it; the user must hear nothing more.
                 log.warning("job %s stopped after delivery, before its commit", job_id)
                 raise
-            stopped: errors.DrawbridgeError = (
-                errors.CancelledJobError(job=job_id)
-                if not ticket.running and self._accepting
-                else errors.ShuttingDownError()
-            )
+            stopped = self._stopped(ticket)
             await asyncio.shield(_settle(side))
             await asyncio.shield(progress.close())
             await asyncio.shield(
@@ -948,17 +945,21 @@ class JobRunner:
         self._release_user(ticket.user_id)
         ticket.done.set()
 
+    def _stopped(self, ticket: _Ticket) -> errors.DrawbridgeError:
+        """Why a cancelled job stopped: the user cancelled it while it waited, or shutdown."""
+        if not ticket.running and self._accepting:
+            return errors.CancelledJobError(job=ticket.job_id)
+        return errors.ShuttingDownError()
+
     async def _unstarted(self, ticket: _Ticket, chat: Chat, lang: str) -> None:
         """Settle a job whose task was cancelled before its first step (a /cancel or a
         shutdown in the same pass of the loop as its command): none of `_run` ran, so
         nothing else refunds it, tells its user, or wakes whoever waits for it."""
+        ticket.started = True
         try:
-            stopped: errors.DrawbridgeError = (
-                errors.CancelledJobError(job=ticket.job_id)
-                if self._accepting
-                else errors.ShuttingDownError()
+            await self._fail(
+                ticket.job_id, self._stopped(ticket), chat, lang, None, own_key=ticket.own_key
             )
-            await self._fail(ticket.job_id, stopped, chat, lang, None, own_key=ticket.own_key)
         finally:
             self._forget(ticket)
 
@@ -1414,10 +1415,12 @@ class JobRunner:
         self._launched(ticket)
         slot.abandon()
         if not ticket.started:
-            # Shutdown waits for this task as it would have for the job's own.
+            # Shutdown (or another /cancel) sees this task as it would have the job's own;
+            # cancelled before its own first step, it is followed by another the same way.
             ticket.task = asyncio.create_task(
                 self._unstarted(ticket, chat, lang), name=f"job-{ticket.job_id}-unstarted"
             )
+            ticket.task.add_done_callback(lambda _: self._ended(ticket, slot, chat, lang))
 
     def _launched(self, ticket: _Ticket) -> None:
         """A starting job's request is sent (or the job ended before it was); once a job."""

@@ -13,7 +13,7 @@ from PIL import Image
 
 from bot.chat import BytesImage, Invocation
 from bot.config import Settings
-from bot.jobs import today
+from bot.jobs import JobSpec, today
 from bot.mock_upstream import MockUpstream
 from bot.services import Services
 from plugins.dispatch import dispatch
@@ -430,6 +430,45 @@ async def test_a_job_cancelled_before_its_task_first_runs_is_refunded_and_told(
             ("succeeded", None),
             ("failed", "shutdown") if shutting_down else ("cancelled", "cancelled"),
         ]
+    finally:
+        await services.close()
+
+
+async def test_a_second_cancel_before_the_settling_task_runs_still_settles_the_job_once(
+    settings_factory: Callable[..., Settings], mock_upstream: MockUpstream
+) -> None:
+    # The task that settles a job cancelled before its first step can itself be cancelled
+    # before its own (another /cancel in between): the job must still be settled, once.
+    mock_upstream.options.latency = 0.5
+    services = await Services.create(settings_factory(concurrency=1))
+    try:
+        await dispatch(inv("draw", "first", user_id="u2"), RecordingChat(), services)
+        user = await services.jobs.reads.user("test", "u1")
+        queued = RecordingChat()
+        job_id = await services.jobs.submit(
+            inv=inv("draw", "second"),
+            user=user,
+            chat=queued,
+            spec=JobSpec(kind="draw", prompt="second", size=None, n=1),
+            lang="en",
+        )
+        ticket = services.jobs._tickets[job_id]
+        job_task = ticket.task
+        assert job_task is not None and not ticket.started
+        job_task.cancel()
+        async with asyncio.timeout(5):
+            # Step the loop until the settling task is made, before it has run.
+            while ticket.task is job_task:  # noqa: ASYNC110
+                await asyncio.sleep(0)
+        assert not ticket.started
+        async with asyncio.timeout(5):
+            assert await services.jobs.cancel(user.id) == job_id
+        await services.jobs.wait_idle()
+        assert [t for t in queued.texts() if "cancelled" in t] == [queued.last_text()]
+        assert not queued.results()
+        assert await left(services) == 5
+        rows = [(r["status"], r["error_kind"]) for r in await job_rows(services)]
+        assert rows == [("succeeded", None), ("cancelled", "cancelled")]
     finally:
         await services.close()
 
