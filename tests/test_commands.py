@@ -13,7 +13,7 @@ from PIL import Image
 
 from bot.chat import BytesImage, Invocation
 from bot.config import Settings
-from bot.jobs import JobSpec, today
+from bot.jobs import today
 from bot.mock_upstream import MockUpstream
 from bot.services import Services
 from plugins.dispatch import dispatch
@@ -402,6 +402,31 @@ async def test_cancel_a_queued_job_refunds_it(
         await services.close()
 
 
+async def queued_behind_a_running_job(services: Services) -> tuple[int, RecordingChat]:
+    """u2's /draw holding the only slot, then u1's queued behind it: u1's store id, and the
+    queued job's chat. dispatch returns once the job is queued, before its task has taken a
+    step, so what the caller does next (without awaiting) comes before it."""
+    await dispatch(inv("draw", "first", user_id="u2"), RecordingChat(), services)
+    user = await services.jobs.reads.user("test", "u1")
+    queued = RecordingChat()
+    await dispatch(inv("draw", "second"), queued, services)
+    return user.id, queued
+
+
+async def assert_stopped_once(
+    services: Services, queued: RecordingChat, *, shutdown: bool = False
+) -> None:
+    """The queued job refunded, recorded and its user told, once; the running one done."""
+    await services.jobs.wait_idle()
+    said = "restarting" if shutdown else "cancelled"
+    assert [text for text in queued.texts() if said in text] == [queued.last_text()]
+    assert not queued.results()
+    assert await left(services) == 5
+    rows = [(r["status"], r["error_kind"]) for r in await job_rows(services)]
+    stopped = ("failed", "shutdown") if shutdown else ("cancelled", "cancelled")
+    assert rows == [("succeeded", None), stopped]
+
+
 @pytest.mark.parametrize("shutting_down", [False, True])
 async def test_a_job_cancelled_before_its_task_first_runs_is_refunded_and_told(
     settings_factory: Callable[..., Settings], mock_upstream: MockUpstream, shutting_down: bool
@@ -411,25 +436,12 @@ async def test_a_job_cancelled_before_its_task_first_runs_is_refunded_and_told(
     mock_upstream.options.latency = 0.5
     services = await Services.create(settings_factory(concurrency=1))
     try:
-        await dispatch(inv("draw", "first", user_id="u2"), RecordingChat(), services)
-        user = await services.jobs.reads.user("test", "u1")
-        queued = RecordingChat()
-        await dispatch(inv("draw", "second"), queued, services)
-        # dispatch returns once the job is queued, before its task has taken a step; the
-        # cancel below runs in this task and cancels it before any other task runs.
+        user_id, queued = await queued_behind_a_running_job(services)
         if shutting_down:
             services.jobs.stop_intake()
         async with asyncio.timeout(5):
-            assert await services.jobs.cancel(user.id) is not None
-        await services.jobs.wait_idle()
-        expected = "restarting" if shutting_down else "cancelled"
-        assert expected in queued.last_text() and not queued.results()
-        assert await left(services) == 5
-        rows = [(r["status"], r["error_kind"]) for r in await job_rows(services)]
-        assert rows == [
-            ("succeeded", None),
-            ("failed", "shutdown") if shutting_down else ("cancelled", "cancelled"),
-        ]
+            assert await services.jobs.cancel(user_id) is not None
+        await assert_stopped_once(services, queued, shutdown=shutting_down)
     finally:
         await services.close()
 
@@ -442,17 +454,8 @@ async def test_a_second_cancel_before_the_settling_task_runs_still_settles_the_j
     mock_upstream.options.latency = 0.5
     services = await Services.create(settings_factory(concurrency=1))
     try:
-        await dispatch(inv("draw", "first", user_id="u2"), RecordingChat(), services)
-        user = await services.jobs.reads.user("test", "u1")
-        queued = RecordingChat()
-        job_id = await services.jobs.submit(
-            inv=inv("draw", "second"),
-            user=user,
-            chat=queued,
-            spec=JobSpec(kind="draw", prompt="second", size=None, n=1),
-            lang="en",
-        )
-        ticket = services.jobs._tickets[job_id]
+        user_id, queued = await queued_behind_a_running_job(services)
+        ticket = next(t for t in services.jobs._tickets.values() if t.user_id == user_id)
         job_task = ticket.task
         assert job_task is not None and not ticket.started
         job_task.cancel()
@@ -462,13 +465,8 @@ async def test_a_second_cancel_before_the_settling_task_runs_still_settles_the_j
                 await asyncio.sleep(0)
         assert not ticket.started
         async with asyncio.timeout(5):
-            assert await services.jobs.cancel(user.id) == job_id
-        await services.jobs.wait_idle()
-        assert [t for t in queued.texts() if "cancelled" in t] == [queued.last_text()]
-        assert not queued.results()
-        assert await left(services) == 5
-        rows = [(r["status"], r["error_kind"]) for r in await job_rows(services)]
-        assert rows == [("succeeded", None), ("cancelled", "cancelled")]
+            assert await services.jobs.cancel(user_id) == ticket.job_id
+        await assert_stopped_once(services, queued)
     finally:
         await services.close()
 
